@@ -1,0 +1,134 @@
+"""Method plugins: the contract, the registry, and discovery.
+
+A method is one file in ``methods/`` that subclasses :class:`Method` and decorates it with
+:func:`register_method`. Outside packages register through the ``harness.methods`` entry-point
+group (``[project.entry-points."harness.methods"] mine = "mypkg.mymethod"``): the module named is
+imported and its decorators run. The harness itself is never edited to add a method.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from harness.errors import HarnessError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "harness.methods"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A method's native compression knob.
+
+    Attributes:
+        name: the name users write in budgets (``r=13``, ``keep_rate=0.7``).
+        kind: ``int`` or ``float``.
+        low, high: the valid range, both ends included.
+        identity: the value that removes nothing (the unpatched model).
+    """
+
+    name: str
+    kind: type
+    low: float
+    high: float
+    identity: float
+
+    def check(self, value: float) -> float:
+        """Return ``value`` cast to the knob's kind, or raise a HarnessError if out of range."""
+        if self.kind is int and float(value) != int(value):
+            raise HarnessError(f"{self.name} must be an integer, got {value}")
+        if not self.low <= value <= self.high:
+            raise HarnessError(f"{self.name}={value} out of range [{self.low}, {self.high}]")
+        return self.kind(value)
+
+
+class Method(abc.ABC):
+    """The plugin contract. Subclasses set ``name``, ``version``, ``knob`` and implement two methods.
+
+    ``schedule`` says how many tokens leave each block for a knob value (the harness derives GMACs,
+    budget solving and plots from it); ``patch`` installs the method's reducers on a fresh timm
+    model through :func:`harness.seam.install`. The first line of the class docstring is the
+    description ``python -m harness ls methods`` shows.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    knob: ClassVar[Optional[Knob]] = None
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, **options):
+        unknown = set(options) - set(self.option_names())
+        if unknown:
+            raise HarnessError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.option_names()}")
+        self.options = options
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Options a config may set for this method (``[methods.<name>]`` in benchmark.toml)."""
+        return []
+
+    @abc.abstractmethod
+    def schedule(self, arch, value) -> "Schedule":  # noqa: F821
+        """Tokens leaving each block at knob ``value`` for a model of shape ``arch`` (an ArchSpec)."""
+
+    @abc.abstractmethod
+    def patch(self, model, value, arch) -> None:
+        """Patch ``model`` in place so it runs the method at knob ``value``."""
+
+    def calibrate(self, model, value, data, cache_dir) -> None:
+        """Optional search before ``patch`` (DiffRate); cache its result under ``cache_dir``."""
+
+    @classmethod
+    def description(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+_discovered = False
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a Method subclass to the registry under ``cls.name``."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered  # the registry is filled once per process, by imports
+    if _discovered:
+        return
+    _discovered = True
+    import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"methods.{info.name}")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken outside plugin must not take the harness down
+            log.warning("could not load method plugin %s (%s): %s", ep.name, ep.value, exc)
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered class for ``name``; an unknown name raises with "did you mean"."""
+    _discover()
+    if name not in _REGISTRY:
+        raise did_you_mean("method", name, list(_REGISTRY))
+    return _REGISTRY[name]

@@ -1,0 +1,107 @@
+"""The common currency: per-block token schedules, and analytic GMACs computed from them.
+
+Convention (the papers'): multiply-accumulates of the matmuls, attention included. A block that
+receives ``n_in`` tokens and passes ``n_out`` on runs its attention (qkv, q@k, attn@v, proj) at
+``n_in`` and its MLP at ``n_out``, because every method here reduces between attention and MLP.
+Norms, softmax, GELU and the reduction's own work are not counted (measured separately).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.errors import UnsupportedModel
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What analytic GMACs need to know about a ViT, read off its modules.
+
+    Attributes:
+        depth: number of blocks.
+        num_patches: patch tokens entering the first block.
+        num_prefix: class / distillation / register tokens (never removed).
+        attn_dim: heads x head_dim, the width of the q@k and attn@v matmuls.
+        attn_linear_macs_per_token: qkv + proj MACs for one token.
+        mlp_macs_per_token: MLP MACs for one token.
+        stem_macs: patch embedding MACs for one image.
+        head_macs: classifier MACs for one image.
+    """
+
+    depth: int
+    num_patches: int
+    num_prefix: int
+    attn_dim: int
+    attn_linear_macs_per_token: int
+    mlp_macs_per_token: int
+    stem_macs: int
+    head_macs: int
+
+    @property
+    def tokens_in(self) -> int:
+        """Tokens entering the first block (patches plus prefix tokens)."""
+        return self.num_patches + self.num_prefix
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tokens leaving each block (prefix tokens included). Floats allowed for image-dependent methods."""
+
+    tokens_in: int
+    tokens_out: tuple[float, ...]
+
+    @classmethod
+    def full(cls, arch: ArchSpec) -> "Schedule":
+        """The schedule of the unpatched model: nothing removed anywhere."""
+        return cls(arch.tokens_in, (arch.tokens_in,) * arch.depth)
+
+    def tokens_entering(self, block: int) -> float:
+        """Tokens entering ``block`` (0-based)."""
+        return self.tokens_in if block == 0 else self.tokens_out[block - 1]
+
+    def as_list(self) -> list[float]:
+        return [int(t) if float(t).is_integer() else round(float(t), 2) for t in self.tokens_out]
+
+
+def _linear_macs(module) -> int:
+    import torch.nn as nn
+
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def arch_spec(model) -> ArchSpec:
+    """Read an ArchSpec off a timm VisionTransformer (weights are not looked at)."""
+    blocks = getattr(model, "blocks", None)
+    embed = getattr(model, "patch_embed", None)
+    if blocks is None or embed is None or not hasattr(blocks[0], "attn"):
+        raise UnsupportedModel(f"{type(model).__name__} is not a timm VisionTransformer")
+    attn = blocks[0].attn
+    proj = embed.proj
+    num_patches = embed.num_patches
+    stem = proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * num_patches
+    heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    return ArchSpec(
+        depth=len(blocks),
+        num_patches=num_patches,
+        num_prefix=model.num_prefix_tokens,
+        attn_dim=attn.num_heads * attn.head_dim,
+        attn_linear_macs_per_token=_linear_macs(attn),
+        mlp_macs_per_token=_linear_macs(blocks[0].mlp),
+        stem_macs=stem,
+        head_macs=sum(_linear_macs(h) for h in heads),
+    )
+
+
+def block_macs(arch: ArchSpec, n_in: float, n_out: float) -> float:
+    """MACs of one block that receives ``n_in`` tokens and passes ``n_out`` on to its MLP."""
+    attn_matmuls = 2 * n_in * n_in * arch.attn_dim  # q@k^T and attn@v
+    return n_in * arch.attn_linear_macs_per_token + attn_matmuls + n_out * arch.mlp_macs_per_token
+
+
+def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
+    """GMACs of one image under ``schedule`` (the papers' "GFLOPs")."""
+    if len(schedule.tokens_out) != arch.depth:
+        raise ValueError(f"schedule has {len(schedule.tokens_out)} blocks, model has {arch.depth}")
+    total = arch.stem_macs + arch.head_macs
+    for i, n_out in enumerate(schedule.tokens_out):
+        total += block_macs(arch, schedule.tokens_entering(i), n_out)
+    return total / 1e9
