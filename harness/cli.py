@@ -1,0 +1,125 @@
+"""Command line: ``python -m harness ls|run|report``. The only module that prints."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.paths import PROJECT_ROOT
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _default_config() -> Path:
+    local = Path("benchmark.toml")
+    return local if local.is_file() else PROJECT_ROOT / "benchmark.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description="Token-reduction benchmark harness for timm ViTs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log library messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("ls", help="list methods, models or suites")
+    ls.add_argument("what", choices=["methods", "models", "suites"])
+    ls.add_argument("--config", type=Path, default=None)
+    ls.add_argument("--data-root", default=None)
+
+    run = sub.add_parser("run", help="run a sweep of models x methods x budgets")
+    run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the project's)")
+    run.add_argument("--suite", help="suite of the config to run (default: [run] suite)")
+    run.add_argument("--models", type=_csv, help="comma-separated model names")
+    run.add_argument("--methods", type=_csv, help="comma-separated method names, or all")
+    run.add_argument("--budgets", type=_csv, help="comma-separated budgets: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
+    run.add_argument("--limit", type=int, help="evaluate the first N images (class-balanced); 0 = all")
+    run.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    run.add_argument("--dtype", help="auto, fp32, fp16, bf16")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--results", dest="results_dir", help="results directory")
+    run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT or ../shared)")
+    run.add_argument("--overwrite", action="store_true", default=None, help="re-run cells already stored")
+    run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
+
+    rep = sub.add_parser("report", help="tables from stored results (no model runs)")
+    rep.add_argument("--config", type=Path, default=None)
+    rep.add_argument("--results", dest="results_dir", help="results directory")
+    rep.add_argument("--out", dest="reports_dir", help="reports directory")
+    return p
+
+
+def _load(args):
+    from harness.config import load_config
+
+    return load_config(args.config or _default_config())
+
+
+def cmd_ls(args) -> int:
+    from harness.registry import get_method_class, method_names
+
+    if args.what == "methods":
+        for name in method_names():
+            cls = get_method_class(name)
+            knob = cls.knob.name if cls.knob else "-"
+            print(f"{name:10s} knob {knob:10s} {cls.description()}")
+        return 0
+    cfg = _load(args)
+    if args.what == "suites":
+        for name, s in cfg.suites.items():
+            print(f"{name:10s} models {','.join(s.models)} | methods {','.join(s.methods)} | budgets {','.join(s.budgets)}")
+        return 0
+    from harness.models import reference_names
+    from harness.paths import data_root
+
+    root = data_root(args.data_root or cfg.run.data_root)
+    for name in reference_names(root):
+        print(f"{name:28s} reference checkpoint ({root / 'models'})")
+    for name, m in cfg.models.items():
+        print(f"{name:28s} timm {m.timm}, weights {m.weights}, data {m.data}")
+    print("(any timm ViT name, arch.tag, with pretrained weights where they can be had)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from harness.report import build_report
+    from harness.runner import Sweep, override, summary_line
+
+    cfg = _load(args)
+    run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
+                                              "data_root", "overwrite")}
+    cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
+    sweep = Sweep(cfg, progress=lambda s: print(s, flush=True))
+    sweep.check_inputs()
+    records = sweep.execute()
+    failed = [r for r in records if r["status"] not in ("ok", "skipped")]
+    print(f"done: {len(records)} cells run, {len(failed)} failed; records in {sweep.store.records_dir}")
+    if not args.no_report:
+        print(build_report(Path(cfg.run.results_dir), Path(cfg.run.reports_dir)))
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import build_report
+
+    cfg = _load(args)
+    results = Path(args.results_dir or cfg.run.results_dir)
+    reports = Path(args.reports_dir or cfg.run.reports_dir)
+    print(build_report(results, reports))
+    print(f"(written to {reports / 'results.md'} and {reports / 'results.csv'})")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report}[args.command](args)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are stored; run the same command again to resume", file=sys.stderr)
+        return 130

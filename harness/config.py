@@ -1,0 +1,120 @@
+"""``benchmark.toml`` as frozen dataclasses; CLI flags override file values with ``dataclasses.replace``."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How cells run. ``limit`` 0 means the whole eval split; ``data_root`` "" means the default lookup."""
+
+    suite: str = "default"
+    results_dir: str = "results"
+    reports_dir: str = "reports"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 64
+    limit: int = 0
+    data_root: str = ""
+    throughput_batch_size: int = 0
+    throughput_warmup: int = 2
+    throughput_repeats: int = 5
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Models x methods x budgets."""
+
+    models: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("all",)
+    budgets: tuple[str, ...] = ("0.7",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model beyond the reference cards: a timm name plus where its weights and data come from.
+
+    Attributes:
+        timm: timm model name, ``arch.tag``.
+        weights: ``pretrained`` (timm's), ``random`` (speed and GMACs only) or ``checkpoint``.
+        checkpoint: path of a .safetensors / .pth file when weights is ``checkpoint``.
+        num_classes: classifier size; None keeps timm's default.
+        data: ``cifar10``, ``imagenet`` or ``synthetic``.
+        data_path: folder for ``imagenet`` (the ``val`` folder); "" means the shared sample.
+    """
+
+    timm: str
+    weights: str = "pretrained"
+    checkpoint: str = ""
+    num_classes: Optional[int] = None
+    data: str = "imagenet"
+    data_path: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    suites: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    @property
+    def suite(self) -> SuiteConfig:
+        if self.run.suite not in self.suites:
+            from harness.errors import did_you_mean
+
+            raise did_you_mean("suite", self.run.suite, list(self.suites))
+        return self.suites[self.run.suite]
+
+
+def _build(cls, table: Any, where: str):
+    if not isinstance(table, dict):
+        raise HarnessError(f"{where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in fields:
+            raise HarnessError(f"{where}: unknown key {key!r}; known keys: {', '.join(fields)}")
+        default = fields[key].default
+        expected = type(default) if default not in (None, dataclasses.MISSING) else None
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise HarnessError(f"{where}.{key}: expected a list, got {value!r}")
+            table = {**table, key: tuple(str(v) for v in value)}
+        elif expected is not None and not isinstance(value, expected) or isinstance(value, bool) and expected is int:
+            raise HarnessError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+    return cls(**table)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``benchmark.toml``; any problem raises a HarnessError naming line or key."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise HarnessError(f"{path}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise HarnessError(f"{path}: not a UTF-8 text file") from None
+    known = {"run", "suites", "models", "methods"}
+    for key in data:
+        if key not in known:
+            raise HarnessError(f"{path}: unknown section [{key}]; known: {', '.join(sorted(known))}")
+    run = _build(RunConfig, data.get("run", {}), f"{path.name} [run]")
+    suites = {k: _build(SuiteConfig, v, f"{path.name} [suites.{k}]") for k, v in data.get("suites", {}).items()}
+    models = {k: _build(ModelConfig, v, f"{path.name} [models.{k}]") for k, v in data.get("models", {}).items()}
+    methods = data.get("methods", {})
+    for name, opts in methods.items():
+        if not isinstance(opts, dict):
+            raise HarnessError(f"{path.name} [methods.{name}]: expected a table of options")
+    return Config(run=run, suites=suites, models=models, method_options=methods, path=path)

@@ -1,0 +1,34 @@
+"""Where shared data and checkpoints are looked up."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+ENV_DATA_ROOT = "HARNESS_DATA_ROOT"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_root(explicit: str = "") -> Path:
+    """The data root: ``explicit`` (flag or config), else $HARNESS_DATA_ROOT, else ``../shared``.
+
+    ``../shared`` is tried beside the project and beside the working directory.
+    """
+    if explicit or os.environ.get(ENV_DATA_ROOT):
+        root = Path(explicit or os.environ[ENV_DATA_ROOT]).expanduser()
+        if not root.is_dir():
+            raise HarnessError(f"data root {root} is not a directory")
+        return root
+    for candidate in (PROJECT_ROOT.parent / "shared", Path.cwd().parent / "shared"):
+        if candidate.is_dir():
+            return candidate
+    raise HarnessError(
+        f"no data root: looked for {PROJECT_ROOT.parent / 'shared'}; pass --data-root or set {ENV_DATA_ROOT}")
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file, else a HarnessError saying what was looked for and where."""
+    if not path.is_file():
+        raise HarnessError(f"{what} not found: looked for {path} (set --data-root or {ENV_DATA_ROOT})")
+    return path

@@ -1,0 +1,223 @@
+"""The sweep: models x methods x budgets, one tidy record per cell, written the moment it ends.
+
+A cell's run reads as its steps: build the model, solve the budget, patch, evaluate, time, record.
+Bad input fails before any cell runs (HarnessError, exit 2); a cell that fails at run time is a
+record with ``status`` and ``error`` and the sweep goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from harness import budget as budgets
+from harness import measure
+from harness.config import Config
+from harness.data import EvalSet, load_eval_set
+from harness.errors import HarnessError, UnsupportedModel
+from harness.models import ModelSpec, build_model, checkpoint_sha, eval_transform, load_checkpoint, resolve_model
+from harness.paths import data_root
+from harness.registry import get_method_class, method_names
+from harness.schedule import Schedule, analytic_gmacs, arch_spec
+from harness.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a model, a method and a budget (None for methods without a knob)."""
+
+    model: str
+    method: str
+    budget: Optional[budgets.Budget]
+
+    @property
+    def budget_text(self) -> str:
+        return self.budget.text if self.budget else "baseline"
+
+
+def selected_methods(names: tuple[str, ...]) -> list[str]:
+    """Expand ``all`` and check every name against the registry."""
+    if "all" in names:
+        return method_names()
+    for n in names:
+        get_method_class(n)
+    return list(dict.fromkeys(names))
+
+
+def expand(models: list[str], methods: list[str], budget_list: list[budgets.Budget]) -> list[Cell]:
+    """All cells of a sweep. A knob budget applies to the methods with that knob, and must fit one."""
+    knobs = {m: get_method_class(m).knob for m in methods}
+    for b in budget_list:
+        if b.kind == "knob":
+            fits = [m for m, k in knobs.items() if k and k.name == b.knob]
+            if not fits:
+                have = sorted({k.name for k in knobs.values() if k})
+                raise HarnessError(f"budget {b.text!r}: no selected method has knob {b.knob!r} (knobs: {', '.join(have) or 'none'})")
+            for m in fits:
+                knobs[m].check(b.value)
+    cells = []
+    for model in models:
+        for m in methods:
+            if knobs[m] is None:
+                cells.append(Cell(model, m, None))
+                continue
+            cells += [Cell(model, m, b) for b in budget_list if b.kind != "knob" or b.knob == knobs[m].name]
+    return cells
+
+
+class Sweep:
+    """A prepared sweep: inputs validated, checkpoints read, eval sets decoded once and shared."""
+
+    def __init__(self, cfg: Config, progress: Progress = lambda s: None):
+        self.cfg, self.run, self.progress = cfg, cfg.run, progress
+        suite = cfg.suite
+        self.root = data_root(self.run.data_root)
+        self.device = measure.resolve_device(self.run.device)
+        self.dtype = measure.resolve_dtype(self.run.dtype, self.device)
+        if self.run.limit < 0 or self.run.batch_size <= 0:
+            raise HarnessError("limit must be >= 0 and batch_size > 0")
+        self.methods = selected_methods(suite.methods)
+        self.method_options = {m: dict(cfg.method_options.get(m, {})) for m in self.methods}
+        for m in self.methods:
+            get_method_class(m)(**self.method_options[m])  # unknown options fail now
+        self.budgets = [budgets.parse_budget(b) for b in suite.budgets]
+        self.specs = {name: resolve_model(name, cfg.models, self.root) for name in suite.models}
+        self.cells = expand(list(self.specs), self.methods, self.budgets)
+        self.store = ResultStore(Path(self.run.results_dir))
+        self.store.ensure_writable()
+        self._state_dicts: dict[str, Optional[dict]] = {}
+        self._eval_sets: dict[tuple, EvalSet] = {}
+        self.env = measure.environment(self.device)
+
+    def cell_key(self, cell: Cell) -> dict:
+        """What determines a cell's result; its hash is the cell's id."""
+        spec = self.specs[cell.model]
+        cls = get_method_class(cell.method)
+        return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": checkpoint_sha(spec),
+                "method": cell.method, "method_version": cls.version, "method_options": self.method_options[cell.method],
+                "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
+                "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
+                "throughput_batch_size": self.throughput_batch_size}
+
+    @property
+    def throughput_batch_size(self) -> int:
+        return self.run.throughput_batch_size or (256 if self.device.type == "cuda" else 16)
+
+    def cell_id(self, cell: Cell) -> str:
+        key = json.dumps(self.cell_key(cell), sort_keys=True, default=str)
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def state_dict(self, spec: ModelSpec) -> Optional[dict]:
+        if spec.name not in self._state_dicts:
+            self._state_dicts[spec.name] = load_checkpoint(spec)
+        return self._state_dicts[spec.name]
+
+    def eval_set(self, spec: ModelSpec, model) -> EvalSet:
+        transform = eval_transform(spec, model)
+        key = (spec.data, spec.data_path, transform, self.run.limit)
+        if key not in self._eval_sets:
+            self.progress(f"decoding eval set {spec.data} (limit {self.run.limit or 'none'}) ...")
+            self._eval_sets[key] = load_eval_set(spec, transform, self.root, self.run.limit)
+        return self._eval_sets[key]
+
+    def check_inputs(self) -> None:
+        """Read every checkpoint before the first cell, so a corrupt file is an exit-2 error, not N records."""
+        for spec in self.specs.values():
+            self.state_dict(spec)
+
+    def execute(self) -> list[dict]:
+        """Run every cell not already done; return the records written now."""
+        written = []
+        todo = [c for c in self.cells if self.run.overwrite or not self.store.is_done(self.cell_id(c))]
+        self.progress(f"{len(self.cells)} cells, {len(self.cells) - len(todo)} already done, {len(todo)} to run")
+        for n, cell in enumerate(todo, 1):
+            self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}")
+            record = self.run_cell(cell)
+            self.store.write(record)
+            written.append(record)
+            self.progress(f"      -> {summary_line(record)}")
+        return written
+
+    def run_cell(self, cell: Cell) -> dict:
+        """Run one cell and return its record; failures become the record's status and error."""
+        record = {"cell_id": self.cell_id(cell), **self.cell_key(cell), **self.env, "knob": None,
+                  "knob_value": None, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        start = time.perf_counter()
+        try:
+            record.update(self._measure_cell(cell))
+        except UnsupportedModel as exc:
+            record.update(status="unsupported", error=str(exc))
+        except torch.cuda.OutOfMemoryError as exc:
+            record.update(status="error", error=f"out of memory: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # failures are data: the sweep goes on
+            log.debug("cell failed", exc_info=True)
+            record.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                          traceback=traceback.format_exc(limit=5))
+        record["cell_s"] = round(time.perf_counter() - start, 3)
+        return record
+
+    def _measure_cell(self, cell: Cell) -> dict:
+        spec = self.specs[cell.model]
+        model = build_model(spec, self.state_dict(spec))
+        arch = arch_spec(model)
+        method = get_method_class(cell.method)(**self.method_options[cell.method])
+        out = self._solve(method, arch, cell)
+        if out.get("status") == "skipped":
+            return out
+        method.patch(model, out["knob_value"], arch)
+        model.to(self.device)
+        evalset = self.eval_set(spec, model)
+        out["fused_attn"] = bool(getattr(model.blocks[0].attn, "fused_attn", False))
+        out["data_name"] = evalset.name
+        if evalset.has_labels:
+            out.update(measure.evaluate(model, evalset, self.run.batch_size, self.device, self.dtype))
+        out.update(measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
+                                      self.dtype, self.run.throughput_warmup, self.run.throughput_repeats))
+        return {**out, "status": "ok", "error": None}
+
+    def _solve(self, method, arch, cell: Cell) -> dict:
+        baseline = analytic_gmacs(arch, Schedule.full(arch))
+        if cell.budget is None:
+            resolved = budgets.Resolved(None, method.schedule(arch, None), baseline, None)
+        else:
+            resolved = budgets.resolve(method, arch, cell.budget)
+        out = {"knob": method.knob.name if method.knob else None, "knob_value": resolved.knob_value,
+               "gmacs_target": resolved.gmacs_target, "gmacs": round(resolved.gmacs, 4),
+               "gmacs_baseline": round(baseline, 4), "gmacs_ratio": round(resolved.gmacs / baseline, 4),
+               "tokens_per_block": resolved.schedule.as_list()}
+        if resolved.skip_reason:
+            out.update(status="skipped", error=resolved.skip_reason)
+        return out
+
+
+def summary_line(r: dict) -> str:
+    """One line for the terminal about a finished record."""
+    if r.get("status") != "ok":
+        return f"{r.get('status')}: {r.get('error')}"
+    top1 = f"top1 {100 * r['top1']:.2f}% " if r.get("top1") is not None else ""
+    return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x) {r['img_per_s']:.1f} img/s [{r['cell_s']:.0f} s]"
+
+
+def override(cfg: Config, run: dict, suite: dict) -> Config:
+    """Apply CLI overrides (None values are ignored) to the run and suite sections."""
+    run = {k: v for k, v in run.items() if v is not None}
+    suite = {k: tuple(v) for k, v in suite.items() if v is not None}
+    new_run = dataclasses.replace(cfg.run, **run)
+    cfg = dataclasses.replace(cfg, run=new_run)
+    if suite:
+        new_suite = dataclasses.replace(cfg.suite, **suite)
+        cfg = dataclasses.replace(cfg, suites={**cfg.suites, new_run.suite: new_suite})
+    return cfg
