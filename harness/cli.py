@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
     sweep = Sweep(cfg, progress=lambda s: print(s, flush=True))
     sweep.check_inputs()
     records = sweep.execute()
-    failed = [r for r in records if r["status"] not in ("ok", "skipped")]
+    failed = [r for r in records if r["status"] == "error"]
     print(f"done: {len(records)} cells run, {len(failed)} failed; records in {sweep.store.records_dir}")
     if not args.no_report:
         print(build_report(Path(cfg.run.results_dir), Path(cfg.run.reports_dir)))

@@ -58,6 +58,17 @@ def model_table(group):
     return rows
 
 
+FORMATS = {"gmacs": "{:.3f}", "gmacs_ratio": "{:.3f}", "top1_%": "{:.2f}", "d_top1_pts": "{:+.2f}", "top5_%": "{:.2f}",
+           "img_per_s": "{:.1f}", "speedup": "{:.2f}"}
+
+
+def _markdown(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    text = [{k: ("-" if v is None else FORMATS[k].format(v) if k in FORMATS else v) for k, v in r.items()} for r in rows]
+    return tabulate(text, headers="keys", tablefmt="github", disable_numparse=True, colalign=None)
+
+
 def _failures(group) -> list[str]:
     bad = group[group["status"] != "ok"]
     return [f"- {r['method']} @ {r['budget']}: {r['status']}: {r.get('error')}" for _, r in bad.iterrows()]
@@ -65,10 +76,8 @@ def _failures(group) -> list[str]:
 
 def build_report(results_dir: Path, reports_dir: Path) -> str:
     """Write ``results.md`` and ``results.csv`` under ``reports_dir``; return the Markdown."""
-    from tabulate import tabulate
-
     df = load_frame(results_dir)
-    for col in GROUP + ["top1", "top5", "img_per_s"]:
+    for col in GROUP + ["top1", "top5", "img_per_s", "gmacs", "gmacs_ratio", "n_images", "throughput_batch_size"]:
         if col not in df:
             df[col] = None
     parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`. "
@@ -80,7 +89,7 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
         parts += [f"## {model}", "", f"data `{data}`, {int(n) if n == n and n else 'no'} images, "
                   f"{device_name}, {dtype}, throughput batch {int(group['throughput_batch_size'].dropna().max()) if group['throughput_batch_size'].notna().any() else '-'}", ""]
         rows = model_table(group)
-        parts += [tabulate(rows, headers="keys", tablefmt="github", missingval="-") if rows else "(no successful cells)", ""]
+        parts += [_markdown(rows) if rows else "(no successful cells)", ""]
         parts += _failures(group) + [""]
     text = "\n".join(parts)
     reports_dir = Path(reports_dir)

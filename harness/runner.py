@@ -114,7 +114,7 @@ class Sweep:
 
     @property
     def throughput_batch_size(self) -> int:
-        return self.run.throughput_batch_size or (256 if self.device.type == "cuda" else 16)
+        return self.run.throughput_batch_size or (256 if self.device.type == "cuda" else 8)
 
     def cell_id(self, cell: Cell) -> str:
         key = json.dumps(self.cell_key(cell), sort_keys=True, default=str)
@@ -134,9 +134,12 @@ class Sweep:
         return self._eval_sets[key]
 
     def check_inputs(self) -> None:
-        """Read every checkpoint before the first cell, so a corrupt file is an exit-2 error, not N records."""
+        """Read every checkpoint and decode every eval set before the first cell.
+
+        A corrupt checkpoint or a missing dataset is then one exit-2 error, not a failed record per cell.
+        """
         for spec in self.specs.values():
-            self.state_dict(spec)
+            self.eval_set(spec, build_model(spec, self.state_dict(spec)))
 
     def execute(self) -> list[dict]:
         """Run every cell not already done; return the records written now."""

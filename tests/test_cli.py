@@ -1,0 +1,91 @@
+"""Bad input gets one clear line and exit code 2; good input stores records and a report."""
+import json
+
+import pytest
+
+from harness.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_ls_methods_lists_knobs(capsys):
+    code, out, _ = _run(capsys, "ls", "methods")
+    assert code == 0
+    assert any(l.startswith("none") for l in out.splitlines())
+    assert "keep_rate" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "randon"], "did you mean 'random'"),
+    (["--models", "deit_tiny_cifar1"], "did you mean"),
+    (["--budgets", "1.5"], "out of range"),
+    (["--budgets", "-1"], "out of range"),
+    (["--budgets", "r=13", "--methods", "random"], "no selected method has knob 'r'"),
+    (["--data-root", "/nonexistent/place"], "/nonexistent/place"),
+    (["--device", "cuda:7"] , "cuda"),
+])
+def test_bad_input_exit_2(capsys, tmp_path, shared, argv, needle):
+    code, _, err = _run(capsys, "run", "--results", str(tmp_path / "r"), *argv)
+    assert code == 2
+    assert needle in _one_line_error(err)
+
+
+def test_missing_data_file_says_where(capsys, tmp_path, shared):
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    for f in ("deit_tiny_cifar10.json", "deit_tiny_cifar10.safetensors"):
+        (root / "models" / f).symlink_to(shared / "models" / f)
+    code, _, err = _run(capsys, "run", "--data-root", str(root), "--models", "deit_tiny_cifar10", "--methods", "none",
+                        "--limit", "4", "--results", str(tmp_path / "r"))
+    line = _one_line_error(err)
+    assert code == 2 and "CIFAR-10 archive not found" in line and str(root / "datasets") in line
+
+
+@pytest.mark.parametrize("content,needle", [(b"\x00garbage" * 10, "corrupt"), (None, "does not fit")])
+def test_bad_checkpoint_exit_2(capsys, tmp_path, shared, content, needle):
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    (root / "datasets").symlink_to(shared / "datasets")
+    card = json.loads((shared / "models/deit_tiny_cifar10.json").read_text())
+    if content is None:  # a real file for another architecture
+        (root / "models/deit_tiny_cifar10.safetensors").symlink_to(shared / "models/deit_small_cifar10.safetensors")
+    else:
+        (root / "models/deit_tiny_cifar10.safetensors").write_bytes(content)
+    (root / "models/deit_tiny_cifar10.json").write_text(json.dumps(card))
+    results = tmp_path / "r"
+    code, _, err = _run(capsys, "run", "--data-root", str(root), "--models", "deit_tiny_cifar10", "--methods", "none",
+                        "--limit", "4", "--results", str(results))
+    assert code == 2 and needle in _one_line_error(err)
+    assert not list(results.glob("records/*.json"))
+
+
+@pytest.mark.parametrize("toml,needle", [("[run\nlimit = 3", "line 1"), ("[run]\nlimt = 3", "unknown key 'limt'"),
+                                         ("[run]\nlimit = 'x'", "expected int"), ("[bogus]\n", "unknown section")])
+def test_malformed_config_exit_2(capsys, tmp_path, toml, needle):
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(toml)
+    code, _, err = _run(capsys, "run", "--config", str(cfg))
+    assert code == 2 and needle in _one_line_error(err)
+
+
+def test_unwritable_results_dir(capsys, tmp_path, shared):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "run", "--results", str(blocker / "sub"), "--models", "deit_tiny_cifar10",
+                        "--methods", "none", "--limit", "4")
+    assert code == 2 and "not writable" in _one_line_error(err)
+
+
+def test_report_without_results(capsys, tmp_path):
+    code, _, err = _run(capsys, "report", "--results", str(tmp_path / "none"), "--out", str(tmp_path / "rep"))
+    assert code == 2 and "no results" in _one_line_error(err)

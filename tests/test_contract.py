@@ -1,0 +1,71 @@
+"""Contract tests, parametrized over the registry: a new plugin is tested the moment it registers."""
+import pytest
+import timm
+import torch
+
+from harness.budget import parse_budget, resolve
+from harness.registry import get_method_class, method_names
+from harness.schedule import Schedule, analytic_gmacs, arch_spec
+
+KNOB_METHODS = [m for m in method_names() if get_method_class(m).knob is not None]
+
+
+def _deit_s():
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224").eval()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        return x, _deit_s()(x)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_described_and_versioned(name):
+    cls = get_method_class(name)
+    assert cls.description() and cls.version
+    assert cls.__module__.startswith("methods.") or cls.__module__ != "harness"
+
+
+@pytest.mark.parametrize("name", KNOB_METHODS)
+def test_identity_knob_gives_unpatched_logits(name, reference):
+    x, ref = reference
+    cls = get_method_class(name)
+    model = _deit_s()
+    arch = arch_spec(model)
+    method = cls()
+    assert method.schedule(arch, cls.knob.identity) == Schedule.full(arch)
+    method.patch(model, cls.knob.identity, arch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", KNOB_METHODS)
+@pytest.mark.parametrize("fraction", [0.7, 0.5])
+def test_observed_tokens_equal_schedule(name, fraction):
+    model = _deit_s()
+    arch = arch_spec(model)
+    method = get_method_class(name)()
+    resolved = resolve(method, arch, parse_budget(str(fraction)))
+    method.patch(model, resolved.knob_value, arch)
+    model._seam_state.recording = True
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    assert model._seam_state.observed == list(resolved.schedule.tokens_out)
+    assert resolved.gmacs == pytest.approx(fraction * analytic_gmacs(arch, Schedule.full(arch)), rel=0.03)
+
+
+@pytest.mark.parametrize("name", KNOB_METHODS)
+def test_schedule_monotone_in_knob(name):
+    arch = arch_spec(_deit_s())
+    cls = get_method_class(name)
+    method = cls()
+    lo, hi = cls.knob.low, cls.knob.high
+    values = [lo + (hi - lo) * i / 6 for i in range(7)]
+    if cls.knob.kind is int:
+        values = sorted({int(v) for v in values})
+    g = [analytic_gmacs(arch, method.schedule(arch, v)) for v in values]
+    assert g == sorted(g) or g == sorted(g, reverse=True)
+    assert g[0] != g[-1]

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from harness.data import balanced_subset, load_cifar10, load_imagenet_folder, stretch_and_normalize
+from harness.errors import HarnessError
+from harness.models import Transform
+
+IMAGENET_T = Transform(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic")
+
+
+def test_balanced_subset_takes_first_k_of_each_class():
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert balanced_subset(labels, 6) == [0, 1, 3, 4, 6, 7]
+    assert balanced_subset(labels, 4) == [0, 1, 3, 6]
+    assert balanced_subset(labels, 0) == list(range(9))
+
+
+def test_stretch_is_exact_on_constant_image():
+    t = Transform(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    torch.testing.assert_close(stretch_and_normalize(x, t), torch.full((1, 3, 8, 8), 2.0))
+
+
+def test_cifar10_test_split(shared):
+    s = load_cifar10(shared, "test", Transform(224, (0.5,) * 3, (0.5,) * 3), limit=30)
+    assert s.images.shape == (30, 3, 32, 32) and s.images.dtype == torch.uint8
+    assert torch.bincount(s.labels, minlength=10).tolist() == [3] * 10
+    x, y = s.batch(0, 4, torch.device("cpu"))
+    assert x.shape == (4, 3, 224, 224) and x.min() >= -1 and x.max() <= 1
+
+
+def test_imagenet_folder_maps_synsets_to_1000_class_index(shared):
+    s = load_imagenet_folder(shared / "datasets/imagenet-sample/val", IMAGENET_T)
+    assert len(s) == 100 and s.images.shape[1:] == (3, 224, 224)
+    # the sample holds every 10th class, one image each: labels 0, 10, ..., 990
+    assert s.labels.tolist() == list(range(0, 1000, 10))
+
+
+def test_imagenet_folder_errors(tmp_path):
+    with pytest.raises(HarnessError, match="not found"):
+        load_imagenet_folder(tmp_path / "nope", IMAGENET_T)
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(HarnessError, match="synset"):
+        load_imagenet_folder(tmp_path, IMAGENET_T)
+
+
+def test_unreadable_image_is_one_clear_error(tmp_path):
+    d = tmp_path / "n01440764"
+    d.mkdir()
+    (d / "bad.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(HarnessError, match="unreadable image"):
+        load_imagenet_folder(tmp_path, IMAGENET_T)
+
+
+def test_truncated_archive(tmp_path, shared):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets/cifar10-jpeg.tar.gz").write_bytes((shared / "datasets/cifar10-jpeg.tar.gz").read_bytes()[:100000])
+    with pytest.raises(HarnessError, match="unreadable or truncated"):
+        load_cifar10(tmp_path, "test", IMAGENET_T)

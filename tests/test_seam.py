@@ -1,0 +1,98 @@
+"""The seam keeps timm's behaviour exactly when nothing is removed, across ViT families."""
+import pytest
+import timm
+import torch
+
+from harness.errors import UnsupportedModel
+from harness.seam import install
+
+FAMILIES = [
+    ("deit_tiny_patch16_224", dict(depth=3), 224),                    # plain DeiT
+    ("deit3_small_patch16_224", dict(depth=3), 224),                  # LayerScale
+    ("deit_tiny_distilled_patch16_224", dict(depth=3), 224),          # distillation token
+    ("vit_small_patch14_reg4_dinov2", dict(depth=3, img_size=112), 112),  # register tokens + LayerScale
+    ("vit_little_patch16_reg4_gap_256", dict(depth=3), 256),          # registers + average pooling
+    ("vit_base_patch16_224.mae", dict(depth=2, global_pool="avg"), 224),  # MAE-style average pooling
+]
+
+
+def _fresh(name, kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kw).eval()
+
+
+@pytest.mark.parametrize("name,kw,size", FAMILIES)
+def test_identity_reducers_give_unpatched_logits(name, kw, size):
+    x = torch.randn(2, 3, size, size)
+    ref_model, model = _fresh(name, kw), _fresh(name, kw)
+    with torch.no_grad():
+        ref = ref_model(x)
+    # reducers that read keys and the class attention but keep every token
+    state = install(model, {0: lambda t, ctx: t, 1: lambda t, ctx: (ctx.keys(), ctx.cls_attn(), t)[-1]}, prop_attn=True)
+    state.recording = True
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(out, ref)
+    assert state.observed == [ref_model.patch_embed.num_patches + ref_model.num_prefix_tokens] * len(model.blocks)
+
+
+def test_cls_attn_equals_eager_attention_row():
+    model = _fresh("deit3_small_patch16_224", dict(depth=2))
+    seen = {}
+
+    def grab(t, ctx):
+        seen["cls"] = ctx.cls_attn()
+        seen["keys"] = ctx.keys()
+        return t
+
+    install(model, {1: grab})
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        h = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        blk = model.blocks[1]
+        a = blk.attn
+        qkv = a.qkv(blk.norm1(h)).reshape(2, 197, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+        eager = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0].mean(1)
+        model(x)
+    torch.testing.assert_close(seen["cls"], eager)
+    torch.testing.assert_close(seen["cls"].sum(-1), torch.ones(2))
+    torch.testing.assert_close(seen["keys"], k.mean(1))
+
+
+def test_size_bias_changes_attention_only_when_sizes_differ():
+    model = _fresh("deit_tiny_patch16_224", dict(depth=2))
+    ref = _fresh("deit_tiny_patch16_224", dict(depth=2))
+
+    def set_sizes(t, ctx):
+        ctx.state.size = torch.full((t.shape[0], t.shape[1], 1), 3.0)  # equal sizes: softmax unchanged
+        return t
+
+    install(model, {0: set_sizes}, prop_attn=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+
+
+def test_non_vit_is_unsupported():
+    with pytest.raises(UnsupportedModel):
+        install(timm.create_model("resnet18"), {})
+    with pytest.raises(UnsupportedModel):
+        install(timm.create_model("vit_small_patch16_224", depth=2, no_embed_class=True, class_token=True,
+                                  block_fn=timm.models.vision_transformer.ResPostBlock), {})
+
+
+def test_unequal_sizes_reach_the_attention():
+    model = _fresh("deit_tiny_patch16_224", dict(depth=2))
+    ref = _fresh("deit_tiny_patch16_224", dict(depth=2))
+
+    def set_sizes(t, ctx):
+        size = torch.ones(t.shape[0], t.shape[1], 1)
+        size[:, 1:50] = 4.0
+        ctx.state.size = size
+        return t
+
+    install(model, {0: set_sizes}, prop_attn=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), ref(x))
