@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", dest="results_dir", help="results directory")
     run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT or ../shared)")
     run.add_argument("--overwrite", action="store_true", default=None, help="re-run cells already stored")
+    run.add_argument("--recalibrate", action="store_true", default=None, help="search again instead of using cached calibration results")
+    run.add_argument("--calib-limit", type=int, help="training images a calibrating method (DiffRate) searches on")
     run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
 
     rep = sub.add_parser("report", help="tables from stored results (no model runs)")
@@ -89,7 +91,7 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
-                                              "data_root", "overwrite")}
+                                              "data_root", "overwrite", "recalibrate", "calib_limit")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
     sweep = Sweep(cfg, progress=lambda s: print(s, flush=True))
     sweep.check_inputs()

@@ -26,6 +26,8 @@ class RunConfig:
     throughput_warmup: int = 2
     throughput_repeats: int = 5
     overwrite: bool = False
+    calib_limit: int = 5000
+    recalibrate: bool = False
 
 
 @dataclass(frozen=True)

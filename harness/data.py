@@ -164,3 +164,20 @@ def load_eval_set(spec: ModelSpec, transform: Transform, root: Path, limit: int 
     if spec.data == "synthetic":
         return EvalSet("synthetic", None, None, transform, num_synthetic=limit or SYNTHETIC_IMAGES)
     raise HarnessError(f"unknown data source {spec.data!r}; choices: cifar10, imagenet, synthetic")
+
+
+def load_calibration_set(spec: ModelSpec, transform: Transform, root: Path, limit: int = 0) -> EvalSet:
+    """Training images for a method's search: never the test split.
+
+    CIFAR-10 models use the train split; an ImageNet folder ``.../val`` uses its sibling ``train``;
+    synthetic data gives synthetic inputs (a speed-only search, no labels).
+    """
+    if spec.data == "cifar10":
+        return load_cifar10(root, "train", transform, limit)
+    if spec.data == "imagenet":
+        val = Path(spec.data_path).expanduser() if spec.data_path else root / IMAGENET_SAMPLE
+        train = val.parent / "train"
+        if not train.is_dir():
+            raise HarnessError(f"calibration needs a train split: looked for {train} beside {val}")
+        return load_imagenet_folder(train, transform, limit)
+    return EvalSet("synthetic", None, None, transform, num_synthetic=limit or SYNTHETIC_IMAGES)

@@ -80,8 +80,20 @@ class Method(abc.ABC):
     def patch(self, model, value, arch) -> None:
         """Patch ``model`` in place so it runs the method at knob ``value``."""
 
-    def calibrate(self, model, value, data, cache_dir) -> None:
-        """Optional search before ``patch`` (DiffRate); cache its result under ``cache_dir``."""
+    def calibrate(self, model, value, arch, data, cache_dir) -> dict:
+        """Optional search before ``patch``, run when ``needs_calibration`` is set (DiffRate).
+
+        Args:
+            model: the unpatched model, on the run's device, in eval mode (a fresh one is patched after).
+            value: the knob value the search is for.
+            arch: the model's ArchSpec.
+            data: a :class:`harness.runner.CalibrationData` (train split, device, dtype, a cache key).
+            cache_dir: where to cache the search's result; reuse it when the key matches.
+
+        Returns:
+            Fields added to the cell's record (e.g. ``search_s``, ``search_images``, ``search_cached``).
+        """
+        return {}
 
     @classmethod
     def description(cls) -> str:
@@ -132,3 +144,40 @@ def get_method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise did_you_mean("method", name, list(_REGISTRY))
     return _REGISTRY[name]
+
+
+class FollowSchedule(Method):
+    """``follower@leader``: the follower's token selection at the leader's schedule (e.g. random@tome)."""
+
+    name = "follow"
+
+    def __init__(self, follower: Method, leader: Method):
+        self.follower, self.leader = follower, leader
+        self.name = f"{follower.name}@{leader.name}"
+        self.version = f"{follower.version}@{leader.version}"
+        self.knob = leader.knob
+        self.options = {follower.name: follower.options, leader.name: leader.options}
+
+    def schedule(self, arch, value):
+        return self.leader.schedule(arch, value)
+
+    def patch(self, model, value, arch) -> None:
+        self.follower.patch_schedule(model, self.schedule(arch, value))
+
+
+def make_method(name: str, options: Optional[dict] = None) -> Method:
+    """A method instance by name, with ``options[name]`` from the config.
+
+    ``follower@leader`` (e.g. ``random@tome``) builds the follower at the leader's schedule, for
+    "random pruning at the schedule of method X"; the follower must have ``patch_schedule``.
+    """
+    options = options or {}
+    follower, sep, leader = name.partition("@")
+    if not sep:
+        return get_method_class(name)(**options.get(name, {}))
+    f, lead = make_method(follower, options), make_method(leader, options)
+    if not hasattr(f, "patch_schedule"):
+        raise HarnessError(f"method {follower!r} cannot follow another method's schedule (no patch_schedule)")
+    if lead.knob is None:
+        raise HarnessError(f"method {leader!r} has no knob, so no schedule to follow")
+    return FollowSchedule(f, lead)

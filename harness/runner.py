@@ -22,17 +22,35 @@ import torch
 from harness import budget as budgets
 from harness import measure
 from harness.config import Config
-from harness.data import EvalSet, load_eval_set
+from harness.data import EvalSet, load_calibration_set, load_eval_set
 from harness.errors import HarnessError, UnsupportedModel
 from harness.models import ModelSpec, build_model, checkpoint_sha, eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
-from harness.registry import get_method_class, method_names
+from harness.registry import Method, make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.store import ResultStore
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """What a calibrating method (DiffRate's search) gets: the train split and the run's settings.
+
+    Attributes:
+        train: training images with labels (never the test split), class-balanced to ``calib_limit``.
+        device, dtype: where and how the run evaluates.
+        key: identifies model weights and data, for the method's cache key.
+        force: search again even when a cached result exists (``--recalibrate``).
+    """
+
+    train: EvalSet
+    device: torch.device
+    dtype: str
+    key: dict
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,18 +66,16 @@ class Cell:
         return self.budget.text if self.budget else "baseline"
 
 
-def selected_methods(names: tuple[str, ...]) -> list[str]:
-    """Expand ``all`` and check every name against the registry."""
+def selected_methods(names: tuple[str, ...], options: dict) -> dict[str, Method]:
+    """Expand ``all`` (every registered method) and build each method; unknown names and options raise."""
     if "all" in names:
-        return method_names()
-    for n in names:
-        get_method_class(n)
-    return list(dict.fromkeys(names))
+        names = tuple(method_names()) + tuple(n for n in names if n != "all")
+    return {n: make_method(n, options) for n in dict.fromkeys(names)}
 
 
-def expand(models: list[str], methods: list[str], budget_list: list[budgets.Budget]) -> list[Cell]:
+def expand(models: list[str], methods: dict[str, Method], budget_list: list[budgets.Budget]) -> list[Cell]:
     """All cells of a sweep. A knob budget applies to the methods with that knob, and must fit one."""
-    knobs = {m: get_method_class(m).knob for m in methods}
+    knobs = {name: m.knob for name, m in methods.items()}
     for b in budget_list:
         if b.kind == "knob":
             fits = [m for m, k in knobs.items() if k and k.name == b.knob]
@@ -89,10 +105,7 @@ class Sweep:
         self.dtype = measure.resolve_dtype(self.run.dtype, self.device)
         if self.run.limit < 0 or self.run.batch_size <= 0:
             raise HarnessError("limit must be >= 0 and batch_size > 0")
-        self.methods = selected_methods(suite.methods)
-        self.method_options = {m: dict(cfg.method_options.get(m, {})) for m in self.methods}
-        for m in self.methods:
-            get_method_class(m)(**self.method_options[m])  # unknown options fail now
+        self.methods = selected_methods(suite.methods, cfg.method_options)
         self.budgets = [budgets.parse_budget(b) for b in suite.budgets]
         self.specs = {name: resolve_model(name, cfg.models, self.root) for name in suite.models}
         self.cells = expand(list(self.specs), self.methods, self.budgets)
@@ -105,9 +118,9 @@ class Sweep:
     def cell_key(self, cell: Cell) -> dict:
         """What determines a cell's result; its hash is the cell's id."""
         spec = self.specs[cell.model]
-        cls = get_method_class(cell.method)
+        method = self.methods[cell.method]
         return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": checkpoint_sha(spec),
-                "method": cell.method, "method_version": cls.version, "method_options": self.method_options[cell.method],
+                "method": cell.method, "method_version": method.version, "method_options": method.options,
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
                 "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
                 "throughput_batch_size": self.throughput_batch_size}
@@ -176,25 +189,45 @@ class Sweep:
         spec = self.specs[cell.model]
         model = build_model(spec, self.state_dict(spec))
         arch = arch_spec(model)
-        method = get_method_class(cell.method)(**self.method_options[cell.method])
-        out = self._solve(method, arch, cell)
+        method = self.methods[cell.method]
+        evalset = self.eval_set(spec, model)
+        searched = {}
+        if method.needs_calibration and cell.budget is not None:
+            # the search meets the target itself: the knob is the GMACs ratio, no bisection
+            value = calibration_knob(method, arch, cell.budget)
+            searched = self._calibrate(method, spec, model, arch, value)
+            model = build_model(spec, self.state_dict(spec))  # patch a fresh model after the search
+            out = self._solve(method, arch, cell, fixed_value=value)
+        else:
+            out = self._solve(method, arch, cell)
         if out.get("status") == "skipped":
             return out
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
-        evalset = self.eval_set(spec, model)
-        out["fused_attn"] = bool(getattr(model.blocks[0].attn, "fused_attn", False))
-        out["data_name"] = evalset.name
+        out.update(searched, fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)), data_name=evalset.name)
         if evalset.has_labels:
             out.update(measure.evaluate(model, evalset, self.run.batch_size, self.device, self.dtype))
         out.update(measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
                                       self.dtype, self.run.throughput_warmup, self.run.throughput_repeats))
         return {**out, "status": "ok", "error": None}
 
-    def _solve(self, method, arch, cell: Cell) -> dict:
+    def _calibrate(self, method, spec: ModelSpec, model, arch, value) -> dict:
+        train = load_calibration_set(spec, eval_transform(spec, model), self.root, self.run.calib_limit)
+        key = {"model": spec.name, "arch": spec.arch, "checkpoint_sha": checkpoint_sha(spec), "data": train.name,
+               "calib_limit": self.run.calib_limit, "method_version": method.version, "options": method.options}
+        data = CalibrationData(train, self.device, self.dtype, key, self.run.recalibrate)
+        cache_dir = Path(self.run.results_dir) / "cache" / method.name
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return method.calibrate(model.to(self.device), value, arch, data, cache_dir)
+
+    def _solve(self, method, arch, cell: Cell, fixed_value=None) -> dict:
         baseline = analytic_gmacs(arch, Schedule.full(arch))
         if cell.budget is None:
             resolved = budgets.Resolved(None, method.schedule(arch, None), baseline, None)
+        elif fixed_value is not None:
+            schedule = method.schedule(arch, fixed_value)
+            target = None if cell.budget.kind == "knob" else fixed_value * baseline
+            resolved = budgets.Resolved(fixed_value, schedule, analytic_gmacs(arch, schedule), target)
         else:
             resolved = budgets.resolve(method, arch, cell.budget)
         out = {"knob": method.knob.name if method.knob else None, "knob_value": resolved.knob_value,
@@ -204,6 +237,17 @@ class Sweep:
         if resolved.skip_reason:
             out.update(status="skipped", error=resolved.skip_reason)
         return out
+
+
+def calibration_knob(method, arch, budget: budgets.Budget) -> float:
+    """The knob of a calibrating method (its target as a fraction of the baseline GMACs) for ``budget``."""
+    if budget.kind == "knob":
+        if budget.knob != method.knob.name:
+            raise HarnessError(f"budget {budget.text!r} does not apply to {method.name!r} (its knob: {method.knob.name})")
+        return method.knob.check(budget.value)
+    baseline = analytic_gmacs(arch, Schedule.full(arch))
+    ratio = budget.value if budget.kind == "fraction" else budget.value / baseline
+    return method.knob.check(round(ratio, 6))
 
 
 def summary_line(r: dict) -> str:

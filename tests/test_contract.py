@@ -69,3 +69,29 @@ def test_schedule_monotone_in_knob(name):
     g = [analytic_gmacs(arch, method.schedule(arch, v)) for v in values]
     assert g == sorted(g) or g == sorted(g, reverse=True)
     assert g[0] != g[-1]
+
+
+@pytest.mark.parametrize("leader", [m for m in KNOB_METHODS if m != "random"])
+def test_random_follows_another_methods_schedule(leader):
+    from harness.registry import make_method
+
+    model = _deit_s()
+    arch = arch_spec(model)
+    follow, lead = make_method(f"random@{leader}"), make_method(leader)
+    resolved = resolve(follow, arch, parse_budget("0.6"))
+    assert resolved.schedule == resolve(lead, arch, parse_budget("0.6")).schedule
+    follow.patch(model, resolved.knob_value, arch)
+    model._seam_state.recording = True
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    assert model._seam_state.observed == list(resolved.schedule.tokens_out)
+
+
+def test_follow_needs_a_follower_and_a_leader():
+    from harness.errors import HarnessError
+    from harness.registry import make_method
+
+    with pytest.raises(HarnessError, match="did you mean"):
+        make_method("random@tomee")
+    with pytest.raises(HarnessError, match="no knob"):
+        make_method("random@none")

@@ -1,0 +1,141 @@
+"""EViT: keep the attentive tokens, fuse the inattentive ones.
+
+Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations", ICLR 2022, arXiv 2202.07800, https://github.com/youweiliang/evit (``evit.py``).
+
+Modifications:
+ - at the drop blocks (0-based 3, 6, 9 of 12 as ``deit_small_patch16_shrink_base``; scaled to other
+   depths; option ``drop_loc`` overrides), between attention and MLP, keeps the
+   ceil(keep_rate x non-prefix tokens) non-prefix tokens the class token attends to most (attention
+   averaged over heads, softmax over all tokens, as the official ``attn[:, :, 0, 1:].mean(1)``);
+ - kept tokens come in descending attention order, as the official ``torch.topk(..., sorted=True)``
+   gather leaves them, not in their original order;
+ - inattentive-token fusion (option ``fuse``, default on): the dropped tokens become ONE token, their
+   sum weighted by their class attention exactly as the official code (the weights are not
+   renormalised to sum to one), appended after the kept tokens; at later drop blocks it is an
+   ordinary non-prefix token that can be kept or fused again;
+ - a drop block that would keep every token does nothing and adds no fused token (official early return);
+ - prefix tokens (class, distillation, registers) always stay, first and in order; the official code
+   protects only the class token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from harness.errors import HarnessError
+from harness.registry import Knob, Method, register_method
+from harness.schedule import Schedule
+from harness.seam import BlockContext, gather_tokens, install
+from methods.random import drop_blocks
+
+
+def num_keep(num_tokens: int, keep_rate: float) -> int:
+    """Tokens kept out of ``num_tokens`` non-prefix tokens: ceil(keep_rate x num_tokens), as official."""
+    return math.ceil(keep_rate * num_tokens)
+
+
+def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split token indices by attention.
+
+    Args:
+        scores: (B, N) class attention of the candidate tokens.
+        keep: how many to keep.
+
+    Returns:
+        ``kept`` (B, keep) in descending score order and ``dropped`` (B, N - keep), ascending index.
+    """
+    kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
+    # the complement of ``kept`` (not a second sort, which could split ties differently)
+    rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)
+    dropped = rest.nonzero()[:, 1].view(scores.shape[0], -1)
+    return kept, dropped
+
+
+def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """One token (B, 1, C): the dropped tokens of ``x`` weighted by their (unnormalised) ``scores``."""
+    weights = scores.gather(1, dropped).unsqueeze(-1).to(x.dtype)
+    return (gather_tokens(x, dropped) * weights).sum(dim=1, keepdim=True)
+
+
+def select_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, num_prefix: int,
+                  fuse: bool) -> torch.Tensor:
+    """EViT's reorganisation of ``x`` (B, N, C) given the class attention ``cls_attn`` (B, N).
+
+    Returns prefix tokens, then the kept tokens by descending attention, then (``fuse``) the fused
+    token; ``x`` itself when every non-prefix token would be kept.
+    """
+    scores = cls_attn[:, num_prefix:]
+    keep = num_keep(scores.shape[1], keep_rate)
+    if keep >= scores.shape[1]:
+        return x
+    kept, dropped = top_attentive(scores, keep)
+    body = x[:, num_prefix:]
+    parts = [x[:, :num_prefix], gather_tokens(body, kept)]
+    if fuse:
+        parts.append(fuse_tokens(body, scores, dropped))
+    return torch.cat(parts, dim=1)
+
+
+def tokens_after_drop(tokens: int, keep_rate: float, num_prefix: int, fuse: bool) -> int:
+    """Tokens leaving a drop block that receives ``tokens`` (prefix included)."""
+    keep = num_keep(tokens - num_prefix, keep_rate)
+    if keep >= tokens - num_prefix:
+        return tokens
+    return num_prefix + keep + int(fuse)
+
+
+def evit_reducer(keep_rate: float, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer for one drop block."""
+
+    def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if ctx.state.size is not None:
+            raise RuntimeError("EViT does not carry token sizes; another reducer merged tokens first")
+        return select_tokens(x, ctx.cls_attn(), keep_rate, ctx.num_prefix, fuse)
+
+    return reduce
+
+
+@register_method
+class EViT(Method):
+    """EViT: keep the tokens the class token attends to, fuse the rest into one (Liang et al., ICLR 2022)."""
+
+    name = "evit"
+    version = "1"
+    knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return ["fuse", "drop_loc"]
+
+    @property
+    def fuse(self) -> bool:
+        """Whether dropped tokens are fused into one extra token."""
+        return bool(self.options.get("fuse", True))
+
+    def drop_loc(self, depth: int) -> tuple[int, ...]:
+        """0-based blocks that drop tokens for a model of ``depth`` blocks."""
+        loc: Optional[list] = self.options.get("drop_loc")
+        if loc is None:
+            return drop_blocks(depth)
+        bad = [i for i in loc if not 0 <= int(i) < depth]
+        if bad:
+            raise HarnessError(f"{self.name} drop_loc {bad} outside blocks 0..{depth - 1}")
+        return tuple(sorted({int(i) for i in loc}))
+
+    def schedule(self, arch, value: float) -> Schedule:
+        tokens, out = arch.tokens_in, []
+        drops = self.drop_loc(arch.depth)
+        for i in range(arch.depth):
+            if i in drops:
+                tokens = tokens_after_drop(tokens, value, arch.num_prefix, self.fuse)
+            out.append(tokens)
+        return Schedule(arch.tokens_in, tuple(out))
+
+    def patch(self, model, value: float, arch) -> None:
+        reducers = {}
+        if value < 1.0:
+            reducers = {i: evit_reducer(value, self.fuse) for i in self.drop_loc(len(model.blocks))}
+        install(model, reducers)
