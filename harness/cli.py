@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness ls|run|report``. The only module that prints."""
+"""Command line: ``python -m harness ls|run|report|plot|tokenmap``. The only module that prints."""
 from __future__ import annotations
 
 import argparse
@@ -45,11 +45,33 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--recalibrate", action="store_true", default=None, help="search again instead of using cached calibration results")
     run.add_argument("--calib-limit", type=int, help="training images a calibrating method (DiffRate) searches on")
     run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
+    run.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local",
+                     help="local: this process (or torchrun ranks); submitit-local / slurm: one submitit job per --cells-per-job cells")
+    run.add_argument("--cells-per-job", type=int, default=1, help="cells per submitit job")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="submitit AutoExecutor parameter, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=120")
 
     rep = sub.add_parser("report", help="tables from stored results (no model runs)")
     rep.add_argument("--config", type=Path, default=None)
     rep.add_argument("--results", dest="results_dir", help="results directory")
     rep.add_argument("--out", dest="reports_dir", help="reports directory")
+    rep.add_argument("--no-plots", action="store_true", help="tables only")
+
+    plot = sub.add_parser("plot", help="figures (PNG + PDF) from stored results (no model runs)")
+    plot.add_argument("--config", type=Path, default=None)
+    plot.add_argument("--results", dest="results_dir", help="results directory")
+    plot.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
+    plot.add_argument("--budget", help="budget of the tokens-per-block plot (default: the middle one stored)")
+
+    tm = sub.add_parser("tokenmap", help="token maps on test images: kept, merged and dropped patches (runs the model)")
+    tm.add_argument("--config", type=Path, default=None)
+    tm.add_argument("--model", default="deit_tiny_cifar10")
+    tm.add_argument("--methods", type=_csv, default=["tome", "evit", "topk", "random"])
+    tm.add_argument("--budget", default="0.7", help="0.7, gmacs=0.9 or a knob (r=13)")
+    tm.add_argument("--images", type=int, default=4, help="first N test images, class-balanced")
+    tm.add_argument("--depths", type=_csv, help="1-based blocks to show (default: 4,7,10,12 of 12)")
+    tm.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
+    tm.add_argument("--data-root", help="where datasets/ and models/ live")
     return p
 
 
@@ -87,20 +109,36 @@ def cmd_ls(args) -> int:
 
 def cmd_run(args) -> int:
     from harness.report import build_report
-    from harness.runner import Sweep, override, summary_line
+    from harness.runner import Sweep, override, submit
 
     cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
+    if args.executor != "local":
+        n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))
+        print(f"{n} jobs done or submitted; records in {Path(cfg.run.results_dir) / 'records'}")
+        return 0
     sweep = Sweep(cfg, progress=lambda s: print(s, flush=True))
     sweep.check_inputs()
     records = sweep.execute()
+    if not sweep.dist.is_main:
+        return 0
     failed = [r for r in records if r["status"] == "error"]
     print(f"done: {len(records)} cells run, {len(failed)} failed; records in {sweep.store.records_dir}")
     if not args.no_report:
         print(build_report(Path(cfg.run.results_dir), Path(cfg.run.reports_dir)))
     return 1 if failed else 0
+
+
+def _slurm_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HarnessError(f"--slurm takes KEY=VALUE, got {pair!r}")
+        params[key] = int(value) if value.isdigit() else value
+    return params
 
 
 def cmd_report(args) -> int:
@@ -110,7 +148,41 @@ def cmd_report(args) -> int:
     results = Path(args.results_dir or cfg.run.results_dir)
     reports = Path(args.reports_dir or cfg.run.reports_dir)
     print(build_report(results, reports))
-    print(f"(written to {reports / 'results.md'} and {reports / 'results.csv'})")
+    print(f"(tables written to {reports}: results.md, results.csv, summary.*, accuracy_at_gmacs.*, tables/)")
+    if not args.no_plots:
+        from harness.plots import write_plots
+
+        paths = write_plots(results, reports)
+        print(f"(figures written to {reports / 'figures'}: {len(paths)} files)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from harness.plots import write_plots
+
+    cfg = _load(args)
+    results = Path(args.results_dir or cfg.run.results_dir)
+    reports = Path(args.reports_dir or cfg.run.reports_dir)
+    for p in write_plots(results, reports, args.budget):
+        print(p)
+    return 0
+
+
+def cmd_tokenmap(args) -> int:
+    from harness.budget import parse_budget
+    from harness.paths import data_root
+    from harness.tokenmap import token_maps
+
+    cfg = _load(args)
+    parse_budget(args.budget)  # a malformed budget fails before the model loads
+    if args.images <= 0:
+        raise HarnessError("--images must be positive")
+    depths = [int(d) - 1 for d in args.depths] if args.depths else None
+    root = data_root(args.data_root or cfg.run.data_root)
+    paths = token_maps(args.model, args.methods, args.budget, args.images, Path(args.reports_dir or cfg.run.reports_dir),
+                       cfg.method_options, cfg.models, root, depths)
+    for p in paths:
+        print(p)
     return 0
 
 
@@ -118,7 +190,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report}[args.command](args)
+        return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
+                "tokenmap": cmd_tokenmap}[args.command](args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,12 @@ class EvalSet:
     def has_labels(self) -> bool:
         return self.labels is not None
 
+    def shard(self, rank: int, world: int) -> "EvalSet":
+        """Every ``world``-th image from ``rank``: disjoint shards that together cover the set once."""
+        if self.images is None or world == 1:
+            return self
+        return EvalSet(self.name, self.images[rank::world], self.labels[rank::world], self.transform)
+
     def batch(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images [start, stop) as the model's normalised input on ``device``, and their labels."""
         if self.images is None:

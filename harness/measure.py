@@ -12,6 +12,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
@@ -75,28 +76,226 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def throughput(model, img_size: int, batch_size: int, device: torch.device, dtype: str,
-               warmup: int, repeats: int) -> dict:
-    """Model-only images/s on a synthetic batch already on the device: median of ``repeats`` timed runs.
+def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones.
 
-    On CUDA each run is bracketed by synchronisations, so the wall clock spans the kernels.
+    On CUDA each call is timed by CUDA events on the GPU's own stream (one synchronisation at the
+    end, so launches overlap as in deployment); on CPU by ``perf_counter``.
     """
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    times = []
-    with autocast(device, dtype):
-        for i in range(warmup + repeats):
-            _sync(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    rates = [batch_size / t for t in times]
-    return {"img_per_s": round(statistics.median(rates), 2), "img_per_s_min": round(min(rates), 2),
-            "img_per_s_max": round(max(rates), 2), "throughput_batch_size": batch_size,
-            "throughput_repeats": repeats}
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, stop in events:
+        start.record()
+        fn()
+        stop.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(stop) / 1000 for start, stop in events]
 
+
+def rate_stats(times: list[float], batch_size: int, prefix: str = "img_per_s") -> dict:
+    """Median, min, max and inter-quartile range of images/s over timed runs."""
+    rates = sorted(batch_size / t for t in times)
+    q1, q3 = (statistics.quantiles(rates, n=4, method="inclusive")[i] for i in (0, 2)) if len(rates) > 1 else (rates[0],) * 2
+    return {prefix: round(statistics.median(rates), 2), f"{prefix}_min": round(rates[0], 2),
+            f"{prefix}_max": round(rates[-1], 2), f"{prefix}_iqr": round(q3 - q1, 2)}
+
+
+def latency_stats(times: list[float]) -> dict:
+    """Batch-1 latency in ms: median, min, max."""
+    ms = sorted(1000 * t for t in times)
+    return {"latency_ms": round(statistics.median(ms), 3), "latency_ms_min": round(ms[0], 3), "latency_ms_max": round(ms[-1], 3)}
+
+
+def with_oom_fallback(run: Callable[[int], dict], batch_size: int, device: torch.device, min_batch_size: int = 1) -> dict:
+    """``run(batch)``, halving the batch on CUDA out-of-memory until it fits or drops below ``min_batch_size``.
+
+    Returns run's dict plus the batch actually used (``throughput_batch_size``), the one asked for,
+    and how many halvings it took (``oom_retries``). The last OOM propagates.
+    """
+    batch, retries = batch_size, 0
+    while True:
+        try:
+            out = run(batch)
+            return {**out, "throughput_batch_size": batch, "throughput_batch_size_requested": batch_size,
+                    "oom_retries": retries}
+        except torch.cuda.OutOfMemoryError:
+            if batch // 2 < max(1, min_batch_size):
+                raise
+            log.warning("out of memory at batch %d; trying %d", batch, batch // 2)
+            batch, retries = batch // 2, retries + 1
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def compile_model(model, backend: str = "inductor"):
+    """``torch.compile`` on a fresh dynamo cache, so one cell's graphs never count against another's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(model, backend=backend)
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo counted since the last :func:`compile_model`."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+def _first_call(model, compiled, x: torch.Tensor, backend: str) -> tuple[object, dict]:
+    # Compilation happens at the first call: a failure is recorded and timing goes on eagerly.
+    info = {"compiled": compiled is not None, "compile_backend": backend if compiled is not None else None,
+            "compile_error": None, "graph_breaks": None}
+    if compiled is None:
+        return model, info
+    try:
+        compiled(x)
+        info["graph_breaks"] = graph_breaks()
+        return compiled, info
+    except Exception as exc:  # a method that cannot compile is data, not a crash
+        log.warning("torch.compile failed, timing eagerly: %s", exc)
+        lines = [ln for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
+        info.update(compiled=False, compile_error=" | ".join(lines[:2])[:500])  # dynamo puts the cause on line 2
+        return model, info
+
+
+@torch.inference_mode()
+def throughput(model, img_size: int, batch_size: int, device: torch.device, dtype: str, warmup: int, repeats: int,
+               *, latency: bool = True, compile: bool = False, compile_backend: str = "inductor",
+               min_batch_size: int = 1) -> dict:
+    """Model-only images/s on a synthetic batch already on the device, and batch-1 latency.
+
+    Timed after ``warmup`` calls, over ``repeats`` calls: median and spread (min, max, IQR). On CUDA
+    out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the peak GPU
+    memory of the throughput runs. With ``compile``, ``torch.compile`` is tried and whether it
+    worked (``compiled``, ``compile_error``, ``graph_breaks``) recorded.
+    """
+    model.eval()
+    compiled = compile_model(model, compile_backend) if compile else None
+    info: dict = {}
+
+    def run(batch: int) -> dict:
+        nonlocal info
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
+        _reset_peak_memory(device)
+        with autocast(device, dtype):
+            fn, info = _first_call(model, compiled, x, compile_backend)
+            times = time_runs(lambda: fn(x), device, warmup, repeats)
+        return {**rate_stats(times, batch), "peak_mem_mb": _peak_memory_mb(device), "_fn": fn}
+
+    out = with_oom_fallback(run, batch_size, device, min_batch_size)
+    fn = out.pop("_fn")
+    if latency:
+        x1 = torch.randn(1, 3, img_size, img_size, device=device)
+        with autocast(device, dtype):
+            out.update(latency_stats(time_runs(lambda: fn(x1), device, warmup, repeats)))
+    return {**out, **info, "dtype": dtype, "throughput_repeats": repeats, "throughput_warmup": warmup,
+            "timing_clock": "cuda_event" if device.type == "cuda" else "cpu_perf_counter"}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def sample_jpegs(evalset, n: int, quality: int = 90, src_size: Optional[int] = None) -> list[bytes]:
+    """``n`` JPEG files in memory for the end-to-end figure.
+
+    From the eval set's uint8 images when it has them; otherwise smooth synthetic photos (low-frequency
+    colour fields plus grain, which compress like natural images) at ``src_size`` (default 8/7 of the
+    model's input side, the usual resize-then-crop source).
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = evalset.images if evalset.images is not None and evalset.images.dtype == torch.uint8 else None
+    if images is None:
+        images = _synthetic_photos(n, src_size or round(evalset.transform.img_size * 8 / 7))
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(images[i % len(images)].permute(1, 2, 0).numpy())).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def _synthetic_photos(n: int, size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, 6, 6, generator=g)
+    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    x = x + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (x.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def decode_batch(jpegs: list[bytes], pool=None) -> torch.Tensor:
+    """JPEG bytes (all the same size) -> uint8 (B, 3, H, W) on the host, decoded by ``pool`` threads if given."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def decode(data: bytes):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    arrays = list(pool.map(decode, jpegs)) if pool is not None else [decode(d) for d in jpegs]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+@torch.inference_mode()
+def end_to_end(model, jpegs: list[bytes], transform, batch_size: int, device: torch.device, dtype: str,
+               warmup: int, repeats: int, decode_threads: int = 0) -> dict:
+    """Images/s from JPEG bytes on the host to logits: decode + host->device copy + transform + model.
+
+    The transform is the EvalSet batch path (uint8 on the device, resized and normalised there).
+    The wall clock spans each batch with a synchronisation at its end, so a data pipeline slower
+    than the model shows as ``e2e_img_per_s`` well below ``img_per_s``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.data import stretch_and_normalize
+
+    batch = jpegs[:batch_size] if len(jpegs) >= batch_size else (jpegs * (batch_size // len(jpegs) + 1))[:batch_size]
+    pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None
+
+    def step():
+        x = decode_batch(batch, pool)
+        x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+        with autocast(device, dtype):
+            model(stretch_and_normalize(x, transform))
+        _sync(device)
+
+    try:
+        times = [_wall(step) for _ in range(warmup + repeats)][warmup:]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return {**rate_stats(times, len(batch), prefix="e2e_img_per_s"), "e2e_batch_size": len(batch),
+            "e2e_decode_threads": decode_threads}
+
+
+def _wall(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 def git_sha() -> Optional[str]:
     """The project's commit, with ``+dirty`` when the tree has uncommitted changes."""
@@ -111,11 +310,38 @@ def git_sha() -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
-    """Provenance carried by every record: versions, device, kernels."""
+    """Provenance carried by every record: versions, device, driver, kernels.
+
+    CPU rows say so in ``device`` and ``device_name`` ("cpu (...)"); GPU rows carry the GPU's name,
+    capability and memory, the driver, the CUDA runtime and cuDNN, and which SDPA kernels are enabled.
+    """
     import platform
 
     import timm
+    from timm.layers import use_fused_attn
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": device.type, "device_name": name, "torch": torch.__version__, "timm": timm.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None, "git_sha": git_sha()}
+    env = {"device": device.type, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+           "git_sha": git_sha(), "timm_fused_attn": bool(use_fused_attn()), "cpu_threads": torch.get_num_threads()}
+    if device.type != "cuda":
+        return {**env, "device_name": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                "cuda": None, "driver": None}
+    props = torch.cuda.get_device_properties(device)
+    return {**env, "device_name": torch.cuda.get_device_name(device), "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_mem_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda, "driver": _driver_version(),
+            "cudnn": torch.backends.cudnn.version(), "sdpa_backends": _sdpa_backends()}
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def _sdpa_backends() -> str:
+    b = torch.backends.cuda
+    on = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(), "math": b.math_sdp_enabled(),
+          "cudnn": getattr(b, "cudnn_sdp_enabled", lambda: False)()}
+    return ",".join(k for k, v in on.items() if v)

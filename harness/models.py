@@ -109,6 +109,10 @@ def build_model(spec: ModelSpec, state_dict: Optional[dict] = None):
 
     kwargs = {} if spec.num_classes is None else {"num_classes": spec.num_classes}
     pretrained = spec.weights == "pretrained"
+    if spec.weights == "random":
+        import torch
+
+        torch.manual_seed(0)  # the same random weights in every process and run
     try:
         model = timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
     except Exception as exc:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from harness import budget as budgets
+from harness import distributed
 from harness import measure
 from harness.config import Config
 from harness.data import EvalSet, load_calibration_set, load_eval_set
@@ -102,6 +103,11 @@ class Sweep:
         suite = cfg.suite
         self.root = data_root(self.run.data_root)
         self.device = measure.resolve_device(self.run.device)
+        self.dist = distributed.init_from_env(self.device)
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if not self.dist.is_main:
+            self.progress = lambda s: None
         self.dtype = measure.resolve_dtype(self.run.dtype, self.device)
         if self.run.limit < 0 or self.run.batch_size <= 0:
             raise HarnessError("limit must be >= 0 and batch_size > 0")
@@ -157,15 +163,39 @@ class Sweep:
     def execute(self) -> list[dict]:
         """Run every cell not already done; return the records written now."""
         written = []
-        todo = [c for c in self.cells if self.run.overwrite or not self.store.is_done(self.cell_id(c))]
+        todo = distributed.broadcast(self.todo(), self.dist)
         self.progress(f"{len(self.cells)} cells, {len(self.cells) - len(todo)} already done, {len(todo)} to run")
         for n, cell in enumerate(todo, 1):
             self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}")
-            record = self.run_cell(cell)
-            self.store.write(record)
+            record = self.run_claimed(cell)
+            if record is None:
+                self.progress("      -> skipped: another sweep holds or finished this cell")
+                continue
             written.append(record)
-            self.progress(f"      -> {summary_line(record)}")
+            if self.dist.is_main:
+                self.progress(f"      -> {summary_line(record)}")
+        distributed.finish(self.dist)
         return written
+
+    def todo(self) -> list[Cell]:
+        """Cells without a finished record (all of them with ``overwrite``)."""
+        return [c for c in self.cells if self.run.overwrite or not self.store.is_done(self.cell_id(c))]
+
+    def run_claimed(self, cell: Cell) -> Optional[dict]:
+        """Run ``cell`` under its lock and store its record; None when another sweep has it."""
+        cid = self.cell_id(cell)
+        claimed = self.dist.is_main and self.store.claim(cid)
+        try:
+            go = claimed and (self.run.overwrite or not self.store.is_done(cid))
+            if not distributed.broadcast(go, self.dist):  # every rank runs the cell, or none
+                return None
+            record = self.run_cell(cell)
+            if self.dist.is_main:
+                self.store.write(record)
+            return record
+        finally:
+            if claimed:
+                self.store.release(cid)
 
     def run_cell(self, cell: Cell) -> dict:
         """Run one cell and return its record; failures become the record's status and error."""
@@ -206,9 +236,13 @@ class Sweep:
         model.to(self.device)
         out.update(searched, fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)), data_name=evalset.name)
         if evalset.has_labels:
-            out.update(measure.evaluate(model, evalset, self.run.batch_size, self.device, self.dtype))
-        out.update(measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
-                                      self.dtype, self.run.throughput_warmup, self.run.throughput_repeats))
+            shard = evalset.shard(self.dist.rank, self.dist.world)
+            acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype)
+            out.update(distributed.combine_accuracy(acc, self.dist) if self.dist.active else acc)
+        if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
+            out.update(measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
+                                          self.dtype, self.run.throughput_warmup, self.run.throughput_repeats))
+        distributed.barrier(self.dist)
         return {**out, "status": "ok", "error": None}
 
     def _calibrate(self, method, spec: ModelSpec, model, arch, value) -> dict:
@@ -218,7 +252,13 @@ class Sweep:
         data = CalibrationData(train, self.device, self.dtype, key, self.run.recalibrate)
         cache_dir = Path(self.run.results_dir) / "cache" / method.name
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return method.calibrate(model.to(self.device), value, arch, data, cache_dir)
+        # rank 0 searches first; the other ranks then find its result in the cache
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+        found = method.calibrate(model.to(self.device), value, arch, data, cache_dir)
+        if self.dist.is_main:
+            distributed.barrier(self.dist)
+        return found
 
     def _solve(self, method, arch, cell: Cell, fixed_value=None) -> dict:
         baseline = analytic_gmacs(arch, Schedule.full(arch))
@@ -255,7 +295,8 @@ def summary_line(r: dict) -> str:
     if r.get("status") != "ok":
         return f"{r.get('status')}: {r.get('error')}"
     top1 = f"top1 {100 * r['top1']:.2f}% " if r.get("top1") is not None else ""
-    return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x) {r['img_per_s']:.1f} img/s [{r['cell_s']:.0f} s]"
+    speed = f" {r['img_per_s']:.1f} img/s" if r.get("img_per_s") is not None else ""
+    return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x){speed} [{r['cell_s']:.0f} s]"
 
 
 def override(cfg: Config, run: dict, suite: dict) -> Config:
@@ -268,3 +309,47 @@ def override(cfg: Config, run: dict, suite: dict) -> Config:
         new_suite = dataclasses.replace(cfg.suite, **suite)
         cfg = dataclasses.replace(cfg, suites={**cfg.suites, new_run.suite: new_suite})
     return cfg
+
+
+def run_cells_job(cfg: Config, cell_ids: list[str]) -> list[str]:
+    """One submitit job: rebuild the sweep from its config, run the named cells, return their summaries."""
+    logging.basicConfig(level=logging.INFO)
+    sweep = Sweep(cfg, progress=log.info)
+    summaries = []
+    for cell in sweep.cells:
+        if sweep.cell_id(cell) in cell_ids:
+            record = sweep.run_claimed(cell)
+            summaries.append(f"{cell.model} | {cell.method} | {cell.budget_text}: "
+                             + (summary_line(record) if record else "held or finished by another sweep"))
+    return summaries
+
+
+def submit(cfg: Config, executor: str, cells_per_job: int, slurm: dict, progress: Progress) -> int:
+    """Send the sweep's missing cells to submitit, ``cells_per_job`` cells a job; return the job count.
+
+    ``executor`` is ``submitit-local`` (jobs run one after another on this machine, the same code path
+    a cluster runs) or ``slurm`` (an array of jobs; ``slurm`` holds AutoExecutor parameters such as
+    ``slurm_partition``, ``gpus_per_node``, ``timeout_min``). Each job writes its own records under
+    the same resume and locking rules as the plain runner.
+    """
+    import submitit
+
+    sweep = Sweep(cfg, progress)
+    sweep.check_inputs()
+    ids = [sweep.cell_id(c) for c in sweep.todo()]
+    chunks = [ids[i:i + cells_per_job] for i in range(0, len(ids), max(1, cells_per_job))]
+    folder = Path(cfg.run.results_dir) / "submitit"
+    progress(f"{len(sweep.cells)} cells, {len(ids)} to run in {len(chunks)} jobs ({executor}); logs in {folder}")
+    if executor == "submitit-local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 24 * 60)))
+        for n, chunk in enumerate(chunks, 1):  # one at a time: a laptop has one set of cores
+            job = ex.submit(run_cells_job, cfg, chunk)
+            for line in job.result():
+                progress(f"[job {n}/{len(chunks)}] {line}")
+        return len(chunks)
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    ex.update_parameters(**slurm)
+    jobs = ex.map_array(run_cells_job, [cfg] * len(chunks), chunks)
+    progress(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}{' ...' if len(jobs) > 5 else ''}")
+    return len(jobs)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -13,6 +15,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DONE = ("ok", "skipped")
+# A lock taken on another host cannot be checked for a live process; after this long it is stale.
+FOREIGN_LOCK_STALE_S = 12 * 3600
 
 
 class ResultStore:
@@ -59,11 +63,68 @@ class ResultStore:
         return target
 
     def load_all(self) -> list[dict]:
-        """Every readable record; a corrupt file is logged and skipped, never deleted."""
+        """Every readable record, upgraded to the current schema; a corrupt file is logged and skipped."""
         records = []
-        for p in sorted(self.records_dir.glob("*.json")):
+        for p in sorted(self.records_dir.glob("[!.]*.json")):
             try:
-                records.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
+                records.append(upgrade(json.loads(p.read_text())))
+            except (OSError, json.JSONDecodeError, ValueError) as exc:
                 log.warning("skipping unreadable record %s: %s", p, exc)
         return records
+
+    def _lock(self, cell_id: str) -> Path:
+        return self.records_dir / f"{cell_id}.lock"
+
+    def claim(self, cell_id: str) -> bool:
+        """Take the cell's lock so concurrent sweeps on one directory do not run it twice.
+
+        Returns False while another live process holds it. A lock left by a killed process (dead pid
+        on this host, or older than FOREIGN_LOCK_STALE_S from another host) is taken over. Two sweeps
+        racing for the same stale lock can at worst both run the cell; the atomic write keeps the
+        record whole either way.
+        """
+        lock = self._lock(cell_id)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _lock_alive(lock):
+                    return False
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, fh)
+            return True
+        return False
+
+    def release(self, cell_id: str) -> None:
+        self._lock(cell_id).unlink(missing_ok=True)
+
+
+def _lock_alive(lock: Path) -> bool:
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # half-written by a killed process
+    if info.get("host") != socket.gethostname():
+        return time.time() - float(info.get("since", 0)) < FOREIGN_LOCK_STALE_S
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def upgrade(record: dict) -> dict:
+    """Bring a stored record to SCHEMA_VERSION; records keep loading across schema changes.
+
+    Raises:
+        ValueError: a record from a newer schema than this code knows.
+    """
+    version = int(record.get("schema_version", 1))
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"record schema {version} is newer than this harness ({SCHEMA_VERSION})")
+    # version 1 is current; later versions add their migrations here, oldest first
+    return record

@@ -1,0 +1,297 @@
+"""Figures from stored records only (matplotlib, Agg): PNG for the README, PDF for papers.
+
+Every figure has one panel per model (environment), 3.3 in wide (a paper's column) with 8 pt text,
+and draws each method with the same colour and marker (:func:`method_style`). Written by
+:func:`write_plots` under ``<reports>/figures/``:
+
+- ``accuracy_vs_gmacs``: top-1 against analytic GMACs, one line per method, the baseline a star;
+- ``accuracy_vs_throughput``: top-1 against measured img/s, with the Pareto front of all cells;
+- ``speedup_vs_ideal``: measured speed-up against the ideal one (baseline GMACs / GMACs), y = x dashed;
+- ``tokens_per_block``: the stored schedules (tokens leaving each block) at one budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from harness.report import BASELINE, _num, budget_order, environments, load_frame
+
+log = logging.getLogger(__name__)
+
+# Fixed styles for the built-in methods (Okabe-Ito colours: distinct for colour-blind readers and in grey).
+KNOWN = {
+    "none": ("#000000", "*"),
+    "random": ("#7f7f7f", "x"),
+    "tome": ("#0072B2", "o"),
+    "evit": ("#E69F00", "s"),
+    "topk": ("#009E73", "^"),
+    "diffrate": ("#D55E00", "D"),
+}
+# Unknown names hash into these (tab10 minus the colours above, and unused markers).
+SPARE_COLORS = ("#CC79A7", "#56B4E9", "#8c564b", "#bcbd22", "#17becf", "#9467bd", "#F0E442", "#1f3b73")
+SPARE_MARKERS = ("v", "P", "X", "<", ">", "h", "p", "d")
+PANEL_W, PANEL_H = 3.3, 2.5
+PARETO = "Pareto front"
+IDEAL = "y = x (ideal)"
+GUIDES = (PARETO, IDEAL)  # legend entries that are not methods, listed last
+FIGURES = ("accuracy_vs_gmacs", "accuracy_vs_throughput", "speedup_vs_ideal", "tokens_per_block")
+
+
+def method_style(name: str) -> dict:
+    """Colour, marker and line of ``name``: fixed for built-ins, a stable hash for any other name.
+
+    ``follower@leader`` (random at another method's schedule) takes the leader's colour, the
+    follower's marker unfilled and a dashed line, so it reads as "that schedule, other tokens".
+    """
+    follower, sep, leader = name.partition("@")
+    if sep:
+        lead, fol = method_style(leader), method_style(follower)
+        return {"color": lead["color"], "marker": fol["marker"], "linestyle": "--", "markerfacecolor": "white"}
+    if name in KNOWN:
+        color, marker = KNOWN[name]
+    else:
+        # sha1, not hash(): Python salts str hashes per process, and figures must agree across runs
+        h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+        color, marker = SPARE_COLORS[h % len(SPARE_COLORS)], SPARE_MARKERS[(h // 7) % len(SPARE_MARKERS)]
+    return {"color": color, "marker": marker, "linestyle": "-", "markerfacecolor": color}
+
+
+def method_order(names) -> list[str]:
+    """Legend order: the baseline, built-ins in a fixed order, then the rest by name."""
+    known = list(KNOWN)
+    return sorted(set(names), key=lambda n: (n != BASELINE, known.index(n) if n in known else len(known), n))
+
+
+@contextmanager
+def paper_style():
+    """rcParams for column-width figures: 8 pt text, thin lines, no top/right spines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rc = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+          "legend.fontsize": 8, "axes.linewidth": 0.6, "lines.linewidth": 1.2, "lines.markersize": 4.5,
+          "axes.spines.top": False, "axes.spines.right": False, "grid.linewidth": 0.4, "grid.alpha": 0.5,
+          "xtick.major.width": 0.6, "ytick.major.width": 0.6, "savefig.dpi": 200, "pdf.fonttype": 42,
+          "font.family": "DejaVu Sans"}
+    with plt.rc_context(rc):
+        yield plt
+
+
+def _panels(plt, n: int, sharey: bool = False):
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_W * cols, PANEL_H * rows), squeeze=False, sharey=sharey)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _ok_points(group, x_of, method: str) -> list[tuple[float, float]]:
+    """(x, top-1 %) of ``method``'s ok cells in one environment, sorted by x."""
+    ok = group[(group["status"] == "ok") & (group["method"] == method)]
+    pts = [(x_of(r), 100 * _num(r["top1"])) for _, r in ok.iterrows() if _num(r["top1"]) is not None]
+    return sorted(p for p in pts if p[0] is not None)
+
+
+def _line(ax, pts, name: str, anchor: Optional[tuple[float, float]] = None, **extra) -> None:
+    """``name``'s points joined by a line; ``anchor`` (the baseline) joins the line without a marker."""
+    if not pts:
+        return
+    style = method_style(name)
+    pts = sorted(pts + ([anchor] if anchor else []))
+    marked = [i for i, p in enumerate(pts) if anchor is None or p != anchor]
+    xs, ys = zip(*pts)
+    extra.setdefault("markevery", marked)
+    ax.plot(xs, ys, label=name, color=style["color"], marker=style["marker"], linestyle=style["linestyle"],
+            markerfacecolor=style["markerfacecolor"], markeredgecolor=style["color"], **extra)
+
+
+def _title(ax, text: str) -> None:
+    ax.set_title(textwrap.fill(text, 44))
+
+
+def _baseline_marker(ax, x: float, y: Optional[float]) -> None:
+    """The baseline as a star at (x, y) with a dotted line at its accuracy; (1, 1) when y is None."""
+    style = method_style(BASELINE)
+    if y is None:
+        x = y = 1.0
+    else:
+        ax.axhline(y, color=style["color"], linewidth=0.6, linestyle=":", zorder=1)
+    ax.plot([x], [y], marker=style["marker"], color=style["color"], markersize=8, linestyle="none",
+            label=BASELINE, zorder=5)
+
+
+def _methods(group) -> list[str]:
+    return method_order(m for m in group.loc[group["status"] == "ok", "method"] if m != BASELINE)
+
+
+def _accuracy_panel(ax, env: dict, group, x_key: str, anchored: bool) -> None:
+    x_of = (lambda r: _num(r[x_key]))
+    base = _ok_points(group, x_of, BASELINE)
+    for m in _methods(group):
+        # every method at its identity knob is the baseline, so its curve starts there
+        _line(ax, _ok_points(group, x_of, m), m, anchor=base[0] if base and anchored else None)
+    if base:
+        _baseline_marker(ax, *base[0])
+    _title(ax, env["label"])
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True)
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both throughput (x) and accuracy (y), by x."""
+    front, best = [], -float("inf")
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for all panels, below them, in the fixed method order."""
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if not lab.startswith("_"):
+                handles.setdefault(lab, h)
+    order = method_order(n for n in handles if n not in GUIDES) + [g for g in GUIDES if g in handles]
+    fig.tight_layout(h_pad=1.2, w_pad=1.5)
+    fig.legend([handles[n] for n in order], order, loc="upper center", ncol=min(len(order), 4), frameon=False,
+               bbox_to_anchor=(0.5, 0.0), handlelength=2.2, columnspacing=1.2)
+
+
+def accuracy_vs_gmacs(plt, envs):
+    fig, axes = _panels(plt, len(envs))
+    for ax, (env, group) in zip(axes, envs):
+        _accuracy_panel(ax, env, group, "gmacs", anchored=True)
+        ax.set_xlabel("GMACs")
+    _legend(fig, axes)
+    return fig
+
+
+def accuracy_vs_throughput(plt, envs):
+    fig, axes = _panels(plt, len(envs))
+    for ax, (env, group) in zip(axes, envs):
+        _accuracy_panel(ax, env, group, "img_per_s", anchored=False)
+        ok = group[group["status"] == "ok"]
+        pts = [(_num(r["img_per_s"]), 100 * _num(r["top1"])) for _, r in ok.iterrows()
+               if _num(r["img_per_s"]) is not None and _num(r["top1"]) is not None]
+        front = _pareto(pts)
+        if len(front) > 1:
+            xs, ys = zip(*front)
+            # best accuracy reachable at >= a throughput: each front point holds back to the previous one
+            ax.step(xs, ys, where="pre", color="#cccccc", linewidth=3.5, zorder=0, label=PARETO)
+        if env["device_short"] not in env["label"]:
+            _title(ax, f"{env['label']} ({env['device_short']}, {env['dtype']})")
+        ax.set_xlabel("throughput (img/s)")
+    _legend(fig, axes)
+    return fig
+
+
+def speedup_vs_ideal(plt, envs):
+    fig, axes = _panels(plt, len(envs))
+    for ax, (env, group) in zip(axes, envs):
+        ok = group[group["status"] == "ok"]
+        base = ok[ok["method"] == BASELINE]
+        base_speed = _num(base["img_per_s"].iloc[0]) if len(base) else None
+        top = 1.0
+        for m in _methods(group):
+            rows = ok[ok["method"] == m]
+            pts = sorted((_num(r["gmacs_baseline"]) / _num(r["gmacs"]), _num(r["img_per_s"]) / base_speed)
+                         for _, r in rows.iterrows() if base_speed and _num(r["gmacs"]) and _num(r["img_per_s"])
+                         and _num(r["gmacs_baseline"]))
+            _line(ax, pts, m, anchor=(1.0, 1.0))
+            top = max([top] + [max(p) for p in pts])
+        if base_speed:
+            _baseline_marker(ax, 1.0, None)
+        end = 1 + (top - 1) * 1.08
+        ax.plot([1, end], [1, end], color="#444444", linestyle="--", linewidth=0.7, zorder=0, label=IDEAL)
+        _title(ax, env["label"])
+        ax.set_xlabel("ideal speed-up (GMACs ratio)")
+        ax.set_ylabel("measured speed-up")
+        ax.grid(True)
+    _legend(fig, axes)
+    return fig
+
+
+def default_budget(envs) -> Optional[str]:
+    """The middle budget of those stored (0.7 of 0.9/0.7/0.5), for the schedule plot."""
+    budgets = sorted({str(b) for _, g in envs for b in g.loc[g["status"] == "ok", "budget"] if b != "baseline"},
+                     key=budget_order)
+    return budgets[len(budgets) // 2] if budgets else None
+
+
+def tokens_per_block(plt, envs, budget: Optional[str] = None):
+    budget = budget or default_budget(envs)
+    fig, axes = _panels(plt, len(envs), sharey=False)
+    for ax, (env, group) in zip(axes, envs):
+        ok = group[group["status"] == "ok"]
+        cells = ok[ok["budget"].astype(str) == str(budget)]
+        for i, m in enumerate(method_order(cells["method"])):
+            sched = cells[cells["method"] == m]["tokens_per_block"].iloc[0]
+            if isinstance(sched, list) and sched:
+                # methods sharing a schedule (evit, topk, random) overlap: earlier ones drawn wider, beneath
+                _line(ax, list(enumerate(sched, 1)), m, drawstyle="steps-mid", linewidth=max(3.2 - 0.6 * i, 0.9),
+                      zorder=2 + i, markevery=_changes(sched), alpha=0.9)
+        base = ok[ok["method"] == BASELINE]
+        if len(base) and isinstance(base["tokens_per_block"].iloc[0], list):
+            n = base["tokens_per_block"].iloc[0]
+            ax.plot(range(1, len(n) + 1), n, color="black", linestyle=":", linewidth=0.8, label=BASELINE)
+            ax.set_xticks(range(1, len(n) + 1))
+        _title(ax, env["label"])
+        ax.text(0.98, 0.96, f"budget {budget}", transform=ax.transAxes, ha="right", va="top")
+        ax.set_xlabel("block")
+        ax.set_ylabel("tokens after block")
+        ax.set_ylim(bottom=0)
+        ax.grid(True)
+    _legend(fig, axes)
+    return fig
+
+
+def _changes(schedule: list) -> list[int]:
+    """Indices where a schedule changes (and its last block): where its markers go."""
+    return [i for i in range(len(schedule)) if i == len(schedule) - 1 or (i and schedule[i] != schedule[i - 1])
+            or (i == 0 and len(schedule) > 1 and schedule[0] != schedule[1])]
+
+
+def save(fig, out_dir: Path, name: str) -> list[Path]:
+    """Write ``name``.png and ``name``.pdf under ``out_dir``; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight", pad_inches=0.02)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = None) -> list[Path]:
+    """Every figure of the module docstring, from stored records, under ``<reports_dir>/figures``.
+
+    Args:
+        results_dir: where the records are (``<results_dir>/records/*.json``).
+        reports_dir: the reports directory; figures go to its ``figures/``.
+        budget: the budget of the tokens-per-block plot (default: the middle stored budget).
+
+    Returns:
+        The paths written.
+    """
+    envs = environments(load_frame(results_dir))
+    out = Path(reports_dir) / "figures"
+    written = []
+    with paper_style() as plt:
+        for name, draw in (("accuracy_vs_gmacs", accuracy_vs_gmacs), ("accuracy_vs_throughput", accuracy_vs_throughput),
+                           ("speedup_vs_ideal", speedup_vs_ideal)):
+            written += save(draw(plt, envs), out, name)
+        written += save(tokens_per_block(plt, envs, budget), out, "tokens_per_block")
+    log.info("wrote %d figure files to %s", len(written), out)
+    return written

@@ -1,0 +1,252 @@
+"""Token maps: which image patches each surviving token stands for, drawn on real test images.
+
+Provenance is tracked generically, without touching the seam or any method: for the length of one
+reducer call, each token carries P extra channels, its composition over the P image patches
+(one-hot before anything is reduced, zero for prefix tokens). Every reducer in the harness takes
+its decision from ``ctx`` (``ctx.keys()``, ``ctx.cls_attn()``, a seeded generator), never from the
+values of ``x``, and then moves whole token rows: it gathers them (pruning), averages them by size
+(ToMe) or sums them with weights (EViT's fused token). Applied to ``[x, S]`` the same operations
+carry ``S`` along: a surviving token's row of ``S`` is non-zero exactly on the patches it stands for.
+The extra channels are split off again before the MLP, so the model computes what it always does;
+:func:`trace` checks that (tracked logits == untracked logits) and refuses a reducer that breaks
+the assumption (one that reads ``x``'s values or width).
+
+Each patch is then *kept* (its token stands for it alone), *merged* (its token stands for several
+patches: ToMe's merges, EViT's fused token) or *dropped* (no surviving token has it).
+"""
+from __future__ import annotations
+
+import colorsys
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DROPPED, KEPT, MERGED = -1, 0, 1
+
+
+@dataclass
+class Trace:
+    """One method's forward on a batch.
+
+    Attributes:
+        sources: per block, (B, N_i, P) bool: which patches each token leaving the block stands for.
+        logits: (B, classes) of the tracked forward.
+    """
+
+    sources: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+def _tracking_reducer(reducer, tracker: dict, num_patches: int):
+    def reduce(x: torch.Tensor, ctx) -> torch.Tensor:
+        if ctx.index == 0:
+            b, n = x.shape[:2]
+            eye = torch.eye(num_patches, dtype=x.dtype, device=x.device).expand(b, -1, -1)
+            tracker["S"] = torch.cat([x.new_zeros(b, n - num_patches, num_patches), eye], 1)
+            tracker["sources"] = []
+        src = tracker["S"]
+        if reducer is not None:
+            c = x.shape[-1]
+            out = reducer(torch.cat([x, src.to(x.dtype)], -1), ctx)
+            x, src = out[..., :c], out[..., c:]
+        tracker["S"] = src
+        tracker["sources"].append(src > 0)
+        return x
+
+    return reduce
+
+
+def track(model) -> dict:
+    """Wrap every block's reducer of a patched ``model`` so it records token provenance.
+
+    Returns:
+        The tracker dict; after a forward, ``tracker["sources"]`` holds one (B, N_i, P) bool per block.
+    """
+    if not hasattr(model, "_seam_state"):
+        from harness.seam import install
+
+        install(model, {}, capture_qkv=False)  # the baseline: identity reducers still record
+    tracker: dict = {}
+    num_patches = model.patch_embed.num_patches
+    for blk in model.blocks:
+        blk._seam_reducer = _tracking_reducer(blk._seam_reducer, tracker, num_patches)
+    return tracker
+
+
+@torch.no_grad()
+def trace(make_patched, images: torch.Tensor, check: bool = True) -> Trace:
+    """Run a freshly patched model on ``images`` with provenance tracking.
+
+    Args:
+        make_patched: () -> a freshly built and patched model (called twice when ``check``).
+        images: (B, 3, H, W) normalised model input.
+        check: also run an untracked copy and require equal logits (the tracking must be invisible).
+
+    Raises:
+        RuntimeError: tracking changed the model's output, so the provenance cannot be trusted.
+    """
+    model = make_patched()
+    tracker = track(model)
+    logits = model(images)
+    if check:
+        plain = make_patched()(images)
+        if not torch.allclose(logits, plain, atol=1e-4, rtol=1e-4):
+            raise RuntimeError("provenance tracking changed the logits: a reducer reads token values or width "
+                               f"(max diff {(logits - plain).abs().max().item():.2e}); token maps would be wrong")
+    return Trace(tracker["sources"], logits)
+
+
+def patch_roles(sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch, its role and owner token, from one image's (N, P) bool provenance.
+
+    Returns:
+        ``role`` (P,) DROPPED / KEPT / MERGED and ``owner`` (P,) the index of the token that stands
+        for the patch (-1 when dropped).
+    """
+    has = sources.any(0)
+    owner = torch.where(has, sources.float().argmax(0), torch.full_like(has, -1, dtype=torch.long))
+    group = sources.sum(1)  # patches per token
+    role = torch.full(owner.shape, DROPPED, dtype=torch.long)
+    role[has] = torch.where(group[owner[has]] > 1, MERGED, KEPT)
+    return role, owner
+
+
+def _group_colours(num_tokens: int):
+    """A colour per token, hues spread by the golden ratio so neighbouring indices differ."""
+    import numpy as np
+
+    hues = (np.arange(num_tokens) * 0.618034) % 1.0
+    return np.array([colorsys.hsv_to_rgb(h, 0.75, 0.95) for h in hues])
+
+
+def render(image, sources: torch.Tensor, grid: int):
+    """An (H, W, 3) float picture: kept patches as they are, dropped greyed, merged tinted by token.
+
+    Args:
+        image: (H, W, 3) float in [0, 1], what the model saw.
+        sources: (N, P) bool provenance of one image after some block.
+        grid: patches per side (P = grid * grid).
+    """
+    import numpy as np
+
+    role, owner = (t.numpy() for t in patch_roles(sources))
+    h, w = image.shape[:2]
+    ph, pw = h // grid, w // grid
+    up = lambda a: np.kron(a.reshape(grid, grid), np.ones((ph, pw), dtype=a.dtype))  # noqa: E731
+    role_px, owner_px = up(role), up(owner)
+    grey = image.mean(-1, keepdims=True) * 0.3 + 0.62
+    tint = _group_colours(sources.shape[0])[np.clip(owner_px, 0, None)]
+    out = np.where((role_px == DROPPED)[..., None], grey, image)
+    out = np.where((role_px == MERGED)[..., None], 0.4 * image + 0.6 * tint, out)
+    # thin white outlines around merged groups (kept patches stay clean)
+    merged = role_px == MERGED
+    edge = np.zeros(owner_px.shape, dtype=bool)
+    edge[:, 1:] |= (owner_px[:, 1:] != owner_px[:, :-1]) & (merged[:, 1:] | merged[:, :-1])
+    edge[1:, :] |= (owner_px[1:, :] != owner_px[:-1, :]) & (merged[1:, :] | merged[:-1, :])
+    out[edge] = 1.0
+    return out
+
+
+def default_depths(depth: int) -> list[int]:
+    """Blocks (0-based) to show: EViT's drop blocks (4th, 7th, 10th of 12) and the last."""
+    return sorted({depth // 4, depth // 2, (3 * depth) // 4, depth - 1})
+
+
+def _to_image(x: torch.Tensor, transform):
+    mean = torch.tensor(transform.mean).view(3, 1, 1)
+    std = torch.tensor(transform.std).view(3, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def figure(plt, image, traces: dict[str, Trace], index: int, depths: list[int], grid: int,
+           label: Optional[str], class_names: tuple[str, ...]):
+    """One image: a row per method, the input then the token map after each block of ``depths``."""
+    from matplotlib.patches import Patch
+
+    rows, cols = len(traces), len(depths) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 0.6, 1.1 * rows + 0.5), squeeze=False)
+    for r, (name, tr) in enumerate(traces.items()):
+        pred = int(tr.logits[index].argmax())
+        axes[r, 0].imshow(image)
+        mark = "" if label is None else (" ✓" if class_names[pred] == label else " ✗")
+        axes[r, 0].set_ylabel(f"{name}\n{class_names[pred]}{mark}", rotation=0, ha="right", va="center", labelpad=4)
+        for c, d in enumerate(depths, 1):
+            src = tr.sources[d][index]
+            axes[r, c].imshow(render(image, src, grid))
+            axes[r, c].set_xlabel(f"{src.shape[0]} tokens", labelpad=1)
+            if r == 0:
+                axes[r, c].set_title(f"after block {d + 1}")
+        if r == 0:
+            axes[r, 0].set_title("input" if label is None else f"input ({label})")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+    legend = [Patch(facecolor="white", edgecolor="#444444", label="kept"),
+              Patch(facecolor="#9e9e9e", label="dropped"),
+              Patch(facecolor="#e8a33c", label="merged (colour = token)")]
+    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+    fig.tight_layout(h_pad=0.3, w_pad=0.2)
+    return fig
+
+
+def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: int, reports_dir: Path,
+               method_options: Optional[dict] = None, configured: Optional[dict] = None, root: Optional[Path] = None,
+               depths: Optional[list[int]] = None) -> list[Path]:
+    """Token maps of ``methods`` at ``budget_text`` for the first ``n_images`` (class-balanced) test images.
+
+    Runs the model (CPU, fp32). Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png``
+    and ``.pdf`` per image and returns their paths.
+    """
+    from harness import budget as budgets
+    from harness.data import CIFAR10_CLASSES, load_cifar10, load_eval_set
+    from harness.models import build_model, eval_transform, load_checkpoint, resolve_model
+    from harness.paths import data_root
+    from harness.plots import paper_style, save
+    from harness.registry import make_method
+    from harness.schedule import arch_spec
+
+    root = root or data_root()
+    spec = resolve_model(model_name, configured or {}, root)
+    sd = load_checkpoint(spec)
+    probe = build_model(spec, sd)
+    arch, transform = arch_spec(probe), eval_transform(spec, probe)
+    evalset = (load_cifar10(root, "test", transform, n_images) if spec.data == "cifar10"
+               else load_eval_set(spec, transform, root, n_images))
+    if evalset.images is None:
+        raise ValueError(f"model {model_name} has synthetic data: no images to draw")
+    images, labels = evalset.batch(0, len(evalset), torch.device("cpu"))
+    traces = {}
+    for name in methods:
+        method = make_method(name, method_options or {})
+        value = None
+        if method.knob is not None:
+            resolved = budgets.resolve(method, arch, budgets.parse_budget(budget_text))
+            if resolved.skip_reason:
+                log.warning("%s at %s skipped: %s", name, budget_text, resolved.skip_reason)
+                continue
+            value = resolved.knob_value
+
+        def make(method=method, value=value):
+            model = build_model(spec, sd)
+            method.patch(model, value, arch)
+            return model
+
+        log.info("tracing %s (knob %s)", name, value)
+        traces[name] = trace(make, images)
+    grid = int(round(arch.num_patches ** 0.5))
+    depths = depths or default_depths(arch.depth)
+    names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
+    written = []
+    with paper_style() as plt:
+        for i in range(len(images)):
+            label = None if labels is None else names[int(labels[i])]
+            fig = figure(plt, _to_image(images[i], transform), traces, i, depths, grid, label, names)
+            written += save(fig, Path(reports_dir) / "figures", f"tokenmap_{model_name}_{budget_text}_{i}")
+    return written
