@@ -94,6 +94,8 @@ def cmd_ls(args) -> int:
     if args.what == "suites":
         for name, s in cfg.suites.items():
             print(f"{name:10s} models {','.join(s.models)} | methods {','.join(s.methods)} | budgets {','.join(s.budgets)}")
+            for model, b in s.budgets_by_model.items():
+                print(f"{'':10s}   {model}: budgets {','.join(b)}")
         return 0
     from harness.models import reference_names
     from harness.paths import data_root

@@ -32,11 +32,15 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """Models x methods x budgets."""
+    """Models x methods x budgets; ``budgets_by_model`` replaces ``budgets`` for the models it names."""
 
     models: tuple[str, ...] = ()
     methods: tuple[str, ...] = ("all",)
     budgets: tuple[str, ...] = ("0.7",)
+    budgets_by_model: dict = field(default_factory=dict)
+
+    def budgets_for(self, model: str) -> tuple[str, ...]:
+        return self.budgets_by_model.get(model, self.budgets)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,14 @@ def _build(cls, table: Any, where: str):
     return cls(**table)
 
 
+def _suite(table: Any, where: str) -> SuiteConfig:
+    by_model = table.get("budgets_by_model", {}) if isinstance(table, dict) else {}
+    if not isinstance(by_model, dict) or not all(isinstance(v, list) for v in by_model.values()):
+        raise HarnessError(f"{where}.budgets_by_model: expected a table of model = [budgets]")
+    suite = _build(SuiteConfig, {k: v for k, v in table.items() if k != "budgets_by_model"}, where)
+    return dataclasses.replace(suite, budgets_by_model={k: tuple(str(b) for b in v) for k, v in by_model.items()})
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``benchmark.toml``; any problem raises a HarnessError naming line or key."""
     path = Path(path)
@@ -113,7 +125,7 @@ def load_config(path: Path) -> Config:
         if key not in known:
             raise HarnessError(f"{path}: unknown section [{key}]; known: {', '.join(sorted(known))}")
     run = _build(RunConfig, data.get("run", {}), f"{path.name} [run]")
-    suites = {k: _build(SuiteConfig, v, f"{path.name} [suites.{k}]") for k, v in data.get("suites", {}).items()}
+    suites = {k: _suite(v, f"{path.name} [suites.{k}]") for k, v in data.get("suites", {}).items()}
     models = {k: _build(ModelConfig, v, f"{path.name} [models.{k}]") for k, v in data.get("models", {}).items()}
     methods = data.get("methods", {})
     for name, opts in methods.items():

@@ -74,10 +74,13 @@ def selected_methods(names: tuple[str, ...], options: dict) -> dict[str, Method]
     return {n: make_method(n, options) for n in dict.fromkeys(names)}
 
 
-def expand(models: list[str], methods: dict[str, Method], budget_list: list[budgets.Budget]) -> list[Cell]:
-    """All cells of a sweep. A knob budget applies to the methods with that knob, and must fit one."""
+def expand(models: dict[str, list[budgets.Budget]], methods: dict[str, Method]) -> list[Cell]:
+    """All cells of a sweep, for each model its own budgets.
+
+    A knob budget applies to the methods with that knob, and must fit one of them.
+    """
     knobs = {name: m.knob for name, m in methods.items()}
-    for b in budget_list:
+    for b in {b for bs in models.values() for b in bs}:
         if b.kind == "knob":
             fits = [m for m, k in knobs.items() if k and k.name == b.knob]
             if not fits:
@@ -86,7 +89,7 @@ def expand(models: list[str], methods: dict[str, Method], budget_list: list[budg
             for m in fits:
                 knobs[m].check(b.value)
     cells = []
-    for model in models:
+    for model, budget_list in models.items():
         for m in methods:
             if knobs[m] is None:
                 cells.append(Cell(model, m, None))
@@ -112,9 +115,12 @@ class Sweep:
         if self.run.limit < 0 or self.run.batch_size <= 0:
             raise HarnessError("limit must be >= 0 and batch_size > 0")
         self.methods = selected_methods(suite.methods, cfg.method_options)
-        self.budgets = [budgets.parse_budget(b) for b in suite.budgets]
+        unknown = set(suite.budgets_by_model) - set(suite.models)
+        if unknown:
+            raise HarnessError(f"budgets_by_model names models not in the suite: {', '.join(sorted(unknown))}")
         self.specs = {name: resolve_model(name, cfg.models, self.root) for name in suite.models}
-        self.cells = expand(list(self.specs), self.methods, self.budgets)
+        self.cells = expand({name: [budgets.parse_budget(b) for b in suite.budgets_for(name)] for name in self.specs},
+                            self.methods)
         self.store = ResultStore(Path(self.run.results_dir))
         self.store.ensure_writable()
         self._state_dicts: dict[str, Optional[dict]] = {}
@@ -306,6 +312,8 @@ def override(cfg: Config, run: dict, suite: dict) -> Config:
     new_run = dataclasses.replace(cfg.run, **run)
     cfg = dataclasses.replace(cfg, run=new_run)
     if suite:
+        if "budgets" in suite:  # budgets on the command line replace the per-model ones too
+            suite["budgets_by_model"] = {}
         new_suite = dataclasses.replace(cfg.suite, **suite)
         cfg = dataclasses.replace(cfg, suites={**cfg.suites, new_run.suite: new_suite})
     return cfg

@@ -35,9 +35,28 @@ def test_ls_methods_lists_knobs(capsys):
     (["--device", "cuda:7"] , "cuda"),
 ])
 def test_bad_input_exit_2(capsys, tmp_path, shared, argv, needle):
+    stored = _store_one(tmp_path / "r")
     code, _, err = _run(capsys, "run", "--results", str(tmp_path / "r"), *argv)
     assert code == 2
     assert needle in _one_line_error(err)
+    assert {p.name: p.read_text() for p in (tmp_path / "r/records").glob("*.json")} == stored  # nothing lost
+
+
+def _store_one(results) -> dict:
+    import shutil
+    from pathlib import Path
+
+    (results / "records").mkdir(parents=True)
+    src = next((Path(__file__).parent / "fixtures/schema_v1").glob("*.json"))
+    shutil.copy(src, results / "records" / src.name)
+    return {p.name: p.read_text() for p in (results / "records").glob("*.json")}
+
+
+def test_unknown_data_source(capsys, tmp_path):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text('[suites.default]\nmodels = ["m"]\n[models.m]\ntimm = "deit_tiny_patch16_224"\ndata = "cifar100"\n')
+    code, _, err = _run(capsys, "run", "--config", str(cfg), "--results", str(tmp_path / "r"))
+    assert code == 2 and "data must be one of cifar10, imagenet, synthetic" in _one_line_error(err)
 
 
 def test_missing_data_file_says_where(capsys, tmp_path, shared):
@@ -51,7 +70,8 @@ def test_missing_data_file_says_where(capsys, tmp_path, shared):
     assert code == 2 and "CIFAR-10 archive not found" in line and str(root / "datasets") in line
 
 
-@pytest.mark.parametrize("content,needle", [(b"\x00garbage" * 10, "corrupt"), (None, "does not fit")])
+@pytest.mark.parametrize("content,needle", [(b"\x00garbage" * 10, "corrupt"), ("truncated", "corrupt"),
+                                            (None, "does not fit")])
 def test_bad_checkpoint_exit_2(capsys, tmp_path, shared, content, needle):
     root = tmp_path / "root"
     (root / "models").mkdir(parents=True)
@@ -59,6 +79,9 @@ def test_bad_checkpoint_exit_2(capsys, tmp_path, shared, content, needle):
     card = json.loads((shared / "models/deit_tiny_cifar10.json").read_text())
     if content is None:  # a real file for another architecture
         (root / "models/deit_tiny_cifar10.safetensors").symlink_to(shared / "models/deit_small_cifar10.safetensors")
+    elif content == "truncated":
+        whole = (shared / "models/deit_tiny_cifar10.safetensors").read_bytes()
+        (root / "models/deit_tiny_cifar10.safetensors").write_bytes(whole[: len(whole) // 2])
     else:
         (root / "models/deit_tiny_cifar10.safetensors").write_bytes(content)
     (root / "models/deit_tiny_cifar10.json").write_text(json.dumps(card))

@@ -57,3 +57,17 @@ def test_truncated_archive(tmp_path, shared):
     (tmp_path / "datasets/cifar10-jpeg.tar.gz").write_bytes((shared / "datasets/cifar10-jpeg.tar.gz").read_bytes()[:100000])
     with pytest.raises(HarnessError, match="unreadable or truncated"):
         load_cifar10(tmp_path, "test", IMAGENET_T)
+
+
+def test_grayscale_image_becomes_rgb(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "n01443537"
+    d.mkdir()
+    Image.new("L", (40, 30), color=128).save(d / "gray.JPEG")
+    s = load_imagenet_folder(tmp_path, IMAGENET_T)
+    assert s.images.shape == (1, 3, 224, 224) and s.labels.tolist() == [1]
+    # every channel of a gray image carries the same value before normalisation
+    raw = s.images[0] * torch.tensor(IMAGENET_T.std).view(3, 1, 1) + torch.tensor(IMAGENET_T.mean).view(3, 1, 1)
+    torch.testing.assert_close(raw[0], raw[1])
+    torch.testing.assert_close(raw[1], raw[2])

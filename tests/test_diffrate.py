@@ -217,3 +217,12 @@ def test_search_keeps_gradients_finite():
     # masked, not removed: shapes stay static, masked tokens weigh ~nothing in attention
     assert model._seam_state.size.shape[1] == arch.tokens_in
     assert math.isclose(float((rates.mask[0] > 0).sum()), float(tokens_after(arch.tokens_in, *rates.hard())[-1]))
+
+
+def test_search_on_unlabelled_data_uses_the_unpatched_predictions(tmp_path):
+    model = _tiny_model()
+    arch = arch_spec(model)
+    train = EvalSet("synthetic", None, None, Transform(224, (0.0,) * 3, (1.0,) * 3, 1.0, "bilinear"), num_synthetic=4)
+    data = CalibrationData(train, torch.device("cpu"), "fp32", {"model": "tiny-random", "data": "synthetic"})
+    record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data, tmp_path)
+    assert record["search_steps"] == 1 and len(record["prune_kept"]) == arch.depth
