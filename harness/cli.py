@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", default=None, help="re-run cells already stored")
     run.add_argument("--recalibrate", action="store_true", default=None, help="search again instead of using cached calibration results")
     run.add_argument("--calib-limit", type=int, help="training images a calibrating method (DiffRate) searches on")
+    run.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile each patched model (failures and graph breaks recorded)")
+    run.add_argument("--throughput-batch-size", type=int, help="model-only throughput batch (0 = 256 on GPU, 8 on CPU)")
+    run.add_argument("--e2e", dest="end_to_end", action="store_true", default=None,
+                     help="also time decode + copy + transform + model")
+    run.add_argument("--no-flops", dest="flops", action="store_false", default=None,
+                     help="skip fvcore's measured GMACs")
     run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
     run.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local",
                      help="local: this process (or torchrun ranks); submitit-local / slurm: one submitit job per --cells-per-job cells")
@@ -115,7 +122,8 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
-                                              "data_root", "overwrite", "recalibrate", "calib_limit")}
+                                              "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
+                                              "throughput_batch_size", "end_to_end", "flops")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
     if args.executor != "local":
         n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))

@@ -28,6 +28,13 @@ class RunConfig:
     overwrite: bool = False
     calib_limit: int = 5000
     recalibrate: bool = False
+    throughput_latency: bool = True  # batch-1 latency_ms next to img_per_s
+    compile: bool = False            # torch.compile the patched model; failures and graph breaks recorded
+    compile_backend: str = "inductor"
+    end_to_end: bool = False         # e2e_img_per_s: JPEG decode + copy + transform + model
+    decode_threads: int = 8
+    flops: bool = True               # fvcore measured GMACs and the reduction's own overhead
+    flops_images: int = 8            # first N eval images, averaged (image-dependent methods)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class Sweep:
                 "method": cell.method, "method_version": method.version, "method_options": method.options,
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
                 "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
-                "throughput_batch_size": self.throughput_batch_size}
+                "throughput_batch_size": self.throughput_batch_size, **({"compile": True} if self.run.compile else {})}
 
     @property
     def throughput_batch_size(self) -> int:
@@ -246,10 +246,28 @@ class Sweep:
             acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype)
             out.update(distributed.combine_accuracy(acc, self.dist) if self.dist.active else acc)
         if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
-            out.update(measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
-                                          self.dtype, self.run.throughput_warmup, self.run.throughput_repeats))
+            out.update(self._time(model, evalset))
+            if self.run.flops:  # after evaluate: tracing advances random pruning's generator
+                from harness import flops
+
+                images, _ = evalset.batch(0, max(1, min(self.run.flops_images, len(evalset))), self.device)
+                out.update(flops.count_gmacs(model, images, batch_size=self.run.batch_size).record(out["gmacs"]))
         distributed.barrier(self.dist)
         return {**out, "status": "ok", "error": None}
+
+    def _time(self, model, evalset: EvalSet) -> dict:
+        """Model-only throughput and latency, and the end-to-end figure when asked."""
+        run = self.run
+        out = measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
+                                 self.dtype, run.throughput_warmup, run.throughput_repeats,
+                                 latency=run.throughput_latency, compile=run.compile,
+                                 compile_backend=run.compile_backend)
+        if run.end_to_end:
+            jpegs = measure.sample_jpegs(evalset, out["throughput_batch_size"])
+            out.update(measure.end_to_end(model, jpegs, evalset.transform, out["throughput_batch_size"], self.device,
+                                          self.dtype, run.throughput_warmup, run.throughput_repeats,
+                                          run.decode_threads))
+        return out
 
     def _calibrate(self, method, spec: ModelSpec, model, arch, value) -> dict:
         train = load_calibration_set(spec, eval_transform(spec, model), self.root, self.run.calib_limit)

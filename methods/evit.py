@@ -49,7 +49,7 @@ def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     """
     kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
     # the complement of ``kept`` (not a second sort, which could split ties differently)
-    rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)
+    rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, 0)
     dropped = rest.nonzero()[:, 1].view(scores.shape[0], -1)
     return kept, dropped
 
