@@ -88,7 +88,7 @@ def test_latex_table_is_booktabs_and_matches(report):
     tex = path.with_suffix(".tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count(r"\begin{tabular}") == 1
     rows = [l for l in tex.splitlines() if l.endswith(r"\\")]
-    assert {l.count("&") for l in rows} == {8}  # nine columns in every row
+    assert {l.count("&") for l in rows} == {10}  # eleven columns in every row
     tome = next(l for l in rows if " & tome & r=9 " in l)
     assert r"\textbf{81.00}" in tome and r"$-$0.80\,$\downarrow$" in tome and r"1.26$\times$" in tome
     assert r"keep\_rate" in tex and "_" not in tex.replace(r"\_", "").split(r"\begin{tabular}")[1]
