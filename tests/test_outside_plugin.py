@@ -3,11 +3,12 @@
 The package is the template plugin (``docs/template_method.py``) in a temporary directory, declared
 the way ``docs/adding-a-method.md`` tells users to declare it. It is not pip-installed: a
 ``*.dist-info`` folder with the entry points that its pyproject declares makes it visible to
-``importlib.metadata`` once the directory is on ``PYTHONPATH``. Everything runs in subprocesses, so
-this test process's registry never sees the plugin.
+``importlib.metadata`` once the directory is on ``PYTHONPATH``. Whatever registers the plugin runs in
+a subprocess, so this test process's registry never sees it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.paths import PROJECT_ROOT
 
@@ -75,6 +77,24 @@ def test_plugin_is_not_registered_here():
     assert PLUGIN not in method_names()  # the template lives outside methods/; only its package registers it
 
 
+def test_template_selection_by_hand(monkeypatch):
+    """The template's pure functions on a hand-made metric, without registering it here."""
+    import harness.registry
+
+    monkeypatch.setattr(harness.registry, "register_method", lambda cls: cls)
+    spec = importlib.util.spec_from_file_location("keynorm_template_under_test", TEMPLATE)
+    template = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(template)
+    # token 0 is the class token (norm 0, never a candidate); the others have norms 3, 1, 4, 1.5, 5
+    metric = torch.tensor([[[0.0, 0.0], [3, 0], [0, 1], [4, 0], [0, 1.5], [3, 4]]])
+    assert template.smallest_norm_drop(metric, 2, num_prefix=1).tolist() == [[1, 3, 5]]
+    x = torch.arange(6.0).view(1, 6, 1)
+    kept = template.keep_tokens(x, template.smallest_norm_drop(metric, 2, 1), 1)
+    assert kept.flatten().tolist() == [0, 1, 3, 5]
+    assert template.clamp_r(10, num_tokens=6, num_prefix=1) == 4  # the last non-prefix token stays
+    assert template.clamp_r(3, num_tokens=6, num_prefix=1) == 3
+
+
 def test_ls_lists_the_outside_method_and_survives_a_broken_one(site, tmp_path):
     proc = _run(["-m", "harness", "ls", "methods"], site, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -94,6 +114,9 @@ results_dir = "{results}"
 reports_dir = "{tmp_path / 'reports'}"
 throughput_repeats = 1
 throughput_warmup = 0
+throughput_batch_size = 2
+throughput_latency = false
+flops = false
 [suites.default]
 models = ["tiny"]
 methods = ["{PLUGIN}"]
