@@ -79,7 +79,8 @@ def _candidates(method, arch: ArchSpec, target: float) -> list[float]:
             lo = mid
         else:
             hi = mid
-    return [lo, hi]
+    # rounded before the choice, so a step-function knob cannot flip to the other side afterwards
+    return [round(lo, 6), round(hi, 6)]
 
 
 def resolve(method, arch: ArchSpec, budget: Budget) -> Resolved:
@@ -102,8 +103,6 @@ def resolve(method, arch: ArchSpec, budget: Budget) -> Resolved:
         return Resolved(None, Schedule.full(arch), baseline, target, "method has no knob: it runs once, as the baseline")
     values = _candidates(method, arch, target)
     best = min(values, key=lambda v: abs(_gmacs_at(method, arch, v) - target))
-    if knob.kind is float:
-        best = round(best, 6)
     schedule = method.schedule(arch, best)
     achieved = analytic_gmacs(arch, schedule)
     reach = [_gmacs_at(method, arch, v) for v in (knob.low, knob.high)]

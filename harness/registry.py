@@ -95,6 +95,15 @@ class Method(abc.ABC):
         """
         return {}
 
+    def describe(self, arch, value) -> dict:
+        """Optional record fields about how the schedule at ``value`` was obtained (its source)."""
+        return {}
+
+    @property
+    def cache_name(self) -> str:
+        """Folder name of this method's calibration cache (shared by methods that follow it)."""
+        return self.name
+
     @classmethod
     def description(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -157,6 +166,20 @@ class FollowSchedule(Method):
         self.version = f"{follower.version}@{leader.version}"
         self.knob = leader.knob
         self.options = {follower.name: follower.options, leader.name: leader.options}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.leader.needs_calibration
+
+    @property
+    def cache_name(self) -> str:
+        return self.leader.cache_name
+
+    def calibrate(self, model, value, arch, data, cache_dir) -> dict:
+        return self.leader.calibrate(model, value, arch, data, cache_dir)
+
+    def describe(self, arch, value) -> dict:
+        return self.leader.describe(arch, value)
 
     def schedule(self, arch, value):
         return self.leader.schedule(arch, value)

@@ -240,7 +240,8 @@ class Sweep:
             return out
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
-        out.update(searched, fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)), data_name=evalset.name)
+        out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
+                   fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
         if evalset.has_labels:
             shard = evalset.shard(self.dist.rank, self.dist.world)
             acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype)
@@ -270,11 +271,17 @@ class Sweep:
         return out
 
     def _calibrate(self, method, spec: ModelSpec, model, arch, value) -> dict:
-        train = load_calibration_set(spec, eval_transform(spec, model), self.root, self.run.calib_limit)
+        transform = eval_transform(spec, model)
+        tkey = ("calibration", spec.data, spec.data_path, transform, self.run.calib_limit)
+        if tkey not in self._eval_sets:
+            self.progress(f"decoding calibration set {spec.data} (limit {self.run.calib_limit or 'none'}) ...")
+            self._eval_sets[tkey] = load_calibration_set(spec, transform, self.root, self.run.calib_limit)
+        train = self._eval_sets[tkey]
+        owner = getattr(method, "leader", method)  # random@diffrate reuses diffrate's own search
         key = {"model": spec.name, "arch": spec.arch, "checkpoint_sha": checkpoint_sha(spec), "data": train.name,
-               "calib_limit": self.run.calib_limit, "method_version": method.version, "options": method.options}
+               "calib_limit": self.run.calib_limit, "method_version": owner.version, "options": owner.options}
         data = CalibrationData(train, self.device, self.dtype, key, self.run.recalibrate)
-        cache_dir = Path(self.run.results_dir) / "cache" / method.name
+        cache_dir = Path(self.run.results_dir) / "cache" / method.cache_name
         cache_dir.mkdir(parents=True, exist_ok=True)
         # rank 0 searches first; the other ranks then find its result in the cache
         if not self.dist.is_main:

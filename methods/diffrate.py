@@ -483,7 +483,9 @@ class DiffRate(Method):
         if key not in self._published:
             raise HarnessError(f"diffrate: {self.published_path()} has no model {key!r}; has {sorted(self._published)}")
         entries = self._published[key]
-        flops = closest_entry(entries, value * analytic_gmacs(arch, Schedule.full(arch)))
+        # the budget solver rounds the knob to 6 digits after bisecting: map the rounded value, so
+        # the entry it picked at the step's edge is the entry it gets
+        flops = closest_entry(entries, round(float(value), 6) * analytic_gmacs(arch, Schedule.full(arch)))
         prune, merge = parse_counts(entries[flops]["prune_kept_num"]), parse_counts(entries[flops]["merge_kept_num"])
         if prune is None or len(prune) != arch.depth or len(merge) != arch.depth:
             raise HarnessError(f"diffrate: {key} @ {flops} does not give prune and merge counts for {arch.depth} blocks")

@@ -8,6 +8,8 @@ from harness.registry import get_method_class, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 
 KNOB_METHODS = [m for m in method_names() if get_method_class(m).knob is not None]
+# a searching method (DiffRate) has no schedule before its search: its own tests cover it
+SOLVABLE = [m for m in KNOB_METHODS if not get_method_class(m).needs_calibration]
 
 
 def _deit_s():
@@ -43,7 +45,7 @@ def test_identity_knob_gives_unpatched_logits(name, reference):
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", KNOB_METHODS)
+@pytest.mark.parametrize("name", SOLVABLE)
 @pytest.mark.parametrize("fraction", [0.7, 0.5])
 def test_observed_tokens_equal_schedule(name, fraction):
     model = _deit_s()
@@ -58,7 +60,7 @@ def test_observed_tokens_equal_schedule(name, fraction):
     assert resolved.gmacs == pytest.approx(fraction * analytic_gmacs(arch, Schedule.full(arch)), rel=0.03)
 
 
-@pytest.mark.parametrize("name", KNOB_METHODS)
+@pytest.mark.parametrize("name", SOLVABLE)
 def test_schedule_monotone_in_knob(name):
     arch = arch_spec(_deit_s())
     cls = get_method_class(name)
@@ -72,7 +74,7 @@ def test_schedule_monotone_in_knob(name):
     assert g[0] != g[-1]
 
 
-@pytest.mark.parametrize("leader", [m for m in KNOB_METHODS if m != "random"])
+@pytest.mark.parametrize("leader", [m for m in SOLVABLE if m != "random"])
 def test_random_follows_another_methods_schedule(leader):
     from harness.registry import make_method
 

@@ -137,6 +137,17 @@ def test_published_schedules_load_for_every_model(name, published, shared):
         assert gmacs == pytest.approx(float(flops), rel=0.10 if key == "ViT-T-DeiT" else 0.015)
 
 
+def test_published_budget_picks_the_closest_entry(shared):
+    arch = _arch("deit_tiny_patch16_224")
+    method = DiffRate(schedules="published")
+    # 0.7 x 1.254 = 0.877 GMACs: the "0.9" entry (0.902) is closer than "0.8" (0.809); the solver's
+    # rounding of the knob at the step's edge must not flip the entry
+    resolved = resolve(method, arch, parse_budget("0.7"))
+    assert method.describe(arch, resolved.knob_value)["published_gflops"] == "0.9"
+    assert resolved.schedule == method.schedule(arch, resolved.knob_value)
+    assert "outside what gmacs_ratio reaches" in resolve(method, arch, parse_budget("0.5")).skip_reason
+
+
 def test_published_model_key_inference(shared):
     assert model_key_for(_arch("deit_tiny_patch16_224")) == "ViT-T-DeiT"
     assert model_key_for(_arch("vit_large_patch16_224.mae")) == "ViT-L-MAE"
