@@ -63,15 +63,19 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
     """A model by name: a ``[models.X]`` entry, a reference card, or a timm name with pretrained weights."""
     if name in configured:
         return _configured_spec(name, configured[name], root)
-    card = root / "models" / f"{name}.json"
-    if card.is_file():
+    card = root / "models" / f"{name}.json" if _has_root(root) else None
+    if card is not None and card.is_file():
         return _card_spec(card)
     import timm
 
     if timm.is_model(name.split(".")[0]):
         return ModelSpec(name, name, "pretrained", None, None, "imagenet")
-    choices = list(configured) + reference_names(root) + timm.list_models("*vit*") + timm.list_models("deit*")
+    choices = list(configured) + (reference_names(root) if _has_root(root) else []) + timm.list_models("*vit*") + timm.list_models("deit*")
     raise did_you_mean("model", name, choices)
+
+
+def _has_root(root) -> bool:
+    return root.available() if hasattr(root, "available") else True
 
 
 def _configured_spec(name: str, mc: ModelConfig, root: Path) -> ModelSpec:

@@ -32,3 +32,33 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise HarnessError(f"{what} not found: looked for {path} (set --data-root or {ENV_DATA_ROOT})")
     return path
+
+
+class DataRoot:
+    """The data root, looked up only when something needs it.
+
+    A sweep of synthetic-data models runs without any data root; an explicit root (flag, config or
+    environment) is still checked at once, so a wrong path is an immediate error.
+    """
+
+    def __init__(self, explicit: str = ""):
+        self.explicit = explicit
+        self._path = data_root(explicit) if explicit or os.environ.get(ENV_DATA_ROOT) else None
+
+    def available(self) -> bool:
+        try:
+            self.path()
+        except HarnessError:
+            return False
+        return True
+
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = data_root(self.explicit)
+        return self._path
+
+    def __truediv__(self, other) -> Path:
+        return self.path() / other
+
+    def __str__(self) -> str:
+        return str(self._path) if self._path else "<data root>"

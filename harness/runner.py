@@ -26,7 +26,7 @@ from harness.config import Config
 from harness.data import EvalSet, load_calibration_set, load_eval_set
 from harness.errors import HarnessError, UnsupportedModel
 from harness.models import ModelSpec, build_model, checkpoint_sha, eval_transform, load_checkpoint, resolve_model
-from harness.paths import data_root
+from harness.paths import DataRoot
 from harness.registry import Method, make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.store import ResultStore
@@ -104,7 +104,7 @@ class Sweep:
     def __init__(self, cfg: Config, progress: Progress = lambda s: None):
         self.cfg, self.run, self.progress = cfg, cfg.run, progress
         suite = cfg.suite
-        self.root = data_root(self.run.data_root)
+        self.root = DataRoot(self.run.data_root)
         self.device = measure.resolve_device(self.run.device)
         self.dist = distributed.init_from_env(self.device)
         if self.dist.active and self.device.type == "cuda":
