@@ -22,6 +22,8 @@ limit = 0
 throughput_batch_size = 2
 throughput_repeats = {repeats}
 throughput_warmup = 0
+throughput_latency = false
+flops = false
 [suites.default]
 models = ["tiny"]
 methods = ["none", "random"]
@@ -52,7 +54,7 @@ def test_kill_9_mid_cell_then_resume(tmp_path):
     cfg = _config(tmp_path, repeats=40)  # long enough cells to be killed inside one
     records = tmp_path / "results" / "records"
     proc = _run("--config", str(cfg))
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:  # wait until one record is stored and the next cell holds its lock
         if _snapshot(records) and list(records.glob("*.lock")):
             break
@@ -95,11 +97,12 @@ def test_old_records_keep_loading(tmp_path):
         assert r["schema_version"] == 1 and r["status"] == "ok" and r["top1"] > 0
 
 
-TIMING = {"img_per_s", "img_per_s_min", "img_per_s_max", "eval_s", "cell_s", "timestamp", "git_sha"}
+# fields that are timings or stamps, which differ between any two runs
+TIMING = ("img_per_s", "latency_ms", "e2e_", "peak_mem", "eval_s", "cell_s", "search_s", "timestamp", "git_sha")
 
 
 def _comparable(results: Path) -> dict:
-    return {r["cell_id"]: {k: v for k, v in r.items() if k not in TIMING} for r in ResultStore(results).load_all()}
+    return {r["cell_id"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in ResultStore(results).load_all()}
 
 
 def test_submitit_local_matches_plain_runner(tmp_path):
