@@ -124,6 +124,7 @@ class Sweep:
         self.store = ResultStore(Path(self.run.results_dir))
         self.store.ensure_writable()
         self._state_dicts: dict[str, Optional[dict]] = {}
+        self._shas: dict[str, Optional[str]] = {}
         self._eval_sets: dict[tuple, EvalSet] = {}
         self.env = measure.environment(self.device)
 
@@ -131,7 +132,7 @@ class Sweep:
         """What determines a cell's result; its hash is the cell's id."""
         spec = self.specs[cell.model]
         method = self.methods[cell.method]
-        return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": checkpoint_sha(spec),
+        return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": self.checkpoint_sha(spec),
                 "method": cell.method, "method_version": method.version, "method_options": method.options,
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
                 "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
@@ -144,6 +145,12 @@ class Sweep:
     def cell_id(self, cell: Cell) -> str:
         key = json.dumps(self.cell_key(cell), sort_keys=True, default=str)
         return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def checkpoint_sha(self, spec: ModelSpec) -> Optional[str]:
+        """The checkpoint's hash, read once per sweep (every cell id needs it)."""
+        if spec.name not in self._shas:
+            self._shas[spec.name] = checkpoint_sha(spec)
+        return self._shas[spec.name]
 
     def state_dict(self, spec: ModelSpec) -> Optional[dict]:
         if spec.name not in self._state_dicts:
@@ -278,7 +285,7 @@ class Sweep:
             self._eval_sets[tkey] = load_calibration_set(spec, transform, self.root, self.run.calib_limit)
         train = self._eval_sets[tkey]
         owner = getattr(method, "leader", method)  # random@diffrate reuses diffrate's own search
-        key = {"model": spec.name, "arch": spec.arch, "checkpoint_sha": checkpoint_sha(spec), "data": train.name,
+        key = {"model": spec.name, "arch": spec.arch, "checkpoint_sha": self.checkpoint_sha(spec), "data": train.name,
                "calib_limit": self.run.calib_limit, "method_version": owner.version, "options": owner.options}
         data = CalibrationData(train, self.device, self.dtype, key, self.run.recalibrate)
         cache_dir = Path(self.run.results_dir) / "cache" / method.cache_name

@@ -200,9 +200,3 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     _size_weighted_head(model)
     return state
 
-
-def merge_sizes(size: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Sizes of ``x``'s tokens: the carried sizes, or ones before anything merged."""
-    if size is not None:
-        return size
-    return torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=x.dtype)
