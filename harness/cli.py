@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile each patched model (failures and graph breaks recorded)")
     run.add_argument("--throughput-batch-size", type=int, help="model-only throughput batch (0 = 256 on GPU, 8 on CPU)")
+    run.add_argument("--attention", choices=["fused", "eager"],
+                     help="fused: timm's scaled_dot_product_attention (default); eager: softmax(q k^T) v, as the official patches")
+    run.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                     help="pin scaled_dot_product_attention to one kernel for every method (default auto)")
+    run.add_argument("--repeats", dest="throughput_repeats", type=int,
+                     help="timed throughput calls (default 30 on GPU, 5 on CPU)")
     run.add_argument("--e2e", dest="end_to_end", action="store_true", default=None,
                      help="also time decode + copy + transform + model")
     run.add_argument("--no-flops", dest="flops", action="store_false", default=None,
@@ -103,6 +109,8 @@ def cmd_ls(args) -> int:
             print(f"{name:10s} models {','.join(s.models)} | methods {','.join(s.methods)} | budgets {','.join(s.budgets)}")
             for model, b in s.budgets_by_model.items():
                 print(f"{'':10s}   {model}: budgets {','.join(b)}")
+            for method, opts in s.method_options.items():
+                print(f"{'':10s}   {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
         return 0
     from harness.models import reference_names
     from harness.paths import data_root
@@ -123,7 +131,8 @@ def cmd_run(args) -> int:
     cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
-                                              "throughput_batch_size", "end_to_end", "flops")}
+                                              "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend",
+                                              "throughput_repeats")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
     if args.executor != "local":
         n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))

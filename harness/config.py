@@ -10,6 +10,10 @@ from typing import Any, Optional
 from harness.errors import HarnessError
 
 
+ATTENTION = ("fused", "eager")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How cells run. ``limit`` 0 means the whole eval split; ``data_root`` "" means the default lookup."""
@@ -23,8 +27,8 @@ class RunConfig:
     limit: int = 0
     data_root: str = ""
     throughput_batch_size: int = 0
-    throughput_warmup: int = 2
-    throughput_repeats: int = 5
+    throughput_warmup: int = -1      # untimed calls first; -1 = 10 on GPU, 2 on CPU
+    throughput_repeats: int = -1     # timed calls (median, spread); -1 = 30 on GPU, 5 on CPU
     overwrite: bool = False
     calib_limit: int = 5000
     recalibrate: bool = False
@@ -35,6 +39,18 @@ class RunConfig:
     decode_threads: int = 8
     flops: bool = True               # fvcore measured GMACs and the reduction's own overhead
     flops_images: int = 8            # first N eval images, averaged (image-dependent methods)
+    attention: str = "fused"         # fused: timm's scaled_dot_product_attention; eager: softmax(q k^T) v (the official patches)
+    sdpa_backend: str = "auto"       # auto | flash | efficient | cudnn | math: pin SDPA's kernel for every method
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise HarnessError(f"unknown attention {self.attention!r}; choices: {', '.join(ATTENTION)}")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise HarnessError(f"unknown sdpa_backend {self.sdpa_backend!r}; choices: {', '.join(SDPA_BACKENDS)}")
+        if self.attention == "eager" and self.sdpa_backend != "auto":
+            raise HarnessError("sdpa_backend pins a kernel of fused attention; it cannot go with attention = eager")
+        if self.throughput_warmup < -1 or self.throughput_repeats < -1 or self.throughput_repeats == 0:
+            raise HarnessError("throughput_warmup must be >= 0 and throughput_repeats >= 1 (-1: the device's default)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ class SuiteConfig:
     methods: tuple[str, ...] = ("all",)
     budgets: tuple[str, ...] = ("0.7",)
     budgets_by_model: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)  # method -> options over [methods.<name>] for this suite
 
     def budgets_for(self, model: str) -> tuple[str, ...]:
         return self.budgets_by_model.get(model, self.budgets)
@@ -87,6 +104,13 @@ class Config:
             raise did_you_mean("suite", self.run.suite, list(self.suites))
         return self.suites[self.run.suite]
 
+    @property
+    def suite_method_options(self) -> dict:
+        """``[methods.<name>]`` with the running suite's ``method_options`` over it."""
+        over = self.suite.method_options
+        return {name: {**self.method_options.get(name, {}), **over.get(name, {})}
+                for name in dict.fromkeys([*self.method_options, *over])}
+
 
 def _build(cls, table: Any, where: str):
     if not isinstance(table, dict):
@@ -105,15 +129,22 @@ def _build(cls, table: Any, where: str):
             table = {**table, key: tuple(str(v) for v in value)}
         elif expected is not None and not isinstance(value, expected) or isinstance(value, bool) and expected is int:
             raise HarnessError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
-    return cls(**table)
+    try:
+        return cls(**table)
+    except HarnessError as exc:
+        raise HarnessError(f"{where}: {exc}") from None
 
 
 def _suite(table: Any, where: str) -> SuiteConfig:
     by_model = table.get("budgets_by_model", {}) if isinstance(table, dict) else {}
     if not isinstance(by_model, dict) or not all(isinstance(v, list) for v in by_model.values()):
         raise HarnessError(f"{where}.budgets_by_model: expected a table of model = [budgets]")
-    suite = _build(SuiteConfig, {k: v for k, v in table.items() if k != "budgets_by_model"}, where)
-    return dataclasses.replace(suite, budgets_by_model={k: tuple(str(b) for b in v) for k, v in by_model.items()})
+    options = table.get("method_options", {}) if isinstance(table, dict) else {}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise HarnessError(f"{where}.method_options: expected tables [suites.<suite>.method_options.<method>]")
+    suite = _build(SuiteConfig, {k: v for k, v in table.items() if k not in ("budgets_by_model", "method_options")}, where)
+    return dataclasses.replace(suite, budgets_by_model={k: tuple(str(b) for b in v) for k, v in by_model.items()},
+                               method_options=options)
 
 
 def load_config(path: Path) -> Config:

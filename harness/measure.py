@@ -44,6 +44,38 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name
 
 
+def timing_counts(device: torch.device, warmup: int, repeats: int) -> tuple[int, int]:
+    """Warm-up and timed calls; -1 picks the device's default (GPU 10 and 30, CPU 2 and 5).
+
+    A GPU call of a small model takes milliseconds: 30 of them give a stable median, and 10 untimed
+    calls let cuBLAS / SDPA pick their kernels and the clocks settle first.
+    """
+    gpu = device.type == "cuda"
+    return (warmup if warmup >= 0 else (10 if gpu else 2)), (repeats if repeats > 0 else (30 if gpu else 5))
+
+
+def set_attention(model, attention: str) -> None:
+    """``fused``: timm's ``scaled_dot_product_attention``; ``eager``: its explicit softmax(q k^T) v path."""
+    for blk in getattr(model, "blocks", ()):
+        if hasattr(getattr(blk, "attn", None), "fused_attn"):
+            blk.attn.fused_attn = attention == "fused"
+
+
+def sdpa_kernel(backend: str):
+    """A context pinning ``scaled_dot_product_attention`` to one kernel; ``auto`` lets PyTorch choose.
+
+    A pinned kernel that cannot run a call (flash with an additive mask, say) makes that call fail,
+    and the cell records the error.
+    """
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel as _pin
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return _pin(kinds[backend])
+
+
 def autocast(device: torch.device, dtype: str):
     """Autocast for fp16/bf16; fp32 runs as is."""
     if dtype == "fp32":

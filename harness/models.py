@@ -113,6 +113,10 @@ def build_model(spec: ModelSpec, state_dict: Optional[dict] = None):
 
     kwargs = {} if spec.num_classes is None else {"num_classes": spec.num_classes}
     pretrained = spec.weights == "pretrained"
+    if spec.weights == "random" and state_dict is not None:
+        model = _build_from_random_weights(spec, state_dict, kwargs)
+        if model is not None:
+            return model
     if spec.weights == "random":
         import torch
 
@@ -132,8 +136,29 @@ def build_model(spec: ModelSpec, state_dict: Optional[dict] = None):
     return model.eval()
 
 
+def _build_from_random_weights(spec: ModelSpec, state_dict: dict, kwargs: dict):
+    """The random-weight model again without timm's init (seconds for ViT-H): built on the meta
+    device, then given ``state_dict``; None when the model has buffers the state dict lacks."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    if {name for name, _ in model.named_buffers()} - set(state_dict):
+        return None
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
 def load_checkpoint(spec: ModelSpec) -> Optional[dict]:
-    """Read and check the spec's checkpoint once (None for other weights): a corrupt file fails early."""
+    """The spec's weights, read and checked once so that a corrupt file fails early.
+
+    A checkpoint's state dict; for random weights the seeded init's (later cells of the same model
+    copy it instead of initialising again); None for timm's pretrained weights.
+    """
+    if spec.weights == "random":
+        return build_model(spec).state_dict()
     if spec.weights != "checkpoint":
         return None
     sd = _read_state_dict(spec.checkpoint)

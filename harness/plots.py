@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from harness.report import BASELINE, _num, budget_order, environments, load_frame
+from harness.report import BASELINE, _num, budget_order, environments, load_frame, scored_envs
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ def _legend(fig, axes) -> None:
                 handles.setdefault(lab, h)
     order = method_order(n for n in handles if n not in GUIDES) + [g for g in GUIDES if g in handles]
     fig.tight_layout(h_pad=1.2, w_pad=1.5)
+    if not order:
+        return
     fig.legend([handles[n] for n in order], order, loc="upper center", ncol=min(len(order), 4), frameon=False,
                bbox_to_anchor=(0.5, 0.0), handlelength=2.2, columnspacing=1.2)
 
@@ -288,10 +290,14 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
     envs = environments(load_frame(results_dir))
     out = Path(reports_dir) / "figures"
     written = []
+    # accuracy figures only for environments with accuracy (the speed suite's synthetic data has none)
+    scored = scored_envs(envs)
     with paper_style() as plt:
-        for name, draw in (("accuracy_vs_gmacs", accuracy_vs_gmacs), ("accuracy_vs_throughput", accuracy_vs_throughput),
-                           ("speedup_vs_ideal", speedup_vs_ideal)):
-            written += save(draw(plt, envs), out, name)
+        for name, draw, shown in (("accuracy_vs_gmacs", accuracy_vs_gmacs, scored),
+                                  ("accuracy_vs_throughput", accuracy_vs_throughput, scored),
+                                  ("speedup_vs_ideal", speedup_vs_ideal, envs)):
+            if shown:
+                written += save(draw(plt, shown), out, name)
         written += save(tokens_per_block(plt, envs, budget), out, "tokens_per_block")
     log.info("wrote %d figure files to %s", len(written), out)
     return written

@@ -27,20 +27,30 @@ from harness.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-# Records are compared only within one environment: same model, data, device, dtype and limit.
-GROUP = ["model", "data", "limit", "device_name", "dtype"]
+# Records are compared only within one environment: same model, data, device, dtype and limit, and
+# the same attention kernel and compile setting (a speed-up is measured on one kernel for all methods).
+GROUP = ["model", "data", "limit", "device_name", "dtype", "attention", "sdpa_backend", "compile"]
+# the kernel settings of GROUP and the value records written before them had
+KERNEL = {"attention": "fused", "sdpa_backend": "auto", "compile": False}
 BASELINE = "none"
 # how far (relative GMACs) beyond a method's measured range "accuracy at x GMACs" may extend
 REACH = 0.02
 COLUMNS = ["model", "data", "limit", "device_name", "dtype", "method", "budget", "knob", "knob_value", "status",
            "error", "top1", "top5", "img_per_s", "gmacs", "gmacs_ratio", "gmacs_baseline", "gmacs_target",
-           "n_images", "throughput_batch_size", "tokens_per_block", "gmacs_measured"]
+           "n_images", "throughput_batch_size", "tokens_per_block", "gmacs_measured", "gmacs_overhead", "img_per_s_iqr",
+           "latency_ms", "peak_mem_mb", "e2e_img_per_s"]
 # Table columns: (key, Markdown/CSV header, LaTeX header, format)
 TABLE = [("budget", "budget", "Budget", None), ("method", "method", "Method", None), ("knob", "knob", "Knob", None),
          ("gmacs", "GMACs", "GMACs", "{:.3f}"), ("top1", "top-1 %", r"Top-1 (\%)", "{:.2f}"),
          ("d_top1", "Δ top-1", r"$\Delta$", "{:+.2f}"), ("img_per_s", "img/s", "img/s", "{:.1f}"),
          ("speedup", "speed-up", "Speed-up", "{:.2f}x"), ("ideal_speedup", "ideal", "Ideal", "{:.2f}x"),
          ("realised", "realised", "Realised", "{:.2f}"), ("gmacs_measured", "GMACs (fvcore)", "GMACs (fvcore)", "{:.3f}")]
+# The table of an environment without accuracy (the speed suite): speed, its spread, latency and memory.
+SPEED_TABLE = [TABLE[0], TABLE[1], TABLE[2], TABLE[3], TABLE[10],
+               ("gmacs_overhead", "overhead GMACs", "Overhead", "{:.4f}"), TABLE[6],
+               ("iqr_pct", "IQR %", r"IQR (\%)", "{:.1f}"), TABLE[7], TABLE[8], TABLE[9],
+               ("latency_ms", "latency ms (b=1)", "Latency (ms)", "{:.2f}"), ("peak_mem_mb", "peak MiB", "Peak MiB", "{:.0f}"),
+               ("e2e_img_per_s", "e2e img/s", "E2E img/s", "{:.1f}")]
 
 
 def load_frame(results_dir: Path):
@@ -57,6 +67,8 @@ def load_frame(results_dir: Path):
     for col in COLUMNS:
         if col not in df:
             df[col] = None
+    for col, default in KERNEL.items():
+        df[col] = df[col].map(lambda v, d=default: d if v is None or v != v else v) if col in df else default
     return df
 
 
@@ -101,12 +113,24 @@ def environments(df) -> list[tuple[dict, object]]:
         same = [e for e, _ in envs if e["model"] == model]
         if len(same) == 1:
             continue
-        parts = [k for k in ("device_short", "dtype", "limit", "data") if len({str(e[k]) for e in same}) > 1]
+        parts = [k for k in ("device_short", "dtype", "limit", "data", *KERNEL) if len({str(e[k]) for e in same}) > 1]
         for e in same:
-            text = ", ".join(("limit " if k == "limit" else "") + str(e[k]) for k in parts)
+            text = ", ".join(_label_part(k, e[k]) for k in parts)
             e["label"] = f"{model} ({text})"
             e["slug"] = f"{model}-{_env_hash(e)}"
     return envs
+
+
+def _label_part(key: str, value) -> str:
+    if key == "limit":
+        return f"limit {value}"
+    if key == "attention":
+        return f"{value} attention"
+    if key == "sdpa_backend":
+        return f"sdpa {value}"
+    if key == "compile":
+        return "compiled" if value else "eager mode"
+    return str(value)
 
 
 def _env_hash(env: dict) -> str:
@@ -139,7 +163,10 @@ def model_rows(group) -> list[dict]:
             "img_per_s": speed,
             "speedup": speed / base_speed if speed and base_speed else None,
             "ideal_speedup": base_gmacs / gmacs if base_gmacs and gmacs else None,
-            "gmacs_measured": _num(r["gmacs_measured"]),
+            "gmacs_measured": _num(r["gmacs_measured"]), "gmacs_overhead": _num(r["gmacs_overhead"]),
+            "iqr_pct": 100 * _num(r["img_per_s_iqr"]) / speed if speed and _num(r["img_per_s_iqr"]) is not None else None,
+            "latency_ms": _num(r["latency_ms"]), "peak_mem_mb": _num(r["peak_mem_mb"]),
+            "e2e_img_per_s": _num(r["e2e_img_per_s"]),
         })
         # how much of the FLOP saving became measured speed
         last = rows[-1]
@@ -194,24 +221,24 @@ def tex_escape(text: str) -> str:
     return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], table: list = TABLE) -> str:
     """A model's rows as a GitHub Markdown table; the best top-1 of each budget in bold."""
     from tabulate import tabulate
 
-    body = [[_cell_text(k, r[k], f, r["best"], False) for k, _, _, f in TABLE] for r in rows]
-    return tabulate(body, headers=[h for _, h, _, _ in TABLE], tablefmt="github", disable_numparse=True)
+    body = [[_cell_text(k, r[k], f, r["best"], False) for k, _, _, f in table] for r in rows]
+    return tabulate(body, headers=[h for _, h, _, _ in table], tablefmt="github", disable_numparse=True)
 
 
-def latex_table(rows: list[dict], caption_note: str = "") -> str:
+def latex_table(rows: list[dict], caption_note: str = "", table: list = TABLE) -> str:
     """A model's rows as a booktabs ``tabular`` (``\\usepackage{booktabs}``), one rule between budgets."""
-    align = "lllrrrrrr"
+    align = "lll" + "r" * (len(table) - 3)
     lines = [f"% {caption_note}".rstrip(), r"% needs \usepackage{booktabs}; best top-1 of each budget in bold",
-             rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(t for _, _, t, _ in TABLE) + r" \\", r"\midrule"]
+             rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(t for _, _, t, _ in table) + r" \\", r"\midrule"]
     prev = None
     for r in rows:
         if prev is not None and r["budget"] != prev:
             lines.append(r"\midrule")
-        cells = [_cell_text(k, r[k], f, r["best"], True) for k, _, _, f in TABLE]
+        cells = [_cell_text(k, r[k], f, r["best"], True) for k, _, _, f in table]
         if r["budget"] == prev:
             cells[0] = ""
         lines.append(" & ".join(cells) + r" \\")
@@ -223,7 +250,7 @@ def latex_table(rows: list[dict], caption_note: str = "") -> str:
 def csv_rows(rows: list[dict], env: dict) -> list[dict]:
     """Rows for CSV: the environment's fields, then the raw numbers rounded (no markers)."""
     digits = {"gmacs": 4, "top1": 2, "d_top1": 2, "img_per_s": 2, "speedup": 3, "ideal_speedup": 3, "realised": 3,
-              "gmacs_measured": 4}
+              "gmacs_measured": 4, "gmacs_overhead": 5, "iqr_pct": 2, "latency_ms": 3, "peak_mem_mb": 1, "e2e_img_per_s": 2}
     out = []
     for r in rows:
         row = {k: env[k] for k in GROUP}
@@ -380,6 +407,56 @@ def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernel_setting(row) -> str:
+    """A record's kernel settings as one label: ``fused``, ``eager``, ``fused/sdpa=efficient``, ``fused+compile``."""
+    text = str(row["attention"]) + (f"/sdpa={row['sdpa_backend']}" if row["sdpa_backend"] != "auto" else "")
+    return text + ("+compile" if row["compile"] else "")
+
+
+def kernel_comparison(df) -> tuple[list[str], list[dict]]:
+    """img/s of the same cell under each attention kernel / compile setting stored.
+
+    Returns the settings (the default ``fused`` first) and one row per model, device, dtype, method
+    and budget that ran under more than one; each row maps a setting to its img/s, and ``vs_<s>`` to
+    the ratio of the default's img/s over it (above 1: the default is faster).
+    """
+    ok = df[(df["status"] == "ok") & df["img_per_s"].map(_num).notna()].copy()
+    if ok.empty:
+        return [], []
+    ok["setting"] = ok.apply(kernel_setting, axis=1)
+    settings = sorted(ok["setting"].unique(), key=lambda t: (t != "fused", t))
+    if len(settings) < 2:
+        return settings, []
+    rows = []
+    keys = ["model", "data", "limit", "device_name", "dtype", "method", "budget"]
+    for key, group in ok.groupby(keys, dropna=False, sort=True):
+        speeds = {r["setting"]: _num(r["img_per_s"]) for _, r in group.iterrows()}
+        if len(speeds) < 2:
+            continue
+        row = dict(zip(keys, key), **speeds)
+        base = speeds.get(settings[0])
+        for s in settings[1:]:
+            row[f"vs_{s}"] = base / speeds[s] if base and speeds.get(s) else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["model"], str(r["device_name"]), r["dtype"], budget_order(r["budget"]), r["method"] != BASELINE, r["method"]))
+    return settings, rows
+
+
+def kernel_markdown(settings: list[str], rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    head = ["model", "device", "dtype", "method", "budget"] + [f"{s} img/s" for s in settings] + \
+        [f"{settings[0]} / {s}" for s in settings[1:]]
+    body = [[r["model"], str(r["device_name"]).split(" (")[0], r["dtype"], r["method"], r["budget"]]
+            + [_fmt(r.get(s), "{:.1f}") for s in settings] + [_fmt(r.get(f"vs_{s}"), "{:.2f}x") for s in settings[1:]]
+            for r in rows]
+    return tabulate(body, headers=head, tablefmt="github")
+
+
+def _fmt(v, fmt: str) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
 def _failures(group) -> list[str]:
     bad = group[group["status"] != "ok"]
     return [f"- {r['method']} @ {r['budget']}: {r['status']}: {r.get('error')}" for _, r in bad.iterrows()]
@@ -408,14 +485,22 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
              "GMACs: analytic multiply-accumulates (the papers' convention). Δ top-1: change against `none`, in "
              "points (↑ better, ↓ worse). speed-up: measured img/s over `none`'s in the same environment; "
              "ideal: `none`'s GMACs over the method's. **Bold**: best top-1 of a budget.", ""]
+    scored = {id(g) for _, g in scored_envs(envs)}
     for env, group in envs:
         rows = model_rows(group)
+        table = TABLE if id(group) in scored else SPEED_TABLE
         parts += [f"## {env['label']}", "", _env_line(env, group), ""]
-        parts += [markdown_table(rows) if rows else "(no successful cells)", ""]
+        parts += [markdown_table(rows, table) if rows else "(no successful cells)", ""]
         parts += _failures(group) + [""]
         _write(reports_dir / "tables" / f"{env['slug']}.csv", pd.DataFrame(csv_rows(rows, env)).to_csv(index=False))
-        _write(reports_dir / "tables" / f"{env['slug']}.tex", latex_table(rows, f"{env['label']}: {_env_line(env, group)}"))
+        _write(reports_dir / "tables" / f"{env['slug']}.tex", latex_table(rows, f"{env['label']}: {_env_line(env, group)}", table))
     parts += _summary_parts(envs, reports_dir)
+    settings, krows = kernel_comparison(df)
+    if krows:
+        parts += ["## Attention kernels", "", "Model-only img/s of the same cell under each attention kernel and "
+                  "compile setting stored; the last columns: the default (fused SDPA) over the others.", "",
+                  kernel_markdown(settings, krows), ""]
+        pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
     df.drop(columns=[c for c in ("traceback",) if c in df]).to_csv(reports_dir / "results.csv", index=False)
@@ -423,8 +508,15 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
     return text
 
 
+def scored_envs(envs: list[tuple[dict, object]]) -> list[tuple[dict, object]]:
+    """The environments with an accuracy figure (synthetic speed-only data has none)."""
+    return [(e, g) for e, g in envs if g["top1"].map(_num).notna().any()]
+
+
 def _summary_parts(envs, reports_dir: Path) -> list[str]:
     import pandas as pd
+
+    envs = scored_envs(envs)
 
     cols, rows = summary(envs)
     tidy = [{"column": c, "method": r["method"], "top1": v[0], "d_top1": v[1], "best": v[2]}
@@ -435,6 +527,8 @@ def _summary_parts(envs, reports_dir: Path) -> list[str]:
     methods, at_rows = accuracy_at_gmacs(envs)
     pd.DataFrame(at_rows).round(3).to_csv(reports_dir / "accuracy_at_gmacs.csv", index=False)
     _write(reports_dir / "accuracy_at_gmacs.tex", at_gmacs_latex(methods, at_rows))
+    if not envs:
+        return []
     out = ["## Summary across models at matched budgets", "", "top-1 % (Δ against `none`, whose top-1 is the first row)", "",
            summary_markdown(cols, rows), ""]
     if at_rows:

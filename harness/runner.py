@@ -114,7 +114,7 @@ class Sweep:
         self.dtype = measure.resolve_dtype(self.run.dtype, self.device)
         if self.run.limit < 0 or self.run.batch_size <= 0:
             raise HarnessError("limit must be >= 0 and batch_size > 0")
-        self.methods = selected_methods(suite.methods, cfg.method_options)
+        self.methods = selected_methods(suite.methods, cfg.suite_method_options)
         unknown = set(suite.budgets_by_model) - set(suite.models)
         if unknown:
             raise HarnessError(f"budgets_by_model names models not in the suite: {', '.join(sorted(unknown))}")
@@ -136,7 +136,16 @@ class Sweep:
                 "method": cell.method, "method_version": method.version, "method_options": method.options,
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
                 "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
-                "throughput_batch_size": self.throughput_batch_size, **({"compile": True} if self.run.compile else {})}
+                "throughput_batch_size": self.throughput_batch_size, **self.kernel_key}
+
+    @property
+    def kernel_key(self) -> dict:
+        """Settings that change the kernels a cell runs, named in its key only when not the default
+        (so cells stored before the setting existed keep their ids)."""
+        run = self.run
+        return {**({"compile": True} if run.compile else {}),
+                **({"attention": run.attention} if run.attention != "fused" else {}),
+                **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {})}
 
     @property
     def throughput_batch_size(self) -> int:
@@ -245,10 +254,20 @@ class Sweep:
             out = self._solve(method, arch, cell)
         if out.get("status") == "skipped":
             return out
+        measure.set_attention(model, self.run.attention)
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
         out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
-                   fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
+                   fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)),
+                   attention=self.run.attention, sdpa_backend=self.run.sdpa_backend)
+        with measure.sdpa_kernel(self.run.sdpa_backend):
+            out.update(self._evaluate_and_time(model, evalset, out["gmacs"]))
+        distributed.barrier(self.dist)
+        return {**out, "status": "ok", "error": None}
+
+    def _evaluate_and_time(self, model, evalset: EvalSet, gmacs: float) -> dict:
+        """Accuracy (sharded over ranks), then on the main rank alone timing and fvcore's count."""
+        out = {}
         if evalset.has_labels:
             shard = evalset.shard(self.dist.rank, self.dist.world)
             acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype)
@@ -259,21 +278,21 @@ class Sweep:
                 from harness import flops
 
                 images, _ = evalset.batch(0, max(1, min(self.run.flops_images, len(evalset))), self.device)
-                out.update(flops.count_gmacs(model, images, batch_size=self.run.batch_size).record(out["gmacs"]))
-        distributed.barrier(self.dist)
-        return {**out, "status": "ok", "error": None}
+                out.update(flops.count_gmacs(model, images, batch_size=self.run.batch_size).record(gmacs))
+        return out
 
     def _time(self, model, evalset: EvalSet) -> dict:
         """Model-only throughput and latency, and the end-to-end figure when asked."""
         run = self.run
+        warmup, repeats = measure.timing_counts(self.device, run.throughput_warmup, run.throughput_repeats)
         out = measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
-                                 self.dtype, run.throughput_warmup, run.throughput_repeats,
+                                 self.dtype, warmup, repeats,
                                  latency=run.throughput_latency, compile=run.compile,
                                  compile_backend=run.compile_backend)
         if run.end_to_end:
             jpegs = measure.sample_jpegs(evalset, out["throughput_batch_size"])
             out.update(measure.end_to_end(model, jpegs, evalset.transform, out["throughput_batch_size"], self.device,
-                                          self.dtype, run.throughput_warmup, run.throughput_repeats,
+                                          self.dtype, warmup, repeats,
                                           run.decode_threads))
         return out
 
@@ -346,6 +365,8 @@ def override(cfg: Config, run: dict, suite: dict) -> Config:
     if suite:
         if "budgets" in suite:  # budgets on the command line replace the per-model ones too
             suite["budgets_by_model"] = {}
+        elif "models" in suite:  # --models narrows the suite: the other models' budgets go with them
+            suite["budgets_by_model"] = {m: b for m, b in cfg.suite.budgets_by_model.items() if m in suite["models"]}
         new_suite = dataclasses.replace(cfg.suite, **suite)
         cfg = dataclasses.replace(cfg, suites={**cfg.suites, new_run.suite: new_suite})
     return cfg

@@ -47,7 +47,8 @@ The search (:func:`search_rates`), as the official training with frozen weights:
    predictions as labels; sorting puts masked tokens last even if a kept token's attention is lower.
 
 Options (``[methods.diffrate]``): ``schedules`` ("search" | "published" | a JSON path), ``model_key``
-(the file's model key, needed for ViT-B whose DeiT and MAE entries share a shape), and the search's
+(the file's model key, needed for ViT-B whose DeiT and MAE entries share a shape; models of another
+shape ignore a published key, so one suite can mix them), and the search's
 ``epochs`` (3, the paper's), ``lr`` (0.01), ``min_lr`` (0.001), ``batch_size`` (64; the paper's 256
 per GPU is more than a CPU search can afford, and fewer images need more, smaller steps),
 ``granularity`` (4), ``flops_weight`` (5), ``smoothing`` (0.1), ``seed`` (0). A search is cached in
@@ -479,7 +480,12 @@ class DiffRate(Method):
             if not path.is_file():
                 raise HarnessError(f"diffrate schedules file not found: looked for {path}")
             self._published = json.loads(path.read_text())
-        key = self.options.get("model_key") or model_key_for(arch)
+        key = self.options.get("model_key")
+        shape = (arch.depth, arch.attn_dim, arch.num_patches)
+        if key is None or key not in _KEY_SHAPES.get(shape, [key]) and any(key in ks for ks in _KEY_SHAPES.values()):
+            # model_key settles ViT-B's DeiT-or-MAE question; a published key of another shape does
+            # not apply to this model (a suite of several models shares the option)
+            key = model_key_for(arch)
         if key not in self._published:
             raise HarnessError(f"diffrate: {self.published_path()} has no model {key!r}; has {sorted(self._published)}")
         entries = self._published[key]
