@@ -222,7 +222,8 @@ class Sweep:
     def run_cell(self, cell: Cell) -> dict:
         """Run one cell and return its record; failures become the record's status and error."""
         record = {"cell_id": self.cell_id(cell), **self.cell_key(cell), **self.env, "knob": None,
-                  "knob_value": None, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "knob_value": None, "attention": self.run.attention, "sdpa_backend": self.run.sdpa_backend,
+                  "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         start = time.perf_counter()
         try:
             record.update(self._measure_cell(cell))
@@ -258,8 +259,7 @@ class Sweep:
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
         out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
-                   fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)),
-                   attention=self.run.attention, sdpa_backend=self.run.sdpa_backend)
+                   fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
         with measure.sdpa_kernel(self.run.sdpa_backend):
             out.update(self._evaluate_and_time(model, evalset, out["gmacs"]))
         distributed.barrier(self.dist)
