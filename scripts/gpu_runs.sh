@@ -10,7 +10,8 @@
 # (default results/gpu, reports/gpu), DEADLINE_S stops the sweeps cleanly before a hard time limit
 # (default 540; a stopped sweep resumes on the next call), EXTRA adds flags to every `run`
 # (a CPU dry run: EXTRA="--device cpu --throughput-batch-size 2 --repeats 2 --limit 20").
-# With OUT set, results and reports are also packed into $OUT/<phase>.tar.gz.
+# With OUT set, results and reports are also packed into $OUT/<phase>.tar.gz. A copy of the tree
+# without .git names its commit in HARNESS_GIT_SHA, so records keep their provenance.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: scripts/gpu_runs.sh speed|accuracy}
@@ -19,16 +20,17 @@ REPORTS=${REPORTS:-reports/gpu}
 DEADLINE_S=${DEADLINE_S:-540}
 EXTRA=${EXTRA:-}
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}   # the interpreter that holds torch (plain python3 on the GPU image)
 start=$(date +%s)
 
 if [ -z "${HARNESS_DATA_ROOT:-}" ] && [ -d carry/data ]; then export HARNESS_DATA_ROOT=$PWD/carry/data; fi
 if compgen -G "carry/whl/*.whl" >/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site carry/whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site carry/whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 FLOPS=""
-python -c "import fvcore" 2>/dev/null || { echo "fvcore missing: measured GMACs skipped"; FLOPS="--no-flops"; }
-python - <<'EOF'
+$PY -c "import fvcore" 2>/dev/null || { echo "fvcore missing: measured GMACs skipped"; FLOPS="--no-flops"; }
+$PY - <<'EOF'
 import torch, timm
 print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
 EOF
@@ -39,7 +41,7 @@ sweep() {
   local t; t=$(left)
   if [ "$t" -le 20 ]; then echo "skipped (deadline): run $*"; return 0; fi
   echo "== run $* ($t s left)"
-  timeout -s INT -k 20 "$t" python -m harness run --results "$RESULTS" --no-report $FLOPS $EXTRA "$@"
+  timeout -s INT -k 20 "$t" $PY -m harness run --results "$RESULTS" --no-report $FLOPS $EXTRA "$@"
   echo "== exit $?"
 }
 models() { echo "${MODELS:-$1}"; }
@@ -61,7 +63,7 @@ case "$phase" in
       sweep --suite speed --models "$(models deit_base_patch16_224.random)" --methods none,tome --budgets r=13 --no-flops
       RESULTS=$RESULTS_MAIN
     done
-    python scripts/compare_runs.py "$RESULTS-repeat"/run* | tee "$RESULTS-repeat/repeatability.md"
+    $PY scripts/compare_runs.py "$RESULTS-repeat"/run* | tee "$RESULTS-repeat/repeatability.md"
     ;;
   accuracy)
     # --calib-limit 10000: the train images pack_data.py carries (1000 a class)
@@ -70,7 +72,7 @@ case "$phase" in
   *) echo "unknown phase $phase; use speed or accuracy" >&2; exit 2 ;;
 esac
 
-python -m harness report --results "$RESULTS" --out "$REPORTS" >/dev/null && echo "report: $REPORTS/results.md"
+$PY -m harness report --results "$RESULTS" --out "$REPORTS" >/dev/null && echo "report: $REPORTS/results.md"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/$phase.tar.gz" "$RESULTS"* "$REPORTS" && echo "packed $OUT/$phase.tar.gz"
 fi

@@ -219,3 +219,10 @@ def test_pack_data_keeps_the_test_split_and_the_first_train_images(tmp_path):
     full = load_cifar10(tmp_path / "full", "train", t, 4)
     packed = load_cifar10(tmp_path / "root", "train", t, 4)
     assert torch.equal(full.images, packed.images) and torch.equal(full.labels, packed.labels)
+
+
+def test_git_sha_from_the_environment_where_the_tree_has_no_git(monkeypatch):
+    monkeypatch.setenv("HARNESS_GIT_SHA", "abc123def456")
+    assert measure.git_sha() == "abc123def456"
+    monkeypatch.delenv("HARNESS_GIT_SHA")
+    assert measure.git_sha() != "abc123def456"
