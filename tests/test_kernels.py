@@ -226,3 +226,17 @@ def test_git_sha_from_the_environment_where_the_tree_has_no_git(monkeypatch):
     assert measure.git_sha() == "abc123def456"
     monkeypatch.delenv("HARNESS_GIT_SHA")
     assert measure.git_sha() != "abc123def456"
+
+
+def test_profile_regions_account_for_the_forward(tmp_path, capsys):
+    prof = _module(PROJECT_ROOT / "scripts" / "profile_regions.py")
+    out = tmp_path / "p.md"
+    assert prof.main(["--model", "deit_tiny_patch16_224", "--methods", "none,tome", "--budget", "r=13", "--batch", "1",
+                      "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in text.splitlines() if ln.startswith("| ")}
+    assert rows["reduce"][0].startswith("0.000") and not rows["reduce"][1].startswith("0.000")
+    assert rows["analytic GMACs"] == ["1.254", "0.731"]
+    for col in (0, 1):
+        parts = [float(rows[r][col].split()[0]) for r in ("attention", "mlp", "reduce", "other")]
+        assert sum(parts) == pytest.approx(float(rows["total"][col]), rel=1e-3) and min(parts) >= 0
