@@ -264,10 +264,10 @@ def _changes(schedule: list) -> list[int]:
             or (i == 0 and len(schedule) > 1 and schedule[0] != schedule[1])]
 
 
-def save(fig, out_dir: Path, name: str) -> list[Path]:
-    """Write ``name``.png and ``name``.pdf under ``out_dir``; return both paths."""
+def save(fig, out_dir: Path, name: str, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Write ``name``.png and ``name``.pdf (or ``formats``) under ``out_dir``; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    paths = [out_dir / f"{name}.{ext}" for ext in formats]
     for p in paths:
         fig.savefig(p, bbox_inches="tight", pad_inches=0.02)
     import matplotlib.pyplot as plt

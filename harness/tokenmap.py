@@ -202,7 +202,8 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     """Token maps of ``methods`` at ``budget_text`` for the first ``n_images`` (class-balanced) test images.
 
     Runs the model (CPU, fp32). Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png``
-    and ``.pdf`` per image and returns their paths.
+    per image and returns their paths (PNG only: the figure is raster images, which a PDF would only
+    wrap at twice the size).
     """
     from harness import budget as budgets
     from harness.data import CIFAR10_CLASSES, load_cifar10, load_eval_set
@@ -248,5 +249,5 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
         for i in range(len(images)):
             label = None if labels is None else names[int(labels[i])]
             fig = figure(plt, _to_image(images[i], transform), traces, i, depths, grid, label, names)
-            written += save(fig, Path(reports_dir) / "figures", f"tokenmap_{model_name}_{budget_text}_{i}")
+            written += save(fig, Path(reports_dir) / "figures", f"tokenmap_{model_name}_{budget_text}_{i}", ("png",))
     return written
