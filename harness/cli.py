@@ -208,6 +208,9 @@ def cmd_tokenmap(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from harness import progress
+
+    progress.to_stdout()
     try:
         return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
                 "tokenmap": cmd_tokenmap}[args.command](args)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from harness import budget as budgets
+from harness import progress
 from harness import distributed
 from harness import measure
 from harness.config import Config
@@ -270,7 +271,10 @@ class Sweep:
         out = {}
         if evalset.has_labels:
             shard = evalset.shard(self.dist.rank, self.dist.world)
-            acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype)
+            due = progress.Throttle()
+            acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype,
+                                   on_batch=lambda done, total: due() and progress.report(
+                                       "evaluated %d/%d images (%d %%)", done, total, 100 * done // total))
             out.update(distributed.combine_accuracy(acc, self.dist) if self.dist.active else acc)
         if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
             out.update(self._time(model, evalset))

@@ -67,6 +67,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from harness import progress
 from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import ArchSpec, Schedule, analytic_gmacs, block_macs
@@ -388,6 +389,7 @@ def search_rates(model, arch: ArchSpec, target_gmacs: float, train, device: torc
     per_epoch = math.ceil(n / bs)
     total = per_epoch * epochs
     gen = torch.Generator().manual_seed(int(opts["seed"]))
+    due = progress.Throttle()
     for step in range(total):
         if step % per_epoch == 0:
             perm = torch.randperm(n, generator=gen)  # a shuffled pass: the train split is class-sorted
@@ -397,8 +399,11 @@ def search_rates(model, arch: ArchSpec, target_gmacs: float, train, device: torc
             group["lr"] = _cosine_lr(step, total, opts["lr"], opts["min_lr"])
         task, gmacs = _search_step(model, rates, optimizer, x, y, target_gmacs, opts, device, dtype)
         if step % 10 == 0 or step == total - 1:
-            log.info("diffrate search step %d/%d: task loss %.4f, gmacs %.4f (target %.4f)",
-                     step + 1, total, task, gmacs, target_gmacs)
+            log.debug("diffrate search step %d/%d: task loss %.4f, gmacs %.4f (target %.4f)",
+                      step + 1, total, task, gmacs, target_gmacs)
+        if due(last=step == total - 1):
+            progress.report("diffrate search step %d/%d: task loss %.3f, %.3f GMACs (target %.3f)",
+                            step + 1, total, task, gmacs, target_gmacs)
     rates.refresh()
     prune, merge = rates.hard()
     return {"prune_kept": prune, "merge_kept": merge, "search_images": n * epochs, "search_steps": total,

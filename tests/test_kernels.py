@@ -240,3 +240,30 @@ def test_profile_regions_account_for_the_forward(tmp_path, capsys):
     for col in (0, 1):
         parts = [float(rows[r][col].split()[0]) for r in ("attention", "mlp", "reduce", "other")]
         assert sum(parts) == pytest.approx(float(rows["total"][col]), rel=1e-3) and min(parts) >= 0
+
+
+def test_throttle_by_hand():
+    from harness.progress import Throttle
+
+    now = [0.0]
+    due = Throttle(10.0, clock=lambda: now[0])
+    seen = []
+    for t in (1.0, 9.9, 10.0, 15.0, 20.5, 21.0):
+        now[0] = t
+        seen.append(due())
+    assert seen == [False, False, True, False, True, False]
+    assert due(last=True)
+
+
+def test_evaluation_progress_is_printed(monkeypatch, capsys, tmp_path, shared):
+    from harness import progress
+
+    class Always(progress.Throttle):
+        def __init__(self):
+            super().__init__(0.0)
+
+    monkeypatch.setattr(progress, "Throttle", Always)
+    assert main(["run", "--models", "deit_tiny_cifar10", "--methods", "none", "--limit", "20", "--batch-size", "10",
+                 "--device", "cpu", "--results", str(tmp_path / "r"), "--no-report", "--no-flops", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated 10/20 images (50 %)" in out and "evaluated 20/20 images (100 %)" in out
