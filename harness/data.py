@@ -66,6 +66,20 @@ class EvalSet:
         return x, self.labels[start:stop].to(device)
 
 
+    def take(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images at ``index`` (any order) as one batch on ``device``: one copy, one transform.
+
+        The same tensors as concatenating ``batch(i, i + 1)`` for each index.
+        """
+        if self.images is None:
+            parts = [self.batch(int(i), int(i) + 1, device)[0] for i in index]
+            return torch.cat(parts), None
+        x = self.images[index].to(device)
+        if x.dtype == torch.uint8:
+            x = stretch_and_normalize(x, self.transform)
+        return x, self.labels[index].to(device)
+
+
 def stretch_and_normalize(x: torch.Tensor, t: Transform) -> torch.Tensor:
     """uint8 (B, 3, h, w) -> float, resized to img_size (no crop, bilinear), normalised."""
     x = x.float().div_(255)

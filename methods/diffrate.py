@@ -342,9 +342,7 @@ def _cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
 
 
 def _batch(train, index: torch.Tensor, device: torch.device):
-    parts = [train.batch(int(i), int(i) + 1, device) for i in index]
-    labels = None if parts[0][1] is None else torch.cat([y for _, y in parts])
-    return torch.cat([x for x, _ in parts]), labels
+    return train.take(index, device)
 
 
 def _teacher_labels(model, rates: Rates, x: torch.Tensor, device: torch.device, dtype: str) -> torch.Tensor:

@@ -71,3 +71,20 @@ def test_grayscale_image_becomes_rgb(tmp_path):
     raw = s.images[0] * torch.tensor(IMAGENET_T.std).view(3, 1, 1) + torch.tensor(IMAGENET_T.mean).view(3, 1, 1)
     torch.testing.assert_close(raw[0], raw[1])
     torch.testing.assert_close(raw[1], raw[2])
+
+
+def test_take_equals_the_single_image_batches():
+    from harness.data import EvalSet
+    from harness.models import Transform
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    t = Transform(img_size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    index = torch.tensor([4, 0, 5, 4])
+    for evalset in (EvalSet("u8", images, torch.arange(6), t), EvalSet("syn", None, None, t, num_synthetic=6)):
+        x, y = evalset.take(index, torch.device("cpu"))
+        parts = [evalset.batch(int(i), int(i) + 1, torch.device("cpu")) for i in index]
+        assert torch.equal(x, torch.cat([p[0] for p in parts]))
+        assert (y is None) == (parts[0][1] is None)
+        if y is not None:
+            assert y.tolist() == [4, 0, 5, 4]
