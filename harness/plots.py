@@ -269,7 +269,9 @@ def save(fig, out_dir: Path, name: str, formats: tuple[str, ...] = ("png", "pdf"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.{ext}" for ext in formats]
     for p in paths:
-        fig.savefig(p, bbox_inches="tight", pad_inches=0.02)
+        # no creation date in PDFs: regenerating unchanged figures leaves the files unchanged
+        meta = {"CreationDate": None} if p.suffix == ".pdf" else None
+        fig.savefig(p, bbox_inches="tight", pad_inches=0.02, metadata=meta)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
