@@ -272,9 +272,12 @@ class Sweep:
         if evalset.has_labels:
             shard = evalset.shard(self.dist.rank, self.dist.world)
             due = progress.Throttle()
-            acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype,
-                                   on_batch=lambda done, total: due() and progress.report(
-                                       "evaluated %d/%d images (%d %%)", done, total, 100 * done // total))
+
+            def on_batch(done: int, total: int) -> None:
+                if due():
+                    progress.report("evaluated %d/%d images (%d %%)", done, total, 100 * done // total)
+
+            acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype, on_batch=on_batch)
             out.update(distributed.combine_accuracy(acc, self.dist) if self.dist.active else acc)
         if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
             out.update(self._time(model, evalset))
