@@ -267,3 +267,12 @@ def test_evaluation_progress_is_printed(monkeypatch, capsys, tmp_path, shared):
                  "--device", "cpu", "--results", str(tmp_path / "r"), "--no-report", "--no-flops", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "evaluated 10/20 images (50 %)" in out and "evaluated 20/20 images (100 %)" in out
+
+
+def test_cls_attention_layout_regions_by_hand():
+    layout = _module(PROJECT_ROOT / "scripts" / "cls_attention_layout.py")
+    ring, centre = layout.regions(14)
+    assert int(ring.sum()) == 14 * 14 - 10 * 10 and int(centre.sum()) == 36
+    assert not (ring & centre).any()
+    grid = centre.view(14, 14)
+    assert grid[4:10, 4:10].all() and not grid[3].any() and not grid[:, 10].any()
