@@ -22,7 +22,9 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from harness import budget as budgets, measure  # noqa: E402
 from harness.registry import make_method  # noqa: E402
-from harness.schedule import Schedule, analytic_gmacs, arch_spec  # noqa: E402
+from harness.config import ModelConfig  # noqa: E402
+from harness.models import build_model, eval_transform, load_checkpoint, resolve_model  # noqa: E402
+from harness.schedule import analytic_gmacs, arch_spec  # noqa: E402
 
 REGIONS = ("attention", "sdpa", "mlp", "reduce")
 SDPA_OP = "aten::scaled_dot_product_attention"
@@ -116,20 +118,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = p.parse_args(argv)
 
-    import timm
-
     device = measure.resolve_device(args.device)
     dtype = measure.resolve_dtype(args.dtype, device)
     batch = args.batch or (256 if device.type == "cuda" else 8)
-    torch.manual_seed(0)
-    state = timm.create_model(args.model).state_dict()
+    spec = resolve_model(args.model, {args.model: ModelConfig(timm=args.model, weights="random", data="synthetic")}, None)
+    state = load_checkpoint(spec)  # the seeded random weights, built once and copied per method
     budget = budgets.parse_budget(args.budget)
     results = {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        model = timm.create_model(args.model)
-        model.load_state_dict(state)
-        model.eval()
-        arch = arch_spec(model)
+        model = build_model(spec, state)
+        arch, size = arch_spec(model), eval_transform(spec, model).img_size
         method = make_method(name, {})
         if method.knob is None:
             value, schedule = None, method.schedule(arch, None)
@@ -140,10 +138,10 @@ def main(argv=None) -> int:
         method.patch(model, value, arch)
         label_regions(model)
         model.to(device)
-        x = torch.randn(batch, 3, arch_img_size(model), arch_img_size(model), device=device)
+        x = torch.randn(batch, 3, size, size, device=device)
         with measure.sdpa_kernel(args.sdpa_backend):
             r = profile_regions(model, x, device, dtype, args.iters, args.warmup)
-        r["gmacs"] = analytic_gmacs(arch, schedule if schedule is not None else Schedule.full(arch))
+        r["gmacs"] = analytic_gmacs(arch, schedule)
         key = name if value is None else f"{name} {method.knob.name}={value:g}"
         results[key] = r
     clock = "GPU kernel time" if device.type == "cuda" else "CPU time"
@@ -155,11 +153,6 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     return 0
-
-
-def arch_img_size(model) -> int:
-    size = model.patch_embed.img_size
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
 if __name__ == "__main__":
