@@ -15,6 +15,9 @@ from harness.schedule import ArchSpec, Schedule, analytic_gmacs
 
 # A GMACs target further than this (relative) outside what the knob can reach is a recorded skip.
 REACH_TOLERANCE = 0.02
+# A cell whose achieved GMACs are further than this (relative) from its target is ``off_target``:
+# measured and kept, but never an ``ok`` row under that budget.
+TARGET_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,16 @@ def resolve(method, arch: ArchSpec, budget: Budget) -> Resolved:
         reason = f"target {target:.3f} GMACs outside what {knob.name} reaches ({min(reach):.3f}..{max(reach):.3f})"
         return Resolved(best, schedule, achieved, target, reason)
     return Resolved(best, schedule, achieved, target)
+
+
+def off_pct(gmacs: float, target: Optional[float]) -> Optional[float]:
+    """How far ``gmacs`` lands from ``target``, in percent of the target (signed); None without a target."""
+    return None if target is None else round(100 * (gmacs / target - 1), 3)
+
+
+def off_target(gmacs: float, target: Optional[float], tolerance: float = TARGET_TOLERANCE) -> Optional[str]:
+    """Why ``gmacs`` does not count as meeting ``target`` (None when it does, or there is no target)."""
+    if target is None or abs(gmacs / target - 1) <= tolerance:
+        return None
+    return (f"achieved {gmacs:.3f} GMACs for a {target:.3f} GMACs target ({100 * (gmacs / target - 1):+.1f} %, "
+            f"tolerance ±{100 * tolerance:g} %)")

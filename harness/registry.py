@@ -80,6 +80,14 @@ class Method(abc.ABC):
     def patch(self, model, value, arch) -> None:
         """Patch ``model`` in place so it runs the method at knob ``value``."""
 
+    def resolved_options(self) -> dict:
+        """Every option that changes results, defaults filled in: part of each cell's identity.
+
+        A method with defaults (a seed, search settings) overrides this so that changing a default
+        in code makes new cells rather than silently reusing old ones.
+        """
+        return dict(self.options)
+
     def calibrate(self, model, value, arch, data, cache_dir) -> dict:
         """Optional search before ``patch``, run when ``needs_calibration`` is set (DiffRate).
 
@@ -174,6 +182,9 @@ class FollowSchedule(Method):
     @property
     def cache_name(self) -> str:
         return self.leader.cache_name
+
+    def resolved_options(self) -> dict:
+        return {self.follower.name: self.follower.resolved_options(), self.leader.name: self.leader.resolved_options()}
 
     def calibrate(self, model, value, arch, data, cache_dir) -> dict:
         return self.leader.calibrate(model, value, arch, data, cache_dir)

@@ -133,11 +133,13 @@ class Sweep:
         """What determines a cell's result; its hash is the cell's id."""
         spec = self.specs[cell.model]
         method = self.methods[cell.method]
+        # a searching method's result also depends on the training images it searched on
+        calib = {"calib_limit": self.run.calib_limit} if method.needs_calibration else {}
         return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": self.checkpoint_sha(spec),
-                "method": cell.method, "method_version": method.version, "method_options": method.options,
+                "method": cell.method, "method_version": method.version, "method_options": method.resolved_options(),
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": self.run.limit,
                 "dtype": self.dtype, "batch_size": self.run.batch_size, "device_name": self.env["device_name"],
-                "throughput_batch_size": self.throughput_batch_size, **self.kernel_key}
+                "throughput_batch_size": self.throughput_batch_size, **calib, **self.kernel_key}
 
     @property
     def kernel_key(self) -> dict:
@@ -213,7 +215,10 @@ class Sweep:
             if not distributed.broadcast(go, self.dist):  # every rank runs the cell, or none
                 return None
             record = self.run_cell(cell)
+            predictions = record.pop("_predictions", None)
             if self.dist.is_main:
+                if predictions is not None:  # first, so a record never names a missing file
+                    record["predictions"] = self.store.write_predictions(cid, *predictions)
                 self.store.write(record)
             return record
         finally:
@@ -246,6 +251,10 @@ class Sweep:
         method = self.methods[cell.method]
         evalset = self.eval_set(spec, model)
         searched = {}
+        if method.needs_calibration and cell.budget is not None and not evalset.has_labels:
+            raise UnsupportedModel(f"{cell.method} searches its schedule on labelled training images and "
+                                   f"{spec.data} data has none (a search on noise learns nothing); give it fixed "
+                                   f"schedules instead (e.g. [methods.diffrate] schedules = \"published\")")
         if method.needs_calibration and cell.budget is not None:
             # the search meets the target itself: the knob is the GMACs ratio, no bisection
             value = calibration_knob(method, arch, cell.budget)
@@ -260,13 +269,24 @@ class Sweep:
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
         out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
+                   eval_set_sha=eval_set_identity(evalset),
                    fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
+        missed = budgets.off_target(out["gmacs"], out["gmacs_target"])
+        out["gmacs_off_pct"] = budgets.off_pct(out["gmacs"], out["gmacs_target"])
+        baseline = None if cell.method == "none" else self._baseline_model(spec)
         with measure.sdpa_kernel(self.run.sdpa_backend):
-            out.update(self._evaluate_and_time(model, evalset, out["gmacs"]))
+            out.update(self._evaluate_and_time(model, evalset, out["gmacs"], baseline))
         distributed.barrier(self.dist)
-        return {**out, "status": "ok", "error": None}
+        # measured all the same (kept as data, drawn at its achieved GMACs), never ok under its budget
+        return {**out, "status": "off_target" if missed else "ok", "error": missed}
 
-    def _evaluate_and_time(self, model, evalset: EvalSet, gmacs: float) -> dict:
+    def _baseline_model(self, spec: ModelSpec):
+        """The unpatched model on the device, timed in alternation with each method's (speed-ups)."""
+        model = build_model(spec, self.state_dict(spec))
+        measure.set_attention(model, self.run.attention)
+        return model.to(self.device).eval()
+
+    def _evaluate_and_time(self, model, evalset: EvalSet, gmacs: float, baseline=None) -> dict:
         """Accuracy (sharded over ranks), then on the main rank alone timing and fvcore's count."""
         out = {}
         if evalset.has_labels:
@@ -278,9 +298,12 @@ class Sweep:
                     progress.report("evaluated %d/%d images (%d %%)", done, total, 100 * done // total)
 
             acc = measure.evaluate(model, shard, self.run.batch_size, self.device, self.dtype, on_batch=on_batch)
-            out.update(distributed.combine_accuracy(acc, self.dist) if self.dist.active else acc)
+            if self.dist.active:  # a rank holds its shard's predictions only: no paired tests across ranks
+                acc.pop("_predictions")
+                acc = distributed.combine_accuracy(acc, self.dist)
+            out.update(acc)
         if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
-            out.update(self._time(model, evalset))
+            out.update(self._time(model, evalset, baseline))
             if self.run.flops:  # after evaluate: tracing advances random pruning's generator
                 from harness import flops
 
@@ -288,12 +311,13 @@ class Sweep:
                 out.update(flops.count_gmacs(model, images, batch_size=self.run.batch_size).record(gmacs))
         return out
 
-    def _time(self, model, evalset: EvalSet) -> dict:
-        """Model-only throughput and latency, and the end-to-end figure when asked."""
+    def _time(self, model, evalset: EvalSet, baseline=None) -> dict:
+        """Model-only throughput (interleaved with ``baseline`` when given) and latency, and the
+        end-to-end figure when asked."""
         run = self.run
         warmup, repeats = measure.timing_counts(self.device, run.throughput_warmup, run.throughput_repeats)
         out = measure.throughput(model, evalset.transform.img_size, self.throughput_batch_size, self.device,
-                                 self.dtype, warmup, repeats,
+                                 self.dtype, warmup, repeats, baseline=baseline,
                                  latency=run.throughput_latency, compile=run.compile,
                                  compile_backend=run.compile_backend)
         if run.end_to_end:
@@ -343,6 +367,21 @@ class Sweep:
         return out
 
 
+def eval_set_identity(evalset: EvalSet) -> str:
+    """Which images, in which order: two records are paired (McNemar) only when this matches.
+
+    The eval set's own ``identity`` where it has one; otherwise a hash of its name, size, transform
+    and labels.
+    """
+    own = getattr(evalset, "identity", None)
+    if own:
+        return str(own)
+    h = hashlib.sha1(f"{evalset.name}|{len(evalset)}|{evalset.transform}".encode())
+    if evalset.labels is not None:
+        h.update(evalset.labels.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def calibration_knob(method, arch, budget: budgets.Budget) -> float:
     """The knob of a calibrating method (its target as a fraction of the baseline GMACs) for ``budget``."""
     if budget.kind == "knob":
@@ -356,11 +395,14 @@ def calibration_knob(method, arch, budget: budgets.Budget) -> float:
 
 def summary_line(r: dict) -> str:
     """One line for the terminal about a finished record."""
-    if r.get("status") != "ok":
+    if r.get("status") not in ("ok", "off_target"):
         return f"{r.get('status')}: {r.get('error')}"
     top1 = f"top1 {100 * r['top1']:.2f}% " if r.get("top1") is not None else ""
     speed = f" {r['img_per_s']:.1f} img/s" if r.get("img_per_s") is not None else ""
-    return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x){speed} [{r['cell_s']:.0f} s]"
+    if r.get("speedup_median") is not None:
+        speed += f", {r['speedup_median']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}] vs none interleaved"
+    off = f" OFF TARGET: {r['error']}" if r.get("status") == "off_target" else ""
+    return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x){speed} [{r['cell_s']:.0f} s]{off}"
 
 
 def override(cfg: Config, run: dict, suite: dict) -> Config:

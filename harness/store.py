@@ -14,7 +14,8 @@ from harness.errors import HarnessError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DONE = ("ok", "skipped")
+# finished results: a rerun would measure the same (an off-target cell stays off target)
+DONE = ("ok", "skipped", "off_target", "unsupported")
 # A lock taken on another host cannot be checked for a live process; after this long it is stale.
 FOREIGN_LOCK_STALE_S = 12 * 3600
 
@@ -61,6 +62,24 @@ class ResultStore:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         return target
+
+    def write_predictions(self, cell_id: str, pred, label) -> str:
+        """Per-image top-1 and label (eval-set order) as ``predictions/<cell_id>.npz``, atomically.
+
+        Returns the path relative to the results directory, which the record stores.
+        """
+        import numpy as np
+
+        folder = self.root / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = np.int16 if max(int(pred.max(initial=0)), int(label.max(initial=0))) < 2**15 else np.int32
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, pred=pred.astype(small), label=label.astype(small))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / f"{cell_id}.npz")
+        return f"predictions/{cell_id}.npz"
 
     def load_all(self) -> list[dict]:
         """Every readable record, upgraded to the current schema; a corrupt file is logged and skipped."""

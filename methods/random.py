@@ -45,6 +45,9 @@ class RandomPruning(Method):
     def option_names(cls) -> list[str]:
         return ["seed"]
 
+    def resolved_options(self) -> dict:
+        return {"seed": int(self.options.get("seed", 0))}
+
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []
         drops = drop_blocks(arch.depth)

@@ -12,7 +12,8 @@ from harness.errors import HarnessError
 from harness.models import Transform
 from harness.runner import CalibrationData
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
-from methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, masked_softmax,
+from methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, land_on_target,
+                              masked_softmax, uniform_rate_start,
                               match_similar, merge_mean, merge_size, model_key_for, parse_counts, prune_and_merge,
                               soft_gmacs, ste_ceil, step_mask, tokens_after)
 
@@ -186,12 +187,14 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
     model = _tiny_model()
     arch = arch_spec(model)
     start = analytic_gmacs(arch, Schedule(arch.tokens_in, tokens_after(arch.tokens_in, *Rates(arch, [1, 2, 3], 4).hard())))
-    method = DiffRate(epochs=1, batch_size=4, lr=0.2, min_lr=0.2)
+    official = dict(epochs=1, batch_size=4, lr=0.2, min_lr=0.2, init="uniform", land=False)
+    method = DiffRate(**official)
     record = method.calibrate(model, 0.3, arch, _data(), tmp_path)
     assert not record["search_cached"] and record["search_images"] == 32 and record["search_steps"] == 8
     target = 0.3 * analytic_gmacs(arch, Schedule.full(arch))
     assert record["search_gmacs_target"] == pytest.approx(target, rel=1e-3)
     assert target < record["search_gmacs"] < start  # moved from the uniform start toward the target
+    assert record["landing_shift"] == 0 and record["search_gmacs_learned"] == pytest.approx(record["search_gmacs"], abs=1e-3)
     schedule = method.schedule(arch, 0.3)
     assert schedule.tokens_out == tokens_after(arch.tokens_in, record["prune_kept"], record["merge_kept"])
     assert list(tmp_path.glob("*.json"))
@@ -203,11 +206,11 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
         assert torch.isfinite(patched(torch.randn(2, 3, 224, 224))).all()
     assert patched._seam_state.observed == list(schedule.tokens_out)
 
-    again = DiffRate(epochs=1, batch_size=4, lr=0.2, min_lr=0.2)
+    again = DiffRate(**official)
     cached = again.calibrate(_tiny_model(), 0.3, arch, _data(), tmp_path)
     assert cached["search_cached"] and cached["prune_kept"] == record["prune_kept"]
     assert again.schedule(arch, 0.3) == schedule
-    other = DiffRate(epochs=1, batch_size=4, lr=0.2, min_lr=0.2, flops_weight=50.0)
+    other = DiffRate(**{**official, "flops_weight": 50.0})
     assert other.cache_key({"model": "tiny-random"}, 0.3) != again.cache_key({"model": "tiny-random"}, 0.3)
 
 
@@ -237,3 +240,43 @@ def test_search_on_unlabelled_data_uses_the_unpatched_predictions(tmp_path):
     data = CalibrationData(train, torch.device("cpu"), "fp32", {"model": "tiny-random", "data": "synthetic"})
     record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data, tmp_path)
     assert record["search_steps"] == 1 and len(record["prune_kept"]) == arch.depth
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.7, 0.5])
+def test_uniform_rate_start_meets_the_budget(ratio):
+    arch = _arch("deit_small_patch16_224")
+    blocks = list(range(1, arch.depth))
+    target = ratio * analytic_gmacs(arch, Schedule.full(arch))
+    start = uniform_rate_start(arch, blocks, target)
+    steps = [a - b for a, b, in zip([arch.num_patches] + start, start) if b > 1]  # 1: the floor, reached at 0.5
+    assert max(steps) - min(steps) < 1e-6 and steps[0] > 0  # the same number removed by every block
+    counts = [arch.tokens_in] + [c + arch.num_prefix for c in start]
+    assert float(soft_gmacs(arch, counts, counts)) == pytest.approx(target, rel=1e-4)
+
+
+def test_landing_shifts_the_searched_shape_onto_the_target():
+    arch = _arch("deit_tiny_patch16_224")
+    full = arch.tokens_in
+    prune = [full] + [150 - 10 * i for i in range(arch.depth - 1)]  # 150, 140, ..., 40
+    merge = [full] + [160 - 10 * i for i in range(arch.depth - 1)]
+    blocks = list(range(1, arch.depth))
+    target = 0.7 * analytic_gmacs(arch, Schedule.full(arch))
+    p2, m2, shift = land_on_target(arch, prune, merge, blocks, target)
+    landed = analytic_gmacs(arch, Schedule(full, tokens_after(full, p2, m2)))
+    assert shift > 0 and abs(landed / target - 1) < 0.005  # one token a block is well under 1 %
+    assert p2[0] == m2[0] == full and [b - a for a, b in zip(prune, p2)][1:] == [shift] * (arch.depth - 1)
+    # a schedule already on target is not moved
+    assert land_on_target(arch, p2, m2, blocks, landed)[2] == 0
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.5])
+def test_default_search_lands_within_two_percent(tmp_path, ratio):
+    model = _tiny_model()
+    arch = arch_spec(model)
+    record = DiffRate(epochs=1, batch_size=8).calibrate(model, ratio, arch, _data(), tmp_path)
+    assert abs(record["search_gmacs"] / record["search_gmacs_target"] - 1) <= 0.02
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(HarnessError, match="init must be one of budget, uniform"):
+        DiffRate(init="ones")

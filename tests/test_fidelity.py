@@ -1,0 +1,219 @@
+"""Golden logits: every method against its authors' official code on a reference checkpoint.
+
+Each ``fidelity/*_golden.npz`` under the data root holds uint8 images, the mean/std they were
+normalised with and one logits array per case, made by running the official repository (commit in
+the ``.json`` beside it) in fp32 on CPU. The ``.json`` names the model and describes each case:
+method, knob, drop blocks, kept counts, and the tokens each block left in the official forward.
+
+A case passes when the project's method, patched into a fresh model built the harness's way, plans
+and leaves the same tokens per block and gives the same logits to 1e-4 and the same argmax on every
+image. A golden file for another model is checked the moment it is dropped there; a case whose
+method is not registered yet is skipped, and checked the moment a method of that name registers.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.models import build_model, eval_transform, load_checkpoint, resolve_model
+from harness.paths import data_root
+from harness.registry import Method, get_method_class, make_method, method_names
+from harness.schedule import Schedule, analytic_gmacs, arch_spec
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4
+# (golden file stem, case) -> the deliberate deviation, as the method's module docstring states it.
+# Such a case is an xfail(strict=True), so it fails the day it starts to match. None today: every
+# case matches to within 3e-6.
+DEVIATIONS: dict[tuple[str, str], str] = {}
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def _golden_files() -> tuple[list[Path], str]:
+    """The golden files under the data root, or none and the reason why."""
+    try:
+        folder = data_root() / "fidelity"
+    except HarnessError as exc:
+        return [], str(exc)
+    files = sorted(folder.glob("*_golden.npz"))
+    return files, "" if files else f"no fidelity/*_golden.npz under {folder.parent}"
+
+
+@functools.cache
+def _meta(path: Path) -> dict:
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def _case_params() -> list:
+    files, why = _golden_files()
+    if not files:
+        return [pytest.param(None, None, id="no-golden-files", marks=pytest.mark.skip(reason=why))]
+    registered = set(method_names())
+    params = []
+    for path in files:
+        for case, spec in _meta(path)["cases"].items():
+            marks = []
+            if spec["method"] not in registered:
+                marks.append(pytest.mark.skip(reason=f"method {spec['method']!r} is not registered in this "
+                                                     f"project yet (issue 15)"))
+            elif (path.stem, case) in DEVIATIONS:
+                marks.append(pytest.mark.xfail(strict=True, reason=DEVIATIONS[path.stem, case]))
+            params.append(pytest.param(path, case, id=f"{path.stem}:{case}", marks=marks))
+    return params
+
+
+def _file_params() -> list:
+    files, why = _golden_files()
+    if not files:
+        return [pytest.param(None, id="no-golden-files", marks=pytest.mark.skip(reason=why))]
+    return [pytest.param(path, id=path.stem) for path in files]
+
+
+# ----------------------------------------------------------------------------- inputs and model
+
+@functools.cache
+def _golden(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@functools.cache
+def _inputs(path: Path) -> torch.Tensor:
+    """The stored images normalised as the .json says: ``(u8 / 255 - mean) / std`` in fp32, NCHW."""
+    g = _golden(path)
+    mean = torch.from_numpy(g["mean"]).view(1, 3, 1, 1)
+    std = torch.from_numpy(g["std"]).view(1, 3, 1, 1)
+    return (torch.from_numpy(g["images_uint8"]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+@functools.cache
+def _weights(path: Path):
+    """The golden file's model as the harness resolves it, and its checkpoint read once."""
+    meta = _meta(path)
+    spec = resolve_model(meta["model"], {}, data_root())
+    if spec.checkpoint is not None and "checkpoint_sha256" in meta:
+        sha = hashlib.sha256(spec.checkpoint.read_bytes()).hexdigest()
+        if sha != meta["checkpoint_sha256"]:
+            pytest.fail(f"{spec.checkpoint} is not the checkpoint {path.name} was made with (sha256 {sha})")
+    return spec, load_checkpoint(spec)
+
+
+def _fresh_model(path: Path) -> torch.nn.Module:
+    spec, state_dict = _weights(path)
+    return build_model(spec, state_dict)
+
+
+# ----------------------------------------------------------------------------- case -> method
+
+def _tome(case: dict, arch, tmp_path) -> tuple[Method, int]:
+    r = int(case["knob"]["r"])
+    options = {"prop_attn": bool(case.get("prop_attn", True))}
+    if case.get("r_per_block", [r] * arch.depth) != [r] * arch.depth:
+        options["r_list"] = case["r_per_block"]
+    return make_method("tome", {"tome": options}), r
+
+
+def _evit(case: dict, arch, tmp_path) -> tuple[Method, float]:
+    rate, drops = float(case["knob"]["keep_rate"]), list(case["drop_loc"])
+    # the .json spells the knob out per block: it must say what we read it as
+    assert case["keep_rate_per_block"] == [rate if i in drops else 1.0 for i in range(arch.depth)]
+    options = {"drop_loc": drops}
+    if case["method"] == "evit":
+        options["fuse"] = bool(case["fuse_token"])
+    else:
+        assert not case.get("fuse_token", False), "Top-K never fuses"
+    return make_method(case["method"], {case["method"]: options}), rate
+
+
+def _diffrate(case: dict, arch, tmp_path) -> tuple[Method, float]:
+    # The case's own prune / merge lists, as the only entry of a file in the published file's format,
+    # go through the method's public ``schedules`` option: the method reads, checks and applies them
+    # exactly as it would the published ones, and with one entry no knob-to-entry rounding can pick
+    # another. The knob is the GMACs ratio of that schedule, what the harness would report for it.
+    from methods.diffrate import model_key_for, tokens_after
+
+    prune, merge = case["prune_kept_num"], case["merge_kept_num"]
+    key = case["knob"].get("published_model") or model_key_for(arch)
+    full = analytic_gmacs(arch, Schedule.full(arch))
+    ratio = analytic_gmacs(arch, Schedule(arch.tokens_in, tokens_after(arch.tokens_in, prune, merge))) / full
+    flops = case["knob"].get("published_gflops", f"{ratio * full:.4f}")
+    schedules = tmp_path / "compression_rate.json"
+    schedules.write_text(json.dumps({key: {flops: {"prune_kept_num": json.dumps(prune),
+                                                   "merge_kept_num": json.dumps(merge)}}}))
+    return make_method("diffrate", {"diffrate": {"schedules": str(schedules), "model_key": key}}), ratio
+
+
+def _by_knob(case: dict, arch, tmp_path) -> tuple[Method, Optional[float]]:
+    """Any other method: the case's knob entry named as the method's knob is the value, the rest options."""
+    name, knob = case["method"], dict(case.get("knob") or {})
+    cls = get_method_class(name)
+    if cls.knob is None:
+        return make_method(name, {name: knob}), None
+    if cls.knob.name not in knob:
+        pytest.fail(f"case knob {knob} has no {cls.knob.name!r} (method {name!r}'s knob): map the case in {__file__}")
+    value = knob.pop(cls.knob.name)
+    return make_method(name, {name: knob}), value
+
+
+CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diffrate}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int], Optional[list]]:
+    """Logits, the tokens leaving each block (forward hooks, as the golden files count them) and, for
+    a seam-patched model, the counts the seam itself recorded."""
+    leaving: list[int] = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out: leaving.append(out.shape[1])) for blk in model.blocks]
+    state = getattr(model, "_seam_state", None)
+    if state is not None:
+        state.recording = True
+    try:
+        with torch.inference_mode():
+            logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, leaving, None if state is None else list(state.observed)
+
+
+@pytest.mark.parametrize("path, case", _case_params())
+def test_method_matches_official_logits(path, case, tmp_path):
+    spec = _meta(path)["cases"][case]
+    model = _fresh_model(path)
+    arch = arch_spec(model)
+    method, value = CASE_TO_METHOD.get(spec["method"], _by_knob)(spec, arch, tmp_path)
+    method.patch(model, value, arch)
+    expected_tokens = spec["tokens_per_block_observed"]
+
+    logits, leaving, seam_observed = _run(model, _inputs(path))
+
+    assert list(method.schedule(arch, value).tokens_out) == expected_tokens
+    assert leaving == expected_tokens
+    if seam_observed is not None:
+        assert seam_observed == expected_tokens
+    golden = torch.from_numpy(_golden(path)[case])
+    delta = (logits - golden).abs().max().item()
+    assert delta <= ATOL, f"max |dlogit| {delta:.3g} > {ATOL}"
+    assert logits.argmax(-1).tolist() == golden.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("path", _file_params())
+def test_golden_inputs_are_the_models_eval_input(path):
+    """The stored mean/std and size are the model's eval transform: the goldens saw what the harness feeds."""
+    spec, _ = _weights(path)
+    g = _golden(path)
+    t = eval_transform(spec, _fresh_model(path))
+    assert g["images_uint8"].shape[1:] == (t.img_size, t.img_size, 3)
+    np.testing.assert_allclose(g["mean"], t.mean, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(g["std"], t.std, rtol=0, atol=1e-7)
