@@ -8,6 +8,10 @@ and draws each method with the same colour and marker (:func:`method_style`). Wr
 - ``accuracy_vs_throughput``: top-1 against measured img/s, with the Pareto front of all cells;
 - ``speedup_vs_ideal``: measured speed-up against the ideal one (baseline GMACs / GMACs), y = x dashed;
 - ``tokens_per_block``: the stored schedules (tokens leaving each block) at one budget.
+
+Top-1 points carry their 95 % Wilson interval as an error bar, interleaved speed-ups their quartiles.
+Only each method's newest version is drawn; cells off their GMACs target are drawn hollow at the
+GMACs they achieved (they are points of the curve, not of their budget).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from harness.report import BASELINE, _num, budget_order, environments, load_frame, scored_envs
+from harness.report import (BASELINE, MEASURED, _num, baseline_of, budget_order, current, environments, load_frame,
+                            scored_envs, speedup_of, top1_interval)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,8 @@ SPARE_MARKERS = ("v", "P", "X", "<", ">", "h", "p", "d")
 PANEL_W, PANEL_H = 3.3, 2.5
 PARETO = "Pareto front"
 IDEAL = "y = x (ideal)"
-GUIDES = (PARETO, IDEAL)  # legend entries that are not methods, listed last
+OFF_TARGET = "off GMACs target (hollow)"
+GUIDES = (PARETO, IDEAL, OFF_TARGET)  # legend entries that are not methods, listed last
 FIGURES = ("accuracy_vs_gmacs", "accuracy_vs_throughput", "speedup_vs_ideal", "tokens_per_block")
 
 
@@ -93,56 +99,101 @@ def _panels(plt, n: int, sharey: bool = False):
     return fig, flat[:n]
 
 
-def _ok_points(group, x_of, method: str) -> list[tuple[float, float]]:
-    """(x, top-1 %) of ``method``'s ok cells in one environment, sorted by x."""
-    ok = group[(group["status"] == "ok") & (group["method"] == method)]
-    pts = [(x_of(r), 100 * _num(r["top1"])) for _, r in ok.iterrows() if _num(r["top1"]) is not None]
-    return sorted(p for p in pts if p[0] is not None)
+def _cells(group, method: str) -> list[dict]:
+    """``method``'s measured cells (ok and off target) at its newest version in one environment."""
+    cur = current(group)
+    rows = cur[cur["status"].isin(MEASURED) & (cur["method"] == method)]
+    return [r.to_dict() for _, r in rows.iterrows()]
 
 
-def _line(ax, pts, name: str, anchor: Optional[tuple[float, float]] = None, **extra) -> None:
-    """``name``'s points joined by a line; ``anchor`` (the baseline) joins the line without a marker."""
+def _accuracy_points(group, x_of, method: str) -> list[tuple]:
+    """(x, top-1 %, low, high, off target) of ``method``'s measured cells, sorted by x; low/high the
+    95 % Wilson interval (None without n_images)."""
+    pts = [(x_of(r), 100 * _num(r["top1"]), *top1_interval(r), r["status"] == "off_target")
+           for r in _cells(group, method) if _num(r["top1"]) is not None]
+    return sorted((p for p in pts if p[0] is not None), key=lambda p: p[:2])
+
+
+def _line(ax, pts, name: str, anchor: Optional[tuple[float, float]] = None, hollow=(), **extra) -> None:
+    """``name``'s points joined by a line; ``anchor`` (the baseline) joins the line without a marker,
+    the points in ``hollow`` (off target) get an unfilled one."""
     if not pts:
         return
     style = method_style(name)
     pts = sorted(pts + ([anchor] if anchor else []))
-    marked = [i for i, p in enumerate(pts) if anchor is None or p != anchor]
+    marked = [i for i, p in enumerate(pts) if (anchor is None or p != anchor) and p not in hollow]
     xs, ys = zip(*pts)
     extra.setdefault("markevery", marked)
     ax.plot(xs, ys, label=name, color=style["color"], marker=style["marker"], linestyle=style["linestyle"],
             markerfacecolor=style["markerfacecolor"], markeredgecolor=style["color"], **extra)
+    if hollow:
+        hx, hy = zip(*hollow)
+        ax.plot(hx, hy, color=style["color"], marker=style["marker"], linestyle="none", markerfacecolor="white",
+                markeredgecolor=style["color"], label="_off_target", zorder=extra.get("zorder", 2) + 0.1)
+        # one legend entry says what hollow means, whichever method it is
+        ax.plot([], [], color="#444444", marker="o", linestyle="none", markerfacecolor="white", label=OFF_TARGET)
+
+
+def _error_bars(ax, pts, name: str) -> None:
+    """Vertical bars from (x, y, low, high, ...) points; those without an interval get none."""
+    pts = [p for p in pts if p[2] is not None and p[3] is not None]
+    if not pts:
+        return
+    xs, ys, lows, highs = zip(*(p[:4] for p in pts))
+    ax.errorbar(xs, ys, yerr=[[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]],
+                fmt="none", ecolor=method_style(name)["color"], elinewidth=0.6, capsize=1.5, alpha=0.7,
+                label="_interval", zorder=1.5)
 
 
 def _title(ax, text: str) -> None:
     ax.set_title(textwrap.fill(text, 44))
 
 
-def _baseline_marker(ax, x: float, y: Optional[float]) -> None:
-    """The baseline as a star at (x, y) with a dotted line at its accuracy; (1, 1) when y is None."""
+def _baseline_marker(ax, x: float, y: Optional[float], *interval) -> None:
+    """The baseline as a star at (x, y) with a dotted line at its accuracy; (1, 1) when y is None.
+    ``interval`` (low, high) adds its error bar."""
     style = method_style(BASELINE)
     if y is None:
         x = y = 1.0
     else:
         ax.axhline(y, color=style["color"], linewidth=0.6, linestyle=":", zorder=1)
+        _error_bars(ax, [(x, y, *interval)], BASELINE)
     ax.plot([x], [y], marker=style["marker"], color=style["color"], markersize=8, linestyle="none",
             label=BASELINE, zorder=5)
 
 
 def _methods(group) -> list[str]:
-    return method_order(m for m in group.loc[group["status"] == "ok", "method"] if m != BASELINE)
+    cur = current(group)
+    return method_order(m for m in cur.loc[cur["status"].isin(MEASURED), "method"] if m != BASELINE)
 
 
-def _accuracy_panel(ax, env: dict, group, x_key: str, anchored: bool) -> None:
-    x_of = (lambda r: _num(r[x_key]))
-    base = _ok_points(group, x_of, BASELINE)
+def _baseline_point(group, x_of) -> Optional[tuple]:
+    """(x, top-1 %, low, high) of the environment's baseline, or None."""
+    base = baseline_of(group)
+    if base is None or _num(base.get("top1")) is None or x_of(base) is None:
+        return None
+    return (x_of(base), 100 * _num(base["top1"]), *top1_interval(base))
+
+
+def _accuracy_panel(ax, env: dict, group, x_key: str, anchored: bool) -> list[tuple]:
+    """Each method's top-1 against ``x_key`` with intervals; returns every point drawn."""
+    x_of = (lambda r: _num(r.get(x_key)))
+    base = _baseline_point(group, x_of)
+    drawn = []
     for m in _methods(group):
+        pts = _accuracy_points(group, x_of, m)
         # every method at its identity knob is the baseline, so its curve starts there
-        _line(ax, _ok_points(group, x_of, m), m, anchor=base[0] if base and anchored else None)
+        _line(ax, [p[:2] for p in pts], m, anchor=base[:2] if base and anchored else None,
+              hollow=[p[:2] for p in pts if p[4]])
+        _error_bars(ax, pts, m)
+        drawn += [p[:2] for p in pts]
     if base:
-        _baseline_marker(ax, *base[0])
+        _baseline_marker(ax, *base)
+        drawn.append(base[:2])
     _title(ax, env["label"])
     ax.set_ylabel("top-1 (%)")
     ax.grid(True)
+    return drawn
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -182,11 +233,7 @@ def accuracy_vs_gmacs(plt, envs):
 def accuracy_vs_throughput(plt, envs):
     fig, axes = _panels(plt, len(envs))
     for ax, (env, group) in zip(axes, envs):
-        _accuracy_panel(ax, env, group, "img_per_s", anchored=False)
-        ok = group[group["status"] == "ok"]
-        pts = [(_num(r["img_per_s"]), 100 * _num(r["top1"])) for _, r in ok.iterrows()
-               if _num(r["img_per_s"]) is not None and _num(r["top1"]) is not None]
-        front = _pareto(pts)
+        front = _pareto(_accuracy_panel(ax, env, group, "img_per_s", anchored=False))
         if len(front) > 1:
             xs, ys = zip(*front)
             # best accuracy reachable at >= a throughput: each front point holds back to the previous one
@@ -201,18 +248,14 @@ def accuracy_vs_throughput(plt, envs):
 def speedup_vs_ideal(plt, envs):
     fig, axes = _panels(plt, len(envs))
     for ax, (env, group) in zip(axes, envs):
-        ok = group[group["status"] == "ok"]
-        base = ok[ok["method"] == BASELINE]
-        base_speed = _num(base["img_per_s"].iloc[0]) if len(base) else None
+        base = baseline_of(group)
         top = 1.0
         for m in _methods(group):
-            rows = ok[ok["method"] == m]
-            pts = sorted((_num(r["gmacs_baseline"]) / _num(r["gmacs"]), _num(r["img_per_s"]) / base_speed)
-                         for _, r in rows.iterrows() if base_speed and _num(r["gmacs"]) and _num(r["img_per_s"])
-                         and _num(r["gmacs_baseline"]))
-            _line(ax, pts, m, anchor=(1.0, 1.0))
-            top = max([top] + [max(p) for p in pts])
-        if base_speed:
+            pts = _speedup_points(group, m, base)
+            _line(ax, [p[:2] for p in pts], m, anchor=(1.0, 1.0), hollow=[p[:2] for p in pts if p[4]])
+            _error_bars(ax, pts, m)
+            top = max([top] + [max(p[0], p[3] or p[1]) for p in pts])
+        if base is not None:
             _baseline_marker(ax, 1.0, None)
         end = 1 + (top - 1) * 1.08
         ax.plot([1, end], [1, end], color="#444444", linestyle="--", linewidth=0.7, zorder=0, label=IDEAL)
@@ -224,9 +267,22 @@ def speedup_vs_ideal(plt, envs):
     return fig
 
 
+def _speedup_points(group, method: str, base: Optional[dict]) -> list[tuple]:
+    """(ideal, measured speed-up, q1, q3, off target) of ``method``'s measured cells, by ideal speed-up;
+    q1/q3 None where the speed-up is not from interleaved rounds."""
+    pts = []
+    for r in _cells(group, method):
+        gmacs, base_gmacs = _num(r["gmacs"]), _num(r["gmacs_baseline"])
+        s = speedup_of(r, base)
+        if gmacs and base_gmacs and s["speedup"]:
+            pts.append((base_gmacs / gmacs, s["speedup"], s["speedup_q1"], s["speedup_q3"], r["status"] == "off_target"))
+    return sorted(pts, key=lambda p: p[:2])
+
+
 def default_budget(envs) -> Optional[str]:
     """The middle budget of those stored (0.7 of 0.9/0.7/0.5), for the schedule plot."""
-    budgets = sorted({str(b) for _, g in envs for b in g.loc[g["status"] == "ok", "budget"] if b != "baseline"},
+    budgets = sorted({str(b) for _, g in envs for b in current(g).loc[lambda c: c["status"] == "ok", "budget"]
+                      if b != "baseline"},
                      key=budget_order)
     return budgets[len(budgets) // 2] if budgets else None
 
@@ -235,7 +291,8 @@ def tokens_per_block(plt, envs, budget: Optional[str] = None):
     budget = budget or default_budget(envs)
     fig, axes = _panels(plt, len(envs), sharey=False)
     for ax, (env, group) in zip(axes, envs):
-        ok = group[group["status"] == "ok"]
+        ok = current(group)
+        ok = ok[ok["status"] == "ok"]
         cells = ok[ok["budget"].astype(str) == str(budget)]
         for i, m in enumerate(method_order(cells["method"])):
             sched = cells[cells["method"] == m]["tokens_per_block"].iloc[0]
@@ -243,9 +300,9 @@ def tokens_per_block(plt, envs, budget: Optional[str] = None):
                 # methods sharing a schedule (evit, topk, random) overlap: earlier ones drawn wider, beneath
                 _line(ax, list(enumerate(sched, 1)), m, drawstyle="steps-mid", linewidth=max(3.2 - 0.6 * i, 0.9),
                       zorder=2 + i, markevery=_changes(sched), alpha=0.9)
-        base = ok[ok["method"] == BASELINE]
-        if len(base) and isinstance(base["tokens_per_block"].iloc[0], list):
-            n = base["tokens_per_block"].iloc[0]
+        base = baseline_of(group)
+        if base is not None and isinstance(base.get("tokens_per_block"), list):
+            n = base["tokens_per_block"]
             ax.plot(range(1, len(n) + 1), n, color="black", linestyle=":", linewidth=0.8, label=BASELINE)
             ax.set_xticks(range(1, len(n) + 1))
         _title(ax, env["label"])

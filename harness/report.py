@@ -2,55 +2,92 @@
 
 Layout written by :func:`build_report` (``reports_dir``):
 
-- ``results.md``: every table below, in Markdown (tabulate), with failures listed per model;
+- ``results.md``: every table below, in Markdown (tabulate), with each model's environment, notes
+  (failures, off-target cells, superseded method versions) and pairwise tests;
 - ``results.csv``: the stored records themselves, one tidy row per cell;
-- ``tables/<env>.csv`` / ``.tex``: per model (environment), budgets x methods with top-1, its
-  change against ``none``, GMACs, ideal and measured speed-up; ``best`` marks the top top-1 of a budget;
+- ``tables/<env>.csv`` / ``.tex``: per model (environment), budgets x methods with top-1 and its 95 %
+  Wilson interval, its change against ``none`` with the exact McNemar p-value, GMACs, ideal and
+  measured speed-up (interleaved median [quartiles]) and their ratio; ``best`` marks the top top-1 of a budget;
+- ``pairwise.csv``: every two reducing methods of one budget, McNemar on their paired predictions;
 - ``summary.csv`` / ``.tex``: top-1 (change) of every method across models at matched budgets;
 - ``accuracy_at_gmacs.csv`` / ``.tex``: paper-style rows, each method's top-1 read off its
   accuracy-vs-GMACs curve at each budget's GMACs target (linear interpolation, no extrapolation).
 
-Records are compared only within one environment (model, data, limit, device, dtype): throughput
-from another GPU or dtype is never a baseline.
+Records are compared only within one environment (:data:`GROUP`): throughput from another GPU, dtype,
+torch or batch size is never a baseline, and accuracies on other images are never paired. Within an
+environment only each method's newest version is compared, and ``off_target`` cells (achieved GMACs
+more than 2 % from the target) stay out of the matched-budget tables; both are listed under the
+model's table. ``docs/statistics.md`` explains the intervals, tests and spreads.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from harness import stats
 from harness.errors import HarnessError
 from harness.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-# Records are compared only within one environment: same model, data, device, dtype and limit, and
-# the same attention kernel and compile setting (a speed-up is measured on one kernel for all methods).
-GROUP = ["model", "data", "limit", "device_name", "dtype", "attention", "sdpa_backend", "compile"]
+# The environment of a comparison: every setting that can move a top-1 or an img/s. The git sha is
+# not one (a sweep resumed after a commit stays one group); the table header lists it. The
+# throughput batch is the one asked for: a cell halved on out-of-memory stays with its siblings
+# (its interleaved speed-up times both models at its own batch) and is noted.
+GROUP = ["model", "checkpoint_sha", "data", "limit", "eval_set_sha", "device_name", "dtype", "batch_size",
+         "throughput_batch_size_requested", "torch", "timm", "attention", "sdpa_backend", "compile"]
 # the kernel settings of GROUP and the value records written before them had
 KERNEL = {"attention": "fused", "sdpa_backend": "auto", "compile": False}
 BASELINE = "none"
+# statuses of cells with measurements; only "ok" ones sit in the matched-budget tables
+MEASURED = ("ok", "off_target")
 # how far (relative GMACs) beyond a method's measured range "accuracy at x GMACs" may extend
 REACH = 0.02
+# a speed-up whose rounds spread more than this ((q3 - q1) / median) is flagged noisy
+NOISY_SPREAD = 0.10
 COLUMNS = ["model", "data", "limit", "device_name", "dtype", "method", "budget", "knob", "knob_value", "status",
            "error", "top1", "top5", "img_per_s", "gmacs", "gmacs_ratio", "gmacs_baseline", "gmacs_target",
            "n_images", "throughput_batch_size", "tokens_per_block", "gmacs_measured", "gmacs_overhead", "img_per_s_iqr",
-           "latency_ms", "peak_mem_mb", "e2e_img_per_s"]
+           "latency_ms", "peak_mem_mb", "e2e_img_per_s", "cell_id", "checkpoint_sha", "eval_set_sha", "batch_size",
+           "throughput_batch_size_requested", "torch", "timm", "git_sha", "method_version", "timestamp",
+           "predictions", "gmacs_off_pct", "speedup_rounds", "speedup_median", "speedup_q1", "speedup_q3"]
 # Table columns: (key, Markdown/CSV header, LaTeX header, format)
 TABLE = [("budget", "budget", "Budget", None), ("method", "method", "Method", None), ("knob", "knob", "Knob", None),
-         ("gmacs", "GMACs", "GMACs", "{:.3f}"), ("top1", "top-1 %", r"Top-1 (\%)", "{:.2f}"),
-         ("d_top1", "Δ top-1", r"$\Delta$", "{:+.2f}"), ("img_per_s", "img/s", "img/s", "{:.1f}"),
-         ("speedup", "speed-up", "Speed-up", "{:.2f}x"), ("ideal_speedup", "ideal", "Ideal", "{:.2f}x"),
-         ("realised", "realised", "Realised", "{:.2f}"), ("gmacs_measured", "GMACs (fvcore)", "GMACs (fvcore)", "{:.3f}")]
+         ("gmacs", "GMACs", "GMACs", "{:.3f}"), ("top1", "top-1 % [95 % CI]", r"Top-1 (\%) [95\% CI]", "{:.2f}"),
+         ("d_top1", "Δ top-1", r"$\Delta$", "{:+.2f}"), ("p_mcnemar", "p vs none", "$p$", None),
+         ("img_per_s", "img/s", "img/s", "{:.1f}"), ("speedup", "speed-up [IQR]", "Speed-up [IQR]", "{:.2f}x"),
+         ("ideal_speedup", "ideal", "Ideal", "{:.2f}x"), ("realised", "realised", "Realised", "{:.2f}"),
+         ("gmacs_measured", "GMACs (fvcore)", "GMACs (fvcore)", "{:.3f}")]
+_COL = {c[0]: c for c in TABLE}
 # The table of an environment without accuracy (the speed suite): speed, its spread, latency and memory.
-SPEED_TABLE = [TABLE[0], TABLE[1], TABLE[2], TABLE[3], TABLE[10],
-               ("gmacs_overhead", "overhead GMACs", "Overhead", "{:.4f}"), TABLE[6],
-               ("iqr_pct", "IQR %", r"IQR (\%)", "{:.1f}"), TABLE[7], TABLE[8], TABLE[9],
+SPEED_TABLE = [_COL["budget"], _COL["method"], _COL["knob"], _COL["gmacs"], _COL["gmacs_measured"],
+               ("gmacs_overhead", "overhead GMACs", "Overhead", "{:.4f}"), _COL["img_per_s"],
+               ("iqr_pct", "IQR %", r"IQR (\%)", "{:.1f}"), _COL["speedup"], _COL["ideal_speedup"], _COL["realised"],
                ("latency_ms", "latency ms (b=1)", "Latency (ms)", "{:.2f}"), ("peak_mem_mb", "peak MiB", "Peak MiB", "{:.0f}"),
                ("e2e_img_per_s", "e2e img/s", "E2E img/s", "{:.1f}")]
+LEGEND = ("GMACs: analytic multiply-accumulates (the papers' convention). top-1 % [95 % CI]: Wilson score "
+          "interval over the images evaluated. Δ top-1: change against `none`, in points (↑ better, ↓ worse). "
+          "p vs none: exact McNemar test on the two cells' paired per-image predictions; † marks p ≥ 0.05, a "
+          "change not significant at 5 % (no correction for multiple comparisons); `-`: no paired predictions "
+          "stored (older records), no test. speed-up: median over interleaved rounds of the method's img/s over "
+          "`none`'s, [first, third quartile]; `noisy`: (q3 − q1) / median above {noisy:.0%}; ‡: not interleaved "
+          "(img/s over `none`'s img/s, timed apart). ideal: `none`'s GMACs over the method's; realised: speed-up "
+          "over ideal [its quartiles over ideal]. **Bold**: best top-1 of a budget. Cells off their GMACs target "
+          "and superseded method versions stay out of the tables and are listed under each. How these are "
+          "computed: `docs/statistics.md`.").format(noisy=NOISY_SPREAD)
+# how a grouping field reads in a label or an environment line
+LABEL_FORMS = {"limit": "limit {}", "attention": "{} attention", "sdpa_backend": "sdpa {}", "torch": "torch {}",
+               "timm": "timm {}", "batch_size": "eval batch {}", "throughput_batch_size_requested": "throughput batch {}",
+               "checkpoint_sha": "checkpoint {}", "eval_set_sha": "eval set {}"}
+LABEL_KEYS = ("device_short", "dtype", "limit", "data", "checkpoint_sha", "eval_set_sha", "torch", "timm",
+              "batch_size", "throughput_batch_size_requested", *KERNEL)
 
 
 def load_frame(results_dir: Path):
@@ -69,6 +106,9 @@ def load_frame(results_dir: Path):
             df[col] = None
     for col, default in KERNEL.items():
         df[col] = df[col].map(lambda v, d=default: d if v is None or v != v else v) if col in df else default
+    asked = df["throughput_batch_size_requested"]
+    df["throughput_batch_size_requested"] = asked.where(asked.notna(), df["throughput_batch_size"])
+    df["results_dir"] = str(store.root)  # prediction paths are relative to it
     return df
 
 
@@ -79,6 +119,24 @@ def _num(v) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def _norm(v):
+    """A grouping value: None for missing (None or NaN), whole floats as ints (pandas turns 64 into 64.0)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _records(frame) -> list[dict]:
+    """A frame's rows as dicts, NaN as None."""
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def _pct(v: Optional[float]) -> Optional[float]:
+    return None if v is None else 100 * v
 
 
 def budget_order(text: str) -> tuple:
@@ -92,6 +150,10 @@ def budget_order(text: str) -> tuple:
     return (kind, -(value or 0.0), key)
 
 
+def _cell_order(rec: dict) -> tuple:
+    return budget_order(rec["budget"]), rec["method"] != BASELINE, rec["method"]
+
+
 def _knob_text(row) -> str:
     v = _num(row.get("knob_value"))
     if row.get("knob") is None or v is None:
@@ -99,79 +161,226 @@ def _knob_text(row) -> str:
     return f"{row['knob']}={int(v) if v.is_integer() else round(v, 4)}"
 
 
+# --- environments, versions, baselines -------------------------------------------------------------
+
+
 def environments(df) -> list[tuple[dict, object]]:
     """(environment, its records) pairs, sorted; each environment is a dict of GROUP plus a ``label``.
 
-    The label is the model's name, followed by what tells its environments apart when one model was
-    run in several (``deit_tiny_cifar10 (cpu, fp32)``); ``slug`` is a file-name-safe form.
+    Records with measurements (``ok``, ``off_target``) define the environments. A record without
+    (an error, a skip) may lack provenance its cell never reached; it joins every environment whose
+    fields agree with those it has, or else forms its own. The label is the model's name, followed by
+    what tells its environments apart when one model was run in several (``deit_tiny_cifar10 (cpu,
+    fp32)``); ``slug`` is a file-name-safe form and ``differs`` the GROUP fields that tell them apart.
     """
-    envs = [(dict(zip(GROUP, key)), group) for key, group in df.groupby(GROUP, dropna=False, sort=True)]
+    keys = [tuple(_norm(v) for v in row) for row in df[GROUP].itertuples(index=False, name=None)]
+    measured = df["status"].isin(MEASURED).tolist()
+    members: dict[tuple, list[int]] = {k: [] for k, m in zip(keys, measured) if m}
+    strays: dict[tuple, list[int]] = {}
+    for i, (key, m) in enumerate(zip(keys, measured)):
+        homes = [key] if m else [k for k in members if _agrees(key, k)]
+        for home in homes:
+            members[home].append(i)
+        if not homes:
+            strays.setdefault(key, []).append(i)
+    groups = sorted({**members, **strays}.items(), key=lambda kv: tuple((v is None, str(v)) for v in kv[0]))
+    envs = [(dict(zip(GROUP, key)), df.iloc[sorted(rows)]) for key, rows in groups]
+    _label(envs)
+    return envs
+
+
+def _agrees(partial: tuple, full: tuple) -> bool:
+    """Whether a record's identity, missing fields as wildcards, fits an environment's."""
+    return all(p is None or p == f for p, f in zip(partial, full))
+
+
+def _label(envs: list[tuple[dict, object]]) -> None:
     for env, _ in envs:
-        env["device_short"] = str(env["device_name"]).split(" (")[0].replace("NVIDIA ", "")
+        env["device_short"] = str(env["device_name"] or "?").split(" (")[0].replace("NVIDIA ", "")
         env["slug"] = env["label"] = env["model"]
+        env["differs"] = []
     for model in {e["model"] for e, _ in envs}:
         same = [e for e, _ in envs if e["model"] == model]
         if len(same) == 1:
             continue
-        parts = [k for k in ("device_short", "dtype", "limit", "data", *KERNEL) if len({str(e[k]) for e in same}) > 1]
+        parts = [k for k in LABEL_KEYS if len({str(e[k]) for e in same}) > 1]
         for e in same:
-            text = ", ".join(_label_part(k, e[k]) for k in parts)
-            e["label"] = f"{model} ({text})"
+            e["differs"] = parts
+            e["label"] = f"{model} ({', '.join(_label_part(k, e[k]) for k in parts)})"
             e["slug"] = f"{model}-{_env_hash(e)}"
-    return envs
 
 
 def _label_part(key: str, value) -> str:
-    if key == "limit":
-        return f"limit {value}"
-    if key == "attention":
-        return f"{value} attention"
-    if key == "sdpa_backend":
-        return f"sdpa {value}"
     if key == "compile":
-        return "compiled" if value else "eager mode"
-    return str(value)
+        return "compiled" if value else "not compiled"
+    text = "?" if value is None else str(value)[:8] if key.endswith("_sha") else str(value)
+    return LABEL_FORMS.get(key, "{}").format(text)
 
 
 def _env_hash(env: dict) -> str:
     return hashlib.sha1(repr([env[k] for k in GROUP]).encode()).hexdigest()[:6]
 
 
-def baseline_of(group) -> Optional[dict]:
-    """The environment's ``none`` record that ended ok, or None."""
-    base = group[(group["method"] == BASELINE) & (group["status"] == "ok")]
-    return None if base.empty else base.iloc[0].to_dict()
+def version_key(version) -> tuple:
+    """Sort key of a method version: numbers as numbers ("10" after "9"), ``leader@follower`` part by part."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.findall(r"\d+|\D+", str(version)))
 
 
-def model_rows(group) -> list[dict]:
-    """One environment's ok cells as table rows (raw numbers), baseline first, then by budget and method.
+def _superseded_mask(group):
+    """True for the records of a method at an older version than its newest one in ``group``.
 
-    Each row: budget, method, knob, gmacs, top1 and d_top1 (points against ``none``), img_per_s,
-    speedup (measured, img/s over ``none``'s), ideal_speedup (baseline GMACs / GMACs) and ``best``
-    (the highest top-1 among the reducing methods of its budget; ties all count).
+    A record that names no version (older than versions, or a cell that failed before it knew) is
+    never superseded.
     """
-    base = baseline_of(group) or {}
-    base_top1, base_speed = _num(base.get("top1")), _num(base.get("img_per_s"))
-    rows = []
-    for _, r in group[group["status"] == "ok"].iterrows():
-        top1, speed, gmacs = _num(r["top1"]), _num(r["img_per_s"]), _num(r["gmacs"])
-        base_gmacs = _num(r["gmacs_baseline"]) or _num(base.get("gmacs"))
-        rows.append({
-            "budget": str(r["budget"]), "method": r["method"], "knob": _knob_text(r), "gmacs": gmacs,
-            "top1": None if top1 is None else 100 * top1,
-            "d_top1": None if top1 is None or base_top1 is None else 100 * (top1 - base_top1),
-            "img_per_s": speed,
-            "speedup": speed / base_speed if speed and base_speed else None,
-            "ideal_speedup": base_gmacs / gmacs if base_gmacs and gmacs else None,
-            "gmacs_measured": _num(r["gmacs_measured"]), "gmacs_overhead": _num(r["gmacs_overhead"]),
-            "iqr_pct": 100 * _num(r["img_per_s_iqr"]) / speed if speed and _num(r["img_per_s_iqr"]) is not None else None,
-            "latency_ms": _num(r["latency_ms"]), "peak_mem_mb": _num(r["peak_mem_mb"]),
-            "e2e_img_per_s": _num(r["e2e_img_per_s"]),
-        })
-        # how much of the FLOP saving became measured speed
-        last = rows[-1]
-        last["realised"] = last["speedup"] / last["ideal_speedup"] if last["speedup"] and last["ideal_speedup"] else None
-    rows.sort(key=lambda x: (budget_order(x["budget"]), x["method"] != BASELINE, x["method"]))
+    newest: dict[str, str] = {}
+    for method, version in zip(group["method"], group["method_version"]):
+        if _norm(version) is not None:
+            newest[method] = max(newest.get(method, str(version)), str(version), key=version_key)
+    return [(_norm(v) is not None and str(v) != newest[m]) for m, v in zip(group["method"], group["method_version"])]
+
+
+def current(group):
+    """The records of ``group`` at each method's newest version: the ones compared."""
+    return group[[not s for s in _superseded_mask(group)]]
+
+
+def _baselines(group) -> list[dict]:
+    """The compared ``none`` records that ended ok, newest first (by timestamp, then cell id)."""
+    cur = current(group)
+    recs = _records(cur[(cur["method"] == BASELINE) & (cur["status"] == "ok")])
+    return sorted(recs, key=lambda r: (_when(r.get("timestamp")), str(r.get("cell_id"))), reverse=True)
+
+
+def _when(text) -> float:
+    """A record's ISO timestamp as seconds (UTC when it names no zone); -inf when absent or unreadable."""
+    try:
+        t = datetime.fromisoformat(str(text))
+    except ValueError:
+        return -math.inf
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def baseline_of(group) -> Optional[dict]:
+    """The environment's ``none`` record that ended ok (the newest, if several), or None."""
+    recs = _baselines(group)
+    return recs[0] if recs else None
+
+
+# --- rows: accuracy, its test, speed ---------------------------------------------------------------
+
+
+def _loader() -> Callable:
+    """A prediction-file reader that reads each file once (for one report)."""
+    return functools.lru_cache(maxsize=None)(stats.load_predictions)
+
+
+def top1_interval(rec: dict) -> tuple[Optional[float], Optional[float]]:
+    """The 95 % Wilson interval of a record's top-1, in percent; (None, None) without top1 and n_images.
+
+    ``top1`` is k / n, so round(top1 * n) recovers k, the count of images right.
+    """
+    top1, n = _num(rec.get("top1")), _num(rec.get("n_images"))
+    if top1 is None or n is None or n < 1:
+        return None, None
+    n = int(n)
+    low, high = stats.wilson(min(n, max(0, round(top1 * n))), n)
+    return 100 * low, 100 * high
+
+
+def _accuracy(rec: dict, base: Optional[dict], load: Callable) -> dict:
+    """top1 with its interval, and its change against ``base`` with the paired test (None where none can be done)."""
+    top1 = _num(rec.get("top1"))
+    low, high = top1_interval(rec)
+    out = {"top1": _pct(top1), "top1_ci_low": low, "top1_ci_high": high, "d_top1": None, "p_mcnemar": None,
+           "significant": None}
+    base_top1 = _num(base.get("top1")) if base else None
+    if top1 is None or base_top1 is None:
+        return out
+    out["d_top1"] = 100 * (top1 - base_top1)
+    if rec.get("cell_id") != base.get("cell_id"):
+        test = stats.paired_test(rec, base, Path(rec.get("results_dir") or "."), load)
+        if test is not None:
+            out.update(p_mcnemar=test.p, significant=test.p < stats.ALPHA)
+    return out
+
+
+def _stored_speedup(rec: dict) -> Optional[stats.RatioSummary]:
+    """The interleaved speed-up of a record: its stored median and quartiles, else its rounds; None without either."""
+    median = _num(rec.get("speedup_median"))
+    if median:
+        q1, q3 = _num(rec.get("speedup_q1")), _num(rec.get("speedup_q3"))
+        q1, q3 = (median if q1 is None else q1), (median if q3 is None else q3)
+        return stats.RatioSummary(median, q1, q3, (q3 - q1) / median)
+    rounds = rec.get("speedup_rounds")
+    values = [v for v in map(_num, rounds) if v is not None] if isinstance(rounds, (list, tuple)) else []
+    return stats.ratio_summary(values) if values else None
+
+
+def speedup_of(rec: dict, base: Optional[dict]) -> dict:
+    """A cell's measured speed-up over ``none``.
+
+    Returns ``speedup`` (the median of interleaved rounds; for a record without rounds, its img/s
+    over the baseline's), ``speedup_q1``/``speedup_q3``, ``speedup_spread`` ((q3 - q1) / median),
+    ``interleaved`` (True; False for the fallback; None for the baseline itself) and ``noisy``
+    (spread above NOISY_SPREAD).
+    """
+    out = {"speedup": None, "speedup_q1": None, "speedup_q3": None, "speedup_spread": None, "interleaved": None,
+           "noisy": False}
+    s = _stored_speedup(rec)
+    if s is not None:
+        out.update(speedup=s.median, speedup_q1=s.q1, speedup_q3=s.q3, speedup_spread=s.spread, interleaved=True,
+                   noisy=s.spread > NOISY_SPREAD)
+        return out
+    speed, base_speed = _num(rec.get("img_per_s")), _num(base.get("img_per_s")) if base else None
+    if speed and base_speed:
+        out["speedup"] = speed / base_speed
+        out["interleaved"] = None if rec.get("cell_id") == base.get("cell_id") else False
+    return out
+
+
+def _realised(row: dict) -> dict:
+    """How much of the FLOP saving became measured speed: speed-up / ideal, and its quartiles over ideal."""
+    ideal = row["ideal_speedup"]
+    ratio = (lambda v: v / ideal if v and ideal else None)
+    return {"realised": ratio(row["speedup"]), "realised_low": ratio(row["speedup_q1"]),
+            "realised_high": ratio(row["speedup_q3"])}
+
+
+def _row(rec: dict, base: Optional[dict], load: Callable) -> dict:
+    gmacs, speed = _num(rec.get("gmacs")), _num(rec.get("img_per_s"))
+    base_gmacs = _num(rec.get("gmacs_baseline")) or _num((base or {}).get("gmacs"))
+    iqr = _num(rec.get("img_per_s_iqr"))
+    row = {"budget": str(rec["budget"]), "method": rec["method"], "knob": _knob_text(rec), "gmacs": gmacs,
+           **_accuracy(rec, base, load), "img_per_s": speed, **speedup_of(rec, base),
+           "ideal_speedup": base_gmacs / gmacs if base_gmacs and gmacs else None}
+    row.update(_realised(row))
+    row.update({"gmacs_measured": _num(rec.get("gmacs_measured")), "gmacs_overhead": _num(rec.get("gmacs_overhead")),
+                "iqr_pct": 100 * iqr / speed if speed and iqr is not None else None,
+                "latency_ms": _num(rec.get("latency_ms")), "peak_mem_mb": _num(rec.get("peak_mem_mb")),
+                "e2e_img_per_s": _num(rec.get("e2e_img_per_s")), "cell_id": rec.get("cell_id")})
+    return row
+
+
+def model_rows(group, load: Optional[Callable] = None) -> list[dict]:
+    """One environment's compared cells as table rows (raw numbers), baseline first, then by budget and method.
+
+    Compared: ``ok`` cells at their method's newest version, and one ``none`` record (:func:`baseline_of`).
+    Each row: budget, method, knob, gmacs; top1 with ``top1_ci_low``/``top1_ci_high`` (95 % Wilson,
+    percent), d_top1 (points against ``none``) with ``p_mcnemar`` and ``significant`` (None where the
+    cells are not paired); img_per_s; the speed-up of :func:`speedup_of`; ideal_speedup (baseline
+    GMACs / GMACs); ``realised`` = speed-up / ideal with ``realised_low``/``realised_high``; and
+    ``best`` (the highest top-1 among the reducing methods of its budget; ties all count).
+
+    Args:
+        group: one environment's records (:func:`environments`).
+        load: reads a prediction file; pass one reader to several calls to read each file once.
+    """
+    load = load or _loader()
+    base = baseline_of(group)
+    ok = current(group)
+    recs = [r for r in _records(ok[ok["status"] == "ok"])
+            if r["method"] != BASELINE or r.get("cell_id") == (base or {}).get("cell_id")]
+    rows = [_row(r, base, load) for r in sorted(recs, key=_cell_order)]
     _mark_best(rows)
     return rows
 
@@ -189,6 +398,34 @@ def _mark_best(rows: list[dict]) -> None:
                 c["best"] = abs(c["top1"] - top) < 1e-9
 
 
+def pairwise(group, load: Optional[Callable] = None) -> list[dict]:
+    """Every two reducing methods of one budget in an environment, tested on their paired predictions.
+
+    Returns:
+        Rows by budget, then method names: budget, method_a, method_b, top1_a, top1_b, d_top1 (a - b,
+        points), ``b`` (images only a got right), ``c`` (only b), p_mcnemar and significant; the test's
+        fields are None where the two cells are not paired.
+    """
+    load = load or _loader()
+    ok = current(group)
+    by_budget: dict[str, list[dict]] = {}
+    for rec in _records(ok[(ok["status"] == "ok") & (ok["method"] != BASELINE)]):
+        by_budget.setdefault(str(rec["budget"]), []).append(rec)
+    rows = []
+    for budget in sorted(by_budget, key=budget_order):
+        for a, b in itertools.combinations(sorted(by_budget[budget], key=lambda r: r["method"]), 2):
+            test = stats.paired_test(a, b, Path(a.get("results_dir") or "."), load)
+            ta, tb = _pct(_num(a.get("top1"))), _pct(_num(b.get("top1")))
+            rows.append({"budget": budget, "method_a": a["method"], "method_b": b["method"], "top1_a": ta, "top1_b": tb,
+                         "d_top1": ta - tb if ta is not None and tb is not None else None,
+                         "b": test.b if test else None, "c": test.c if test else None,
+                         "p_mcnemar": test.p if test else None, "significant": test.p < stats.ALPHA if test else None})
+    return rows
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+
 def _arrow(delta: Optional[float], fmt: str) -> str:
     # the arrow follows the printed number: -0.001 prints as +0.00 / -0.00 and gets no arrow
     text = fmt.format(delta)
@@ -199,21 +436,72 @@ def _arrow(delta: Optional[float], fmt: str) -> str:
     return text.replace("-", "")
 
 
-def _cell_text(key: str, value, fmt: Optional[str], best: bool, latex: bool) -> str:
-    if value is None:
-        return "-" if not latex else "--"
-    if key == "d_top1":
-        text = _arrow(value, fmt)
-        if latex:
-            text = text.replace("−", "-").replace(" ↑", r"\,$\uparrow$").replace(" ↓", r"\,$\downarrow$")
-            text = text.replace("-", "$-$", 1) if text.startswith("-") else text
+def _tex_arrow(text: str) -> str:
+    text = text.replace("−", "-").replace(" ↑", r"\,$\uparrow$").replace(" ↓", r"\,$\downarrow$")
+    return text.replace("-", "$-$", 1) if text.startswith("-") else text
+
+
+def _interval(text: str, low: Optional[float], high: Optional[float], fmt: str, latex: bool) -> str:
+    """``text [low, high]``; in LaTeX the bracket in small type."""
+    if low is None or high is None:
         return text
-    text = fmt.format(value) if fmt else str(value)
-    if latex:
-        text = tex_escape(text).replace("x", r"$\times$") if key in ("speedup", "ideal_speedup") else tex_escape(text)
-    if key == "top1" and best:
-        return rf"\textbf{{{text}}}" if latex else f"**{text}**"
+    span = f"[{fmt.format(low)}, {fmt.format(high)}]"
+    return rf"{text} {{\scriptsize {span}}}" if latex else f"{text} {span}"
+
+
+def _times(text: str, latex: bool) -> str:
+    return text[:-1] + r"$\times$" if latex and text.endswith("x") else text
+
+
+def p_text(p: Optional[float], latex: bool = False) -> str:
+    """A p-value as printed: three decimals, ``<0.001`` below that, ``-`` when no test was possible."""
+    if p is None:
+        return "--" if latex else "-"
+    if p < 0.001:
+        return "$<$0.001" if latex else "<0.001"
+    return f"{p:.3f}"
+
+
+def _top1_text(row: dict, fmt: str, latex: bool) -> str:
+    text = fmt.format(row["top1"])
+    if row.get("best"):
+        text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
+    return _interval(text, row.get("top1_ci_low"), row.get("top1_ci_high"), "{:.1f}", latex)
+
+
+def _delta_text(row: dict, fmt: str, latex: bool) -> str:
+    text = _arrow(row["d_top1"], fmt)
+    text = _tex_arrow(text) if latex else text
+    # a p-value at or above 5 %: the change is within what chance on these images gives
+    if row.get("significant") is False:
+        text += r"\,\dag" if latex else " †"
     return text
+
+
+def _speedup_text(row: dict, fmt: str, latex: bool) -> str:
+    text = _times(fmt.format(row["speedup"]), latex)
+    if row.get("interleaved") is False:
+        return text + (r"\,\ddag" if latex else " ‡")
+    text = _interval(text, row.get("speedup_q1"), row.get("speedup_q3"), "{:.2f}", latex)
+    return text + " noisy" if row.get("noisy") else text
+
+
+def _realised_text(row: dict, fmt: str, latex: bool) -> str:
+    return _interval(fmt.format(row["realised"]), row.get("realised_low"), row.get("realised_high"), "{:.2f}", latex)
+
+
+_RENDER = {"top1": _top1_text, "d_top1": _delta_text, "speedup": _speedup_text, "realised": _realised_text,
+           "p_mcnemar": lambda row, fmt, latex: p_text(row["p_mcnemar"], latex)}
+
+
+def _cell_text(key: str, row: dict, fmt: Optional[str], latex: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        return "--" if latex else "-"
+    if key in _RENDER:
+        return _RENDER[key](row, fmt, latex)
+    text = fmt.format(value) if fmt else str(value)
+    return _times(tex_escape(text), latex) if latex else text
 
 
 def tex_escape(text: str) -> str:
@@ -225,20 +513,22 @@ def markdown_table(rows: list[dict], table: list = TABLE) -> str:
     """A model's rows as a GitHub Markdown table; the best top-1 of each budget in bold."""
     from tabulate import tabulate
 
-    body = [[_cell_text(k, r[k], f, r["best"], False) for k, _, _, f in table] for r in rows]
+    body = [[_cell_text(k, r, f, False) for k, _, _, f in table] for r in rows]
     return tabulate(body, headers=[h for _, h, _, _ in table], tablefmt="github", disable_numparse=True)
 
 
 def latex_table(rows: list[dict], caption_note: str = "", table: list = TABLE) -> str:
     """A model's rows as a booktabs ``tabular`` (``\\usepackage{booktabs}``), one rule between budgets."""
     align = "lll" + "r" * (len(table) - 3)
-    lines = [f"% {caption_note}".rstrip(), r"% needs \usepackage{booktabs}; best top-1 of each budget in bold",
+    lines = [f"% {caption_note}".rstrip(),
+             r"% needs \usepackage{booktabs}; best top-1 of each budget in bold; [95% CI] Wilson; "
+             r"\dag: p >= 0.05 against none (exact McNemar); \ddag: speed-up not interleaved; speed-up [quartiles]",
              rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(t for _, _, t, _ in table) + r" \\", r"\midrule"]
     prev = None
     for r in rows:
         if prev is not None and r["budget"] != prev:
             lines.append(r"\midrule")
-        cells = [_cell_text(k, r[k], f, r["best"], True) for k, _, _, f in table]
+        cells = [_cell_text(k, r, f, True) for k, _, _, f in table]
         if r["budget"] == prev:
             cells[0] = ""
         lines.append(" & ".join(cells) + r" \\")
@@ -247,54 +537,71 @@ def latex_table(rows: list[dict], caption_note: str = "", table: list = TABLE) -
     return "\n".join(lines)
 
 
+# CSV rounding per column; p-values keep four significant digits instead (they can be tiny)
+DIGITS = {"gmacs": 4, "top1": 2, "top1_ci_low": 2, "top1_ci_high": 2, "d_top1": 2, "img_per_s": 2, "speedup": 3,
+          "speedup_q1": 3, "speedup_q3": 3, "speedup_spread": 3, "ideal_speedup": 3, "realised": 3, "realised_low": 3,
+          "realised_high": 3, "gmacs_measured": 4, "gmacs_overhead": 5, "iqr_pct": 2, "latency_ms": 3,
+          "peak_mem_mb": 1, "e2e_img_per_s": 2, "top1_a": 2, "top1_b": 2}
+
+
+def _rounded(key: str, v):
+    if v is None or isinstance(v, bool):
+        return v
+    if key == "p_mcnemar":
+        return float(f"{v:.4g}")
+    return round(v, DIGITS[key]) if key in DIGITS else v
+
+
 def csv_rows(rows: list[dict], env: dict) -> list[dict]:
     """Rows for CSV: the environment's fields, then the raw numbers rounded (no markers)."""
-    digits = {"gmacs": 4, "top1": 2, "d_top1": 2, "img_per_s": 2, "speedup": 3, "ideal_speedup": 3, "realised": 3,
-              "gmacs_measured": 4, "gmacs_overhead": 5, "iqr_pct": 2, "latency_ms": 3, "peak_mem_mb": 1, "e2e_img_per_s": 2}
-    out = []
-    for r in rows:
-        row = {k: env[k] for k in GROUP}
-        row.update({k: (round(v, digits[k]) if k in digits and v is not None else v) for k, v in r.items()})
-        out.append(row)
-    return out
+    return [{**{k: env[k] for k in GROUP}, **{k: _rounded(k, v) for k, v in r.items()}} for r in rows]
 
 
-def summary(envs: list[tuple[dict, object]]) -> tuple[list[str], list[dict]]:
+def pairwise_markdown(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    body = [[r["budget"], r["method_a"], r["method_b"], _fmt(r["top1_a"], "{:.2f}"), _fmt(r["top1_b"], "{:.2f}"),
+             "-" if r["d_top1"] is None else _arrow(r["d_top1"], "{:+.2f}"), _fmt(r["b"], "{}"), _fmt(r["c"], "{}"),
+             p_text(r["p_mcnemar"]) + (" †" if r["significant"] is False else "")] for r in rows]
+    return tabulate(body, headers=["budget", "A", "B", "top-1 A", "top-1 B", "Δ (A − B)", "b: only A right",
+                                   "c: only B right", "p"], tablefmt="github", disable_numparse=True)
+
+
+# --- across models ---------------------------------------------------------------------------------
+
+
+def summary(envs: list[tuple[dict, object]], load: Optional[Callable] = None) -> tuple[list[str], list[dict]]:
     """Top-1 and its change for every method across models at matched budgets.
 
     Returns:
         The column labels (``<model label> @ <budget>``) and one row per method, the ``none`` row
-        first with each column's reference top-1: ``{"method": m, "<col>": (top1, d_top1, best), ...}``.
+        first with each column's reference top-1: ``{"method": m, "<col>": <its model_rows row>, ...}``.
     """
+    load = load or _loader()
     cols, table = [], {BASELINE: {"method": BASELINE}}
     for env, group in envs:
-        rows = model_rows(group)
+        rows = model_rows(group, load)
         base = next((r for r in rows if r["method"] == BASELINE), None)
         for budget in sorted({r["budget"] for r in rows if r["method"] != BASELINE}, key=budget_order):
             col = f"{env['label']} @ {budget}"
             cols.append(col)
             if base is not None:
-                table[BASELINE][col] = (base["top1"], None, False)
+                table[BASELINE][col] = {**base, "d_top1": None, "best": False}
             for r in rows:
                 if r["budget"] == budget:
-                    table.setdefault(r["method"], {"method": r["method"]})[col] = (r["top1"], r["d_top1"], r["best"])
+                    table.setdefault(r["method"], {"method": r["method"]})[col] = r
     order = sorted(table, key=lambda m: (m != BASELINE, m))
     return cols, [table[m] for m in order]
 
 
-def _summary_cell(v, latex: bool) -> str:
-    if v is None or v[0] is None:
+def _summary_cell(v: Optional[dict], latex: bool) -> str:
+    if v is None or v.get("top1") is None:
         return "--" if latex else "-"
-    top1, delta, best = v
-    text = f"{top1:.2f}"
-    if latex:
-        text = rf"\textbf{{{text}}}" if best else text
-        if delta is not None:
-            d = _cell_text("d_top1", delta, "{:+.2f}", False, True)
-            text += rf" {{\scriptsize({d})}}"
+    text = _top1_text(v, "{:.2f}", latex)
+    if v.get("d_top1") is None:
         return text
-    text = f"**{text}**" if best else text
-    return text if delta is None else f"{text} ({_arrow(delta, '{:+.2f}')})"
+    delta = _delta_text(v, "{:+.2f}", latex)
+    return rf"{text} {{\scriptsize({delta})}}" if latex else f"{text} ({delta})"
 
 
 def summary_markdown(cols: list[str], rows: list[dict]) -> str:
@@ -314,7 +621,8 @@ def summary_latex(cols: list[str], rows: list[dict]) -> str:
         rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
         start += n
     head2 = [""] + [tex_escape(c.rsplit(" @ ", 1)[1]) for c in cols]
-    lines = [r"% needs \usepackage{booktabs}; top-1 (%) and its change against none, best of each budget in bold",
+    lines = [r"% needs \usepackage{booktabs}; top-1 (%) [95% CI, Wilson] and its change against none, best of "
+             r"each budget in bold; \dag: p >= 0.05 (exact McNemar against none)",
              rf"\begin{{tabular}}{{l{'r' * len(cols)}}}", r"\toprule", " & ".join(head1) + r" \\", "".join(rules),
              " & ".join(head2) + r" \\", r"\midrule"]
     for r in rows:
@@ -323,13 +631,24 @@ def summary_latex(cols: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _summary_tidy(cols: list[str], rows: list[dict]) -> list[dict]:
+    keys = ("top1", "top1_ci_low", "top1_ci_high", "d_top1", "p_mcnemar", "significant", "best")
+    return [{"column": c, "method": r["method"], **{k: _rounded(k, v[k]) for k in keys}}
+            for r in rows for c in cols for v in [r.get(c)] if v is not None]
+
+
 def method_curve(group, method: str) -> list[tuple[float, float]]:
-    """(GMACs, top-1 %) points of ``method`` in one environment, anchored at the baseline, by GMACs."""
-    ok = group[(group["status"] == "ok") & (group["method"] == method)]
-    pts = {(_num(r["gmacs"]), 100 * _num(r["top1"])) for _, r in ok.iterrows()
+    """(GMACs, top-1 %) points of ``method`` in one environment, anchored at the baseline, by GMACs.
+
+    Its cells at their achieved GMACs: ``ok`` ones and ``off_target`` ones (a point of the curve all
+    the same, only not at its budget), at the method's newest version.
+    """
+    cur = current(group)
+    cells = cur[cur["status"].isin(MEASURED) & (cur["method"] == method)]
+    pts = {(_num(r["gmacs"]), 100 * _num(r["top1"])) for _, r in cells.iterrows()
            if _num(r["gmacs"]) is not None and _num(r["top1"]) is not None}
     base = baseline_of(group)
-    if base and _num(base.get("top1")) is not None and method != BASELINE:
+    if base and _num(base.get("top1")) is not None and _num(base.get("gmacs")) is not None and method != BASELINE:
         # every method at its identity knob is the unpatched model (a contract test checks it)
         pts.add((_num(base["gmacs"]), 100 * _num(base["top1"])))
     return sorted(pts)
@@ -355,18 +674,21 @@ def accuracy_at_gmacs(envs: list[tuple[dict, object]]) -> tuple[list[str], list[
     """Paper-style rows: per model and GMACs target (the budgets' targets), each method's top-1 there.
 
     Returns:
-        The method columns and rows ``{"model", "gmacs", "baseline_top1", "baseline_gmacs", <method>: top1}``.
+        The method columns and rows ``{"model", "gmacs", "baseline_top1", "baseline_top1_ci_low",
+        "baseline_top1_ci_high", "baseline_gmacs", <method>: top1}``. The baseline's top-1 is measured
+        and carries its interval; the methods' are interpolated and carry none.
     """
-    methods = sorted({m for _, g in envs for m in g.loc[g["status"] == "ok", "method"] if m != BASELINE})
+    methods = sorted({m for _, g in envs for m in current(g).loc[lambda c: c["status"].isin(MEASURED), "method"]
+                      if m != BASELINE})
     rows = []
     for env, group in envs:
         base = baseline_of(group) or {}
-        targets = sorted({round(t, 3) for t in map(_num, group["gmacs_target"]) if t is not None}, reverse=True)
+        low, high = top1_interval(base)
+        targets = sorted({round(t, 3) for t in map(_num, current(group)["gmacs_target"]) if t is not None}, reverse=True)
         curves = {m: method_curve(group, m) for m in methods}
         for t in targets:
-            row = {"model": env["label"], "gmacs": t, "baseline_top1": None, "baseline_gmacs": _num(base.get("gmacs"))}
-            if _num(base.get("top1")) is not None:
-                row["baseline_top1"] = 100 * _num(base["top1"])
+            row = {"model": env["label"], "gmacs": t, "baseline_top1": _pct(_num(base.get("top1"))),
+                   "baseline_top1_ci_low": low, "baseline_top1_ci_high": high, "baseline_gmacs": _num(base.get("gmacs"))}
             row.update({m: accuracy_at(curves[m], t) for m in methods})
             rows.append(row)
     return methods, rows
@@ -384,14 +706,18 @@ def at_gmacs_markdown(methods: list[str], rows: list[dict]) -> str:
     for r in rows:
         top = _best_of(r, methods)
         cells = [("-" if r[m] is None else f"**{r[m]:.2f}**" if r[m] == top else f"{r[m]:.2f}") for m in methods]
-        base = "-" if r["baseline_top1"] is None else f"{r['baseline_top1']:.2f} @ {r['baseline_gmacs']:.2f}"
+        base = "-"
+        if r["baseline_top1"] is not None:
+            top1 = _interval(f"{r['baseline_top1']:.2f}", r["baseline_top1_ci_low"], r["baseline_top1_ci_high"],
+                             "{:.1f}", False)
+            base = f"{top1} @ {_fmt(r['baseline_gmacs'], '{:.2f}')}"
         body.append([r["model"], f"{r['gmacs']:.2f}", base] + cells)
-    return tabulate(body, headers=["model", "GMACs", "none (top-1 @ GMACs)"] + methods, tablefmt="github",
+    return tabulate(body, headers=["model", "GMACs", "none (top-1 [95 % CI] @ GMACs)"] + methods, tablefmt="github",
                     disable_numparse=True)
 
 
 def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
-    lines = [r"% needs \usepackage{booktabs}; top-1 (%) interpolated at each GMACs target, best in bold",
+    lines = [r"% needs \usepackage{booktabs}; top-1 (%) interpolated at each GMACs target (no interval), best in bold",
              rf"\begin{{tabular}}{{lr{'r' * len(methods)}}}", r"\toprule",
              " & ".join(["Model", "GMACs"] + [tex_escape(m) for m in methods]) + r" \\", r"\midrule"]
     prev = None
@@ -407,6 +733,9 @@ def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- attention kernels -----------------------------------------------------------------------------
+
+
 def kernel_setting(row) -> str:
     """A record's kernel settings as one label: ``fused``, ``eager``, ``fused/sdpa=efficient``, ``fused+compile``."""
     text = str(row["attention"]) + (f"/sdpa={row['sdpa_backend']}" if row["sdpa_backend"] != "auto" else "")
@@ -416,11 +745,16 @@ def kernel_setting(row) -> str:
 def kernel_comparison(df) -> tuple[list[str], list[dict]]:
     """img/s of the same cell under each attention kernel / compile setting stored.
 
-    Returns the settings (the default ``fused`` first) and one row per model, device, dtype, method
-    and budget that ran under more than one; each row maps a setting to its img/s, and ``vs_<s>`` to
-    the ratio of the default's img/s over it (above 1: the default is faster).
+    Returns the settings (the default ``fused`` first) and one row per environment (less its kernel
+    settings), method and budget that ran under more than one; each row maps a setting to its img/s,
+    and ``vs_<s>`` to the ratio of the default's img/s over it (above 1: the default is faster).
+    Only ok cells at their method's newest version count.
     """
-    ok = df[(df["status"] == "ok") & df["img_per_s"].map(_num).notna()].copy()
+    import pandas as pd
+
+    envs = environments(df)
+    ok = pd.concat([current(g) for _, g in envs]) if envs else df
+    ok = ok[(ok["status"] == "ok") & ok["img_per_s"].map(_num).notna()].drop_duplicates("cell_id").copy()
     if ok.empty:
         return [], []
     ok["setting"] = ok.apply(kernel_setting, axis=1)
@@ -428,7 +762,7 @@ def kernel_comparison(df) -> tuple[list[str], list[dict]]:
     if len(settings) < 2:
         return settings, []
     rows = []
-    keys = ["model", "data", "limit", "device_name", "dtype", "method", "budget"]
+    keys = [k for k in GROUP if k not in KERNEL] + ["method", "budget"]
     for key, group in ok.groupby(keys, dropna=False, sort=True):
         speeds = {r["setting"]: _num(r["img_per_s"]) for _, r in group.iterrows()}
         if len(speeds) < 2:
@@ -457,16 +791,94 @@ def _fmt(v, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _failures(group) -> list[str]:
-    bad = group[group["status"] != "ok"]
-    return [f"- {r['method']} @ {r['budget']}: {r['status']}: {r.get('error')}" for _, r in bad.iterrows()]
+# --- a model's section -----------------------------------------------------------------------------
+
+
+def _notes(group) -> list[str]:
+    """The lines under a model's table: the baseline when there was a choice, failures, off-target
+    cells, halved throughput batches and superseded method versions."""
+    cur = current(group)
+    lines = _baseline_notes(group)
+    for r in sorted(_records(cur[~cur["status"].isin(MEASURED)]), key=_cell_order):
+        lines.append(f"- {r['method']} @ {r['budget']}: {r['status']}: {r.get('error')}")
+    for r in sorted(_records(cur[cur["status"] == "off_target"]), key=_cell_order):
+        lines.append(_off_target_note(r))
+    for r in sorted(_records(cur[cur["status"].isin(MEASURED)]), key=_cell_order):
+        used, asked = _num(r.get("throughput_batch_size")), _num(r.get("throughput_batch_size_requested"))
+        if used and asked and used < asked:
+            lines.append(f"- {r['method']} @ {r['budget']}: timed at throughput batch {int(used)}, not {int(asked)} "
+                         "(out of memory)")
+    return lines + _superseded_notes(group)
+
+
+def _baseline_notes(group) -> list[str]:
+    bases = _baselines(group)
+    if not bases:
+        return ["- no `none` record ended ok here: no Δ top-1, no speed-up"] if len(group) else []
+    if len(bases) == 1:
+        return []
+    b = bases[0]
+    return [f"- baseline: the newest of {len(bases)} ok `none` records (cell {b.get('cell_id')}, "
+            f"{b.get('timestamp') or 'no timestamp'}); the others are not compared"]
+
+
+def _off_target_note(r: dict) -> str:
+    gmacs, target = _num(r.get("gmacs")), _num(r.get("gmacs_target"))
+    off = _num(r.get("gmacs_off_pct"))
+    if off is None and gmacs and target:
+        off = 100 * (gmacs / target - 1)
+    return (f"- {r['method']} @ {r['budget']}: off target: {_fmt(gmacs, '{:.3f}')} GMACs achieved, "
+            f"{_fmt(target, '{:.3f}')} targeted ({_fmt(off, '{:+.1f}')} %); on the accuracy-vs-GMACs curves, "
+            "not in the matched-budget rows")
+
+
+def _superseded_notes(group) -> list[str]:
+    by_version: dict[tuple, set] = {}
+    for r in _records(group[_superseded_mask(group)]):
+        by_version.setdefault((r["method"], str(r["method_version"])), set()).add(str(r["budget"]))
+    lines = []
+    for method, version in sorted(by_version, key=lambda mv: (mv[0], version_key(mv[1]))):
+        budgets = ", ".join(sorted(by_version[method, version], key=budget_order))
+        lines.append(f"- {method} @ {budgets}: superseded (method version {version}), not compared")
+    return lines
 
 
 def _env_line(env: dict, group) -> str:
-    n = group["n_images"].map(_num).dropna()
-    tb = group["throughput_batch_size"].map(_num).dropna()
-    return (f"data `{env['data']}`, {int(n.max()) if len(n) else 'no'} images, {env['device_name']}, {env['dtype']}, "
-            f"throughput batch {int(tb.max()) if len(tb) else '-'}")
+    """What environment a section is: data, images, device, dtype, versions, batches, kernels, git."""
+    cur = current(group)
+    n = cur["n_images"].map(_num).dropna()
+    gits = sorted({str(v) for v in cur["git_sha"] if _norm(v) is not None})
+    parts = [f"data `{env['data']}`", f"{int(n.max()) if len(n) else 'no'} images", str(env["device_name"]),
+             str(env["dtype"])]
+    parts += [_label_part(k, env[k]) for k in ("torch", "timm", "batch_size", "throughput_batch_size_requested",
+                                               "attention", "sdpa_backend", "compile", "checkpoint_sha", "eval_set_sha")
+              if env[k] is not None or k in ("torch", "timm")]
+    text = ", ".join(parts) + (f"; git {', '.join(gits)}" if gits else "")
+    if env["differs"]:
+        text += "; told apart from the model's other environments by " + ", ".join(
+            _label_part(k, env[k]) for k in env["differs"])
+    return text
+
+
+def _model_section(env: dict, group, scored: bool, load: Callable, reports_dir: Path) -> tuple[list[str], list[dict]]:
+    """A model's Markdown (heading, environment, table, notes, pairwise tests) and its pairwise rows; writes its CSV and LaTeX."""
+    import pandas as pd
+
+    rows = model_rows(group, load)
+    table = TABLE if scored else SPEED_TABLE
+    parts = [f"## {env['label']}", "", _env_line(env, group), ""]
+    parts += [markdown_table(rows, table) if rows else "(no successful cells)", ""]
+    parts += _notes(group) + [""]
+    pairs = pairwise(group, load) if scored else []
+    if any(p["p_mcnemar"] is not None for p in pairs):
+        parts += ["Pairwise, each two methods of a budget (exact McNemar on paired predictions; † p ≥ 0.05, "
+                  "not significant):", "", pairwise_markdown(pairs), ""]
+    elif pairs:
+        parts += ["Pairwise tests between methods: not available (no paired prediction files).", ""]
+    _write(reports_dir / "tables" / f"{env['slug']}.csv", pd.DataFrame(csv_rows(rows, env)).to_csv(index=False))
+    _write(reports_dir / "tables" / f"{env['slug']}.tex", latex_table(rows, f"{env['label']}: {_env_line(env, group)}", table))
+    return parts, [{"environment": env["label"], **{k: env[k] for k in GROUP}, **{k: _rounded(k, v) for k, v in p.items()}}
+                   for p in pairs]
 
 
 def _write(path: Path, text: str) -> None:
@@ -481,20 +893,18 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
     df = load_frame(results_dir)
     reports_dir = Path(reports_dir)
     envs = environments(df)
-    parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`. "
-             "GMACs: analytic multiply-accumulates (the papers' convention). Δ top-1: change against `none`, in "
-             "points (↑ better, ↓ worse). speed-up: measured img/s over `none`'s in the same environment; "
-             "ideal: `none`'s GMACs over the method's. **Bold**: best top-1 of a budget.", ""]
+    load = _loader()
+    parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`. " + LEGEND, ""]
     scored = {id(g) for _, g in scored_envs(envs)}
+    pair_rows = []
     for env, group in envs:
-        rows = model_rows(group)
-        table = TABLE if id(group) in scored else SPEED_TABLE
-        parts += [f"## {env['label']}", "", _env_line(env, group), ""]
-        parts += [markdown_table(rows, table) if rows else "(no successful cells)", ""]
-        parts += _failures(group) + [""]
-        _write(reports_dir / "tables" / f"{env['slug']}.csv", pd.DataFrame(csv_rows(rows, env)).to_csv(index=False))
-        _write(reports_dir / "tables" / f"{env['slug']}.tex", latex_table(rows, f"{env['label']}: {_env_line(env, group)}", table))
-    parts += _summary_parts(envs, reports_dir)
+        section, pairs = _model_section(env, group, id(group) in scored, load, reports_dir)
+        parts += section
+        pair_rows += pairs
+    pair_cols = ["environment", *GROUP, "budget", "method_a", "method_b", "top1_a", "top1_b", "d_top1", "b", "c",
+                 "p_mcnemar", "significant"]
+    _write(reports_dir / "pairwise.csv", pd.DataFrame(pair_rows, columns=pair_cols).to_csv(index=False))
+    parts += _summary_parts(envs, reports_dir, load)
     settings, krows = kernel_comparison(df)
     if krows:
         parts += ["## Attention kernels", "", "Model-only img/s of the same cell under each attention kernel and "
@@ -503,7 +913,7 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
         pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
-    df.drop(columns=[c for c in ("traceback",) if c in df]).to_csv(reports_dir / "results.csv", index=False)
+    df.drop(columns=[c for c in ("traceback", "results_dir") if c in df]).to_csv(reports_dir / "results.csv", index=False)
     log.info("report written to %s", reports_dir)
     return text
 
@@ -513,15 +923,13 @@ def scored_envs(envs: list[tuple[dict, object]]) -> list[tuple[dict, object]]:
     return [(e, g) for e, g in envs if g["top1"].map(_num).notna().any()]
 
 
-def _summary_parts(envs, reports_dir: Path) -> list[str]:
+def _summary_parts(envs, reports_dir: Path, load: Callable) -> list[str]:
     import pandas as pd
 
     envs = scored_envs(envs)
-
-    cols, rows = summary(envs)
-    tidy = [{"column": c, "method": r["method"], "top1": v[0], "d_top1": v[1], "best": v[2]}
-            for r in rows for c in cols for v in [r.get(c)] if v is not None]
-    pd.DataFrame(tidy, columns=["column", "method", "top1", "d_top1", "best"]).round(2).to_csv(
+    cols, rows = summary(envs, load)
+    pd.DataFrame(_summary_tidy(cols, rows), columns=["column", "method", "top1", "top1_ci_low", "top1_ci_high", "d_top1",
+                                                     "p_mcnemar", "significant", "best"]).to_csv(
         reports_dir / "summary.csv", index=False)
     _write(reports_dir / "summary.tex", summary_latex(cols, rows))
     methods, at_rows = accuracy_at_gmacs(envs)
@@ -529,10 +937,12 @@ def _summary_parts(envs, reports_dir: Path) -> list[str]:
     _write(reports_dir / "accuracy_at_gmacs.tex", at_gmacs_latex(methods, at_rows))
     if not envs:
         return []
-    out = ["## Summary across models at matched budgets", "", "top-1 % (Δ against `none`, whose top-1 is the first row)", "",
+    out = ["## Summary across models at matched budgets", "",
+           "top-1 % [95 % CI] (Δ against `none`, whose top-1 is the first row; † p ≥ 0.05, exact McNemar)", "",
            summary_markdown(cols, rows), ""]
     if at_rows:
         out += ["## Accuracy at equal GMACs", "", "Each method's top-1 read off its accuracy-vs-GMACs curve "
-                "(its cells and the baseline, linear interpolation, at most 2 % beyond its ends) at each budget's target.",
-                "", at_gmacs_markdown(methods, at_rows), ""]
+                "(its cells, off-target ones included at their achieved GMACs, and the baseline; linear interpolation, "
+                "at most 2 % beyond its ends) at each budget's target. Interpolated values carry no interval; "
+                "the baseline's measured top-1 does.", "", at_gmacs_markdown(methods, at_rows), ""]
     return out

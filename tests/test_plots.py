@@ -1,14 +1,20 @@
 """Figures from the fixture records, the stable method styles, and token provenance for token maps."""
 import copy
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 
-from harness.plots import FIGURES, KNOWN, _pareto, method_style, write_plots
+from harness.plots import (FIGURES, KNOWN, _pareto, accuracy_vs_gmacs, method_style, paper_style, speedup_vs_ideal,
+                           write_plots)
+from harness.report import environments, load_frame
+from harness.stats import wilson
 from harness.registry import make_method
 from harness.schedule import arch_spec
 from harness.tokenmap import DROPPED, KEPT, MERGED, patch_roles, render, trace
@@ -22,6 +28,47 @@ def test_plots_written_from_fixtures(tmp_path):
     for p in paths:
         head = p.read_bytes()[:8]
         assert p.stat().st_size > 5000 and head.startswith(b"\x89PNG" if p.suffix == ".png" else b"%PDF")
+
+
+def _sweep(root):
+    """The current-format sweep of tests/fixtures/sweep.py, plus an ok cell that names no image count."""
+    spec = importlib.util.spec_from_file_location("sweep", FIXTURES / "sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recs = mod.write_sweep(root)
+    bare = {k: v for k, v in recs["topk"].items() if k not in ("n_images", "predictions", "speedup_rounds")}
+    (root / "records" / "bare.json").write_text(json.dumps({**bare, "cell_id": "bare", "method": "random", "top1": 0.75}))
+
+
+def _bars(ax):
+    """Every error bar of a panel as ((x, low), (x, high)) segments."""
+    return [seg for c in ax.containers for seg in c.lines[2][0].get_segments()]
+
+
+def test_plots_draw_intervals_and_off_target_hollow(tmp_path):
+    _sweep(tmp_path / "r")
+    assert len(write_plots(tmp_path / "r", tmp_path / "rep")) == 2 * len(FIGURES)
+    envs = environments(load_frame(tmp_path / "r"))
+    assert [e["label"] for e, _ in envs] == ["m (torch 2.4.0)", "m (torch 2.5.0)"]
+    with paper_style() as plt:
+        ax = accuracy_vs_gmacs(plt, envs).axes[0]
+        # evit's off-target cell: hollow, at the 0.55 GMACs it reached (not its 0.5 budget)
+        hollow = [ln for ln in ax.lines if ln.get_markerfacecolor() == "white" and len(ln.get_xdata())]
+        assert [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in hollow] == [([0.55], [70.0])]
+        assert hollow[0].get_color() == method_style("evit")["color"]
+        # 95 % Wilson bars: the baseline's 160/200 and tome's 158/200; the cell without n_images has none
+        bars = _bars(ax)
+        for x, k in ((1.0, 160), (0.7, 158)):
+            low, high = wilson(k, 200)
+            assert any(np.allclose(seg, [[x, 100 * low], [x, 100 * high]]) for seg in bars)
+        assert not any(np.isclose(seg[0][1], 75.0) or np.isclose(seg[1][1], 75.0) for seg in bars)
+        assert any(75.0 in ln.get_ydata() for ln in ax.lines)  # drawn all the same
+        # tome's version 1 (50 %) is superseded: not drawn
+        assert not any(50.0 in ln.get_ydata() for ln in ax.lines)
+        ax = speedup_vs_ideal(plt, envs).axes[0]
+        # tome's interleaved speed-up: median 1.4 at ideal 1 / 0.7, its quartiles 1.3 and 1.5 as the bar
+        assert any(np.allclose(seg, [[1 / 0.7, 1.3], [1 / 0.7, 1.5]]) for seg in _bars(ax))
+        plt.close("all")
 
 
 def test_builtin_styles_fixed_and_distinct():

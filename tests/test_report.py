@@ -1,11 +1,14 @@
-"""Tables from the stored records in tests/fixtures: numbers checked against the records by hand."""
+"""Tables from stored records: the old-format records in tests/fixtures and a sweep in the current
+format (tests/fixtures/sweep.py, with prediction files), numbers checked against them by hand."""
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from harness.report import accuracy_at, budget_order, build_report, tex_escape
+from harness.report import NOISY_SPREAD, accuracy_at, budget_order, build_report, tex_escape, version_key
+from harness.stats import wilson
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPU = "cpu (x86_64, 2 threads)"
@@ -24,6 +27,11 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     md = build_report(FIXTURES, out)
     return out, md
+
+
+def _cells(line):
+    """A Markdown table row's cells, stripped."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def _csv(path):
@@ -79,6 +87,11 @@ def test_markdown_markers_and_failures(report):
     assert "+0.60 ↑" in md  # tome on deit_small beats its baseline
     assert "- diffrate @ 0.7: error: RuntimeError: boom" in md
     assert "- tome @ 0.1: skipped" in md
+    # old records: the interval from top1 and n_images, no paired test, a speed-up timed apart
+    assert "**81.00** [77.3, 84.2]" in line and "1.26x ‡" in line  # Wilson 405/500 (test_stats checks the formula)
+    assert "†" not in section and _cells(line)[6] == "-"  # the p column
+    gpu = md.split("## deit_tiny_cifar10 (H100")[1].split("## ")[0]
+    assert "tome @ 0.1" not in gpu  # the skip, which names no torch, joins only the environment it fits
     assert (out_md := report[0] / "results.md").read_text() == md and out_md.stat().st_size > 0
 
 
@@ -88,9 +101,10 @@ def test_latex_table_is_booktabs_and_matches(report):
     tex = path.with_suffix(".tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count(r"\begin{tabular}") == 1
     rows = [l for l in tex.splitlines() if l.endswith(r"\\")]
-    assert {l.count("&") for l in rows} == {10}  # eleven columns in every row
+    assert {l.count("&") for l in rows} == {11}  # twelve columns in every row
     tome = next(l for l in rows if " & tome & r=9 " in l)
-    assert r"\textbf{81.00}" in tome and r"$-$0.80\,$\downarrow$" in tome and r"1.26$\times$" in tome
+    assert r"\textbf{81.00} {\scriptsize [77.3, 84.2]}" in tome and r"$-$0.80\,$\downarrow$" in tome
+    assert r"1.26$\times$\,\ddag" in tome
     assert r"keep\_rate" in tex and "_" not in tex.replace(r"\_", "").split(r"\begin{tabular}")[1]
 
 
@@ -123,3 +137,135 @@ def test_budget_order_and_escape():
     assert sorted(["0.5", "r=13", "baseline", "0.9", "gmacs=2.9"], key=budget_order) == \
         ["baseline", "0.9", "0.5", "gmacs=2.9", "r=13"]
     assert tex_escape("keep_rate=50% & #1") == r"keep\_rate=50\% \& \#1"
+
+
+def test_version_order():
+    assert sorted(["10", "9", "2", "1@2", "1@1", "1"], key=version_key) == ["1", "1@1", "1@2", "2", "9", "10"]
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep", FIXTURES / "sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The current-format sweep of tests/fixtures/sweep.py and its report."""
+    root = tmp_path_factory.mktemp("sweep")
+    recs = _sweep_module().write_sweep(root)
+    md = build_report(root, root / "rep")
+    return root / "rep", md, recs
+
+
+def _section(md, heading):
+    return md.split(f"## {heading}\n")[1].split("\n## ")[0]
+
+
+def _md_row(section, budget, method):
+    """The cells of a model table's row (the first table of the section)."""
+    table = next(block for block in section.split("\n\n") if block.startswith("| budget"))
+    return next(c for c in map(_cells, table.splitlines()) if c[:2] == [budget, method])
+
+
+def _sweep_table(out, torch_version):
+    return next(rows for p in sorted((out / "tables").glob("m-*.csv")) for rows in [_csv(p)]
+                if rows[0]["torch"] == torch_version)
+
+
+def test_superseded_version_is_listed_not_compared(sweep):
+    out, md, _ = sweep
+    a = _section(md, "m (torch 2.4.0)")
+    rows = _sweep_table(out, "2.4.0")
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", "baseline"), ("tome", "0.7"), ("topk", "0.7")]
+    tome = next(r for r in rows if r["method"] == "tome")
+    assert float(tome["top1"]) == 79.0 and tome["cell_id"] == "tome"  # version 2, not version 1's 50 %
+    assert "- tome @ 0.7: superseded (method version 1), not compared" in a
+    assert "50.00" not in md
+    results = _csv(out / "results.csv")
+    assert {r["cell_id"] for r in results} >= {"tome_v1", "evit_off", "random_err"}  # every stored record
+
+
+def test_each_torch_version_is_an_environment_with_its_own_baseline(sweep):
+    out, md, _ = sweep
+    assert md.count("## m (") == 2
+    a, b = _sweep_table(out, "2.4.0"), _sweep_table(out, "2.5.0")
+    # tome against its own environment's none: 79 - 80 under torch 2.4.0, 85 - 90 under 2.5.0
+    assert float(next(r for r in a if r["method"] == "tome")["d_top1"]) == pytest.approx(-1.0)
+    assert float(next(r for r in b if r["method"] == "tome")["d_top1"]) == pytest.approx(-5.0)
+    # two ok none records under 2.4.0: the newer (80 %, day 2) is the baseline, and the report says so
+    assert [r["cell_id"] for r in a if r["method"] == "none"] == ["base"]
+    section = _section(md, "m (torch 2.4.0)")
+    assert "- baseline: the newest of 2 ok `none` records (cell base, 2026-01-02" in section
+    # git shas differ within 2.4.0 (a sweep resumed after a commit): one environment, the shas listed
+    assert "git aaa, bbb, ccc" in section and "torch 2.4.0, timm 1.0.31, eval batch 64, throughput batch 8" in section
+    assert "- random @ 0.7: error: RuntimeError: boom" in section
+
+
+def test_off_target_cell_is_data_but_not_at_its_budget(sweep):
+    out, md, recs = sweep
+    a = _sweep_table(out, "2.4.0")
+    assert "evit" not in {r["method"] for r in a}
+    assert "evit" not in {r["method"] for r in _csv(out / "summary.csv")}
+    stored = next(r for r in _csv(out / "results.csv") if r["cell_id"] == "evit_off")
+    assert stored["status"] == "off_target" and float(stored["top1"]) == 0.7
+    assert ("- evit @ 0.5: off target: 0.550 GMACs achieved, 0.500 targeted (+10.0 %)"
+            in _section(md, "m (torch 2.4.0)"))
+    # on evit's curve at its achieved GMACs: (0.55, 70) to the baseline (1.0, 80), read at tome's target 0.7
+    at = next(r for r in _csv(out / "accuracy_at_gmacs.csv") if r["model"] == "m (torch 2.4.0)" and r["gmacs"] == "0.7")
+    assert float(at["evit"]) == pytest.approx(70 + 10 * (0.7 - 0.55) / (1.0 - 0.55), abs=1e-3)  # 73.333
+    assert float(at["baseline_top1_ci_low"]) == pytest.approx(100 * wilson(160, 200)[0], abs=1e-3)
+
+
+def test_significance_mark_exactly_when_p_at_least_five_percent(sweep):
+    out, md, _ = sweep
+    a = _section(md, "m (torch 2.4.0)")
+    tome, topk = _md_row(a, "0.7", "tome"), _md_row(a, "0.7", "topk")
+    # tome: b = 1, c = 3, p = 2 * (1 + 4) / 16 = 0.625; topk: b = 0, c = 30, p = 2 / 2^30
+    assert tome[5] == "−1.00 ↓ †" and tome[6] == "0.625"
+    assert topk[5] == "−15.00 ↓" and topk[6] == "<0.001"
+    rows = {r["method"]: r for r in _sweep_table(out, "2.4.0")}
+    assert float(rows["tome"]["p_mcnemar"]) == 0.625 and rows["tome"]["significant"] == "False"
+    assert float(rows["topk"]["p_mcnemar"]) == pytest.approx(2 / 2 ** 30, rel=1e-3)
+    assert rows["topk"]["significant"] == "True" and rows["none"]["p_mcnemar"] == ""
+    # under torch 2.5.0: b = 0, c = 10, p = 2 / 1024 = 0.00195: significant, no mark
+    b = _md_row(_section(md, "m (torch 2.5.0)"), "0.7", "tome")
+    assert b[5] == "−5.00 ↓" and b[6] == "0.002"
+    # the interval: Wilson on 158 of 200
+    low, high = wilson(158, 200)
+    assert tome[4] == f"**79.00** [{100 * low:.1f}, {100 * high:.1f}]" == "**79.00** [72.8, 84.1]"
+    assert float(rows["tome"]["top1_ci_high"]) == pytest.approx(100 * high, abs=0.005)
+    # the summary carries the same marks
+    summary = {(r["column"], r["method"]): r for r in _csv(out / "summary.csv")}
+    assert summary[("m (torch 2.4.0) @ 0.7", "tome")]["significant"] == "False"
+    assert "(−1.00 ↓ †)" in md.split("## Summary")[1] and "(−15.00 ↓)" in md.split("## Summary")[1]
+
+
+def test_pairwise_tests_between_methods(sweep):
+    out, md, _ = sweep
+    (row,) = _csv(out / "pairwise.csv")
+    # tome right on 3..160, topk on 0..129: only tome right on 130..160 (31), only topk on 0..2 (3)
+    assert (row["method_a"], row["method_b"], row["b"], row["c"]) == ("tome", "topk", "31", "3")
+    # p = 2 * (C(34,0) + C(34,1) + C(34,2) + C(34,3)) / 2^34 = 2 * 6580 / 2^34
+    assert float(row["p_mcnemar"]) == pytest.approx(2 * 6580 / 2 ** 34, rel=1e-3) and row["significant"] == "True"
+    pairs = _section(md, "m (torch 2.4.0)").split("Pairwise, each two methods")[1]
+    line = next(c for c in map(_cells, pairs.splitlines()) if c[:3] == ["0.7", "tome", "topk"])
+    assert line[5:] == ["+14.00 ↑", "31", "3", "<0.001"]
+
+
+def test_noisy_flag_when_rounds_spread_more_than_ten_percent(sweep):
+    out, md, _ = sweep
+    assert NOISY_SPREAD == 0.10
+    a = _section(md, "m (torch 2.4.0)")
+    # tome: rounds 1.2..1.6, median 1.4, quartiles 1.3 / 1.5: spread 0.2 / 1.4 = 14 %
+    # topk: only rounds stored, 1.49 1.50 1.50 1.51 1.52: quartiles 1.50 / 1.51, spread 0.7 %
+    assert _md_row(a, "0.7", "tome")[8] == "1.40x [1.30, 1.50] noisy"
+    assert _md_row(a, "0.7", "topk")[8] == "1.50x [1.50, 1.51]"
+    # realised: speed-up over ideal (1.0 / 0.7): 1.4 * 0.7 = 0.98, quartiles 0.91 and 1.05
+    assert _md_row(a, "0.7", "tome")[10] == "0.98 [0.91, 1.05]"
+    rows = {r["method"]: r for r in _sweep_table(out, "2.4.0")}
+    assert rows["tome"]["noisy"] == "True" and float(rows["tome"]["speedup_spread"]) == pytest.approx(0.143, abs=1e-3)
+    assert rows["topk"]["noisy"] == "False" and rows["topk"]["interleaved"] == "True"
+    # no rounds under torch 2.5.0: img/s over none's, marked as not interleaved
+    assert _md_row(_section(md, "m (torch 2.5.0)"), "0.7", "tome")[8] == "1.00x ‡"
