@@ -20,16 +20,18 @@ def _default_config() -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description="Token-reduction benchmark harness for timm ViTs.")
+    # allow_abbrev=False everywhere: a prefix (--data for --data-root) must never be taken for another flag
+    p = argparse.ArgumentParser(prog="python -m harness", description="Token-reduction benchmark harness for timm ViTs.",
+                                allow_abbrev=False)
     p.add_argument("-v", "--verbose", action="store_true", help="log library messages")
     sub = p.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("ls", help="list methods, models or suites")
+    ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models or suites")
     ls.add_argument("what", choices=["methods", "models", "suites"])
     ls.add_argument("--config", type=Path, default=None)
     ls.add_argument("--data-root", default=None)
 
-    run = sub.add_parser("run", help="run a sweep of models x methods x budgets")
+    run = sub.add_parser("run", allow_abbrev=False, help="run a sweep of models x methods x budgets")
     run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the project's)")
     run.add_argument("--suite", help="suite of the config to run (default: [run] suite)")
     run.add_argument("--models", type=_csv, help="comma-separated model names")
@@ -41,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int)
     run.add_argument("--results", dest="results_dir", help="results directory")
     run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT or ../shared)")
+    run.add_argument("--weights", metavar="random|pretrained|PATH",
+                     help="weights of the models of --models (or the suite): seeded random init, timm's pretrained "
+                          "weights from the local Hugging Face / timm cache, or a .safetensors/.pth file")
+    run.add_argument("--data", metavar="synthetic|cifar10|imagenet[:PATH]",
+                     help="eval data of the models of --models (or the suite): synthetic inputs (no accuracy), the "
+                          "CIFAR-10 test split, the shared ImageNet sample or an ImageNet-style val folder; "
+                          "--weights random alone implies synthetic")
     run.add_argument("--overwrite", action="store_true", default=None, help="re-run cells already stored")
     run.add_argument("--recalibrate", action="store_true", default=None, help="search again instead of using cached calibration results")
     run.add_argument("--calib-limit", type=int, help="training images a calibrating method (DiffRate) searches on")
@@ -64,19 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="submitit AutoExecutor parameter, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=120")
 
-    rep = sub.add_parser("report", help="tables from stored results (no model runs)")
+    rep = sub.add_parser("report", allow_abbrev=False, help="tables from stored results (no model runs)")
     rep.add_argument("--config", type=Path, default=None)
     rep.add_argument("--results", dest="results_dir", help="results directory")
     rep.add_argument("--out", dest="reports_dir", help="reports directory")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
 
-    plot = sub.add_parser("plot", help="figures (PNG + PDF) from stored results (no model runs)")
+    plot = sub.add_parser("plot", allow_abbrev=False, help="figures (PNG + PDF) from stored results (no model runs)")
     plot.add_argument("--config", type=Path, default=None)
     plot.add_argument("--results", dest="results_dir", help="results directory")
     plot.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
     plot.add_argument("--budget", help="budget of the tokens-per-block plot (default: the middle one stored)")
 
-    tm = sub.add_parser("tokenmap", help="token maps on test images: kept, merged and dropped patches (runs the model)")
+    tm = sub.add_parser("tokenmap", allow_abbrev=False, help="token maps on test images: kept, merged and dropped patches (runs the model)")
     tm.add_argument("--config", type=Path, default=None)
     tm.add_argument("--model", default="deit_tiny_cifar10")
     tm.add_argument("--methods", type=_csv, default=["tome", "evit", "topk", "random"])
@@ -119,8 +128,12 @@ def cmd_ls(args) -> int:
     for name in reference_names(root):
         print(f"{name:28s} reference checkpoint ({root / 'models'})")
     for name, m in cfg.models.items():
-        print(f"{name:28s} timm {m.timm}, weights {m.weights}, data {m.data}")
-    print("(any timm ViT name, arch.tag, with pretrained weights where they can be had)")
+        what = f"card {m.card}" if m.card else f"timm {m.timm}"
+        weights = m.weights or ("checkpoint" if m.checkpoint else "card's" if m.card else "pretrained")
+        data = m.data or ("cifar10" if m.card else "imagenet")
+        print(f"{name:28s} {what}, weights {weights}{' ' + m.checkpoint if m.checkpoint else ''}, data {data}")
+    print("(any timm ViT name, arch.tag: pretrained weights from the local Hugging Face / timm cache, "
+          "or run --weights random|PATH --data synthetic|imagenet:PATH)")
     return 0
 
 
@@ -134,6 +147,7 @@ def cmd_run(args) -> int:
                                               "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend",
                                               "throughput_repeats")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
+    cfg = _override_models(cfg, args.weights, args.data)
     if args.executor != "local":
         n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))
         print(f"{n} jobs done or submitted; records in {Path(cfg.run.results_dir) / 'records'}")
@@ -148,6 +162,19 @@ def cmd_run(args) -> int:
     if not args.no_report:
         print(build_report(Path(cfg.run.results_dir), Path(cfg.run.reports_dir)))
     return 1 if failed else 0
+
+
+def _override_models(cfg, weights, data):
+    """``--weights`` / ``--data`` as ``[models.X]`` entries for every model the sweep runs."""
+    if not weights and not data:
+        return cfg
+    import dataclasses
+
+    from harness.models import override_models
+    from harness.paths import DataRoot
+
+    entries = override_models(cfg.suite.models, cfg.models, DataRoot(cfg.run.data_root), weights, data)
+    return dataclasses.replace(cfg, models={**cfg.models, **entries})
 
 
 def _slurm_params(pairs: list[str]) -> dict:

@@ -73,19 +73,24 @@ class ModelConfig:
 
     Attributes:
         timm: timm model name, ``arch.tag``.
-        weights: ``pretrained`` (timm's), ``random`` (speed and GMACs only) or ``checkpoint``.
-        checkpoint: path of a .safetensors / .pth file when weights is ``checkpoint``.
-        num_classes: classifier size; None keeps timm's default.
-        data: ``cifar10``, ``imagenet`` or ``synthetic``.
+        weights: ``pretrained`` (timm's, from the local Hugging Face / timm cache), ``random`` (speed
+            and GMACs only) or ``checkpoint``; "" means ``checkpoint`` when ``checkpoint`` is set,
+            the card's own weights for a ``card``, else ``pretrained``.
+        checkpoint: a local .safetensors / .pth file, for any timm architecture (relative paths are
+            under the data root).
+        num_classes: classifier size; None keeps timm's default (a card's: its own).
+        data: ``cifar10``, ``imagenet`` or ``synthetic``; "" means the card's (``cifar10``), else ``imagenet``.
         data_path: folder for ``imagenet`` (the ``val`` folder); "" means the shared sample.
+        card: a reference checkpoint to start from (its architecture, classes and input), in place of ``timm``.
     """
 
-    timm: str
-    weights: str = "pretrained"
+    timm: str = ""
+    weights: str = ""
     checkpoint: str = ""
     num_classes: Optional[int] = None
-    data: str = "imagenet"
+    data: str = ""
     data_path: str = ""
+    card: str = ""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 ENV_DATA_ROOT = "HARNESS_DATA_ROOT"
+ENV_CACHE_DIR = "HARNESS_CACHE_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,6 +26,19 @@ def data_root(explicit: str = "") -> Path:
             return candidate
     raise HarnessError(
         f"no data root: looked for {PROJECT_ROOT.parent / 'shared'}; pass --data-root or set {ENV_DATA_ROOT}")
+
+
+def cache_dir(explicit: str = "") -> Path:
+    """Where decoded data (and other derived files shared across result folders) are cached.
+
+    ``explicit``, else $HARNESS_CACHE_DIR, else ``$XDG_CACHE_HOME/vit-token-harness``
+    (``~/.cache/vit-token-harness``). Not under the results folder: the decoded crops of an eval set
+    do not depend on a sweep's results, and every results folder (each test's too) shares them.
+    """
+    if explicit or os.environ.get(ENV_CACHE_DIR):
+        return Path(explicit or os.environ[ENV_CACHE_DIR]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vit-token-harness"
 
 
 def require_file(path: Path, what: str) -> Path:

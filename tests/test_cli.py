@@ -3,7 +3,12 @@ import json
 
 import pytest
 
-from harness.cli import main
+from harness.cli import _parser, main
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _run(capsys, *argv):
@@ -112,3 +117,47 @@ def test_unwritable_results_dir(capsys, tmp_path, shared):
 def test_report_without_results(capsys, tmp_path):
     code, _, err = _run(capsys, "report", "--results", str(tmp_path / "none"), "--out", str(tmp_path / "rep"))
     assert code == 2 and "no results" in _one_line_error(err)
+
+
+def test_flags_are_never_abbreviated(capsys):
+    args = _parser().parse_args(["run", "--data", "synthetic"])
+    assert args.data == "synthetic" and args.data_root is None  # once, --data was taken for --data-root
+    for argv in (["run", "--data-r", "x"], ["run", "--model", "m"], ["ls", "models", "--data-r", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            _parser().parse_args(argv)
+        assert exc.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--weights", "/no/such/file.safetensors"], "--weights takes random, pretrained or a checkpoint file"),
+    (["--data", "imagenet2"], "--data takes synthetic, cifar10, imagenet or imagenet:PATH"),
+    (["--data", "cifar10:/x"], "--data takes"),
+    (["--weights", "random", "--data", "cifar10"], "random weights give meaningless accuracy"),
+    (["--data", "imagenet:/no/such/val", "--weights", "random"], "random weights"),
+])
+def test_bad_weights_or_data_exit_2(capsys, tmp_path, argv, needle):
+    code, _, err = _run(capsys, "run", "--models", "deit_tiny_patch16_224", "--methods", "none",
+                        "--results", str(tmp_path / "r"), *argv)
+    assert code == 2 and needle in _one_line_error(err)
+
+
+def test_missing_imagenet_folder_says_where(capsys, tmp_path):
+    from safetensors.torch import save_file
+    import timm
+
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), tmp_path / "w.safetensors")
+    code, _, err = _run(capsys, "run", "--models", "deit_tiny_patch16_224", "--methods", "none", "--weights",
+                        str(tmp_path / "w.safetensors"), "--data", f"imagenet:{tmp_path / 'nope'}", "--results",
+                        str(tmp_path / "r"))
+    assert code == 2 and f"ImageNet folder not found: looked for {tmp_path / 'nope'}" in _one_line_error(err)
+
+
+def test_ls_models_shows_how_entries_resolve(capsys, tmp_path):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text('[models.a]\ntimm = "vit_small_patch16_224"\ncheckpoint = "w.pth"\n'
+                   '[models.b]\ncard = "deit_tiny_cifar10"\ndata = "synthetic"\n')
+    code, out, _ = _run(capsys, "ls", "models", "--config", str(cfg))
+    assert code == 0
+    assert "timm vit_small_patch16_224, weights checkpoint w.pth, data imagenet" in out
+    assert "card deit_tiny_cifar10, weights card's, data synthetic" in out

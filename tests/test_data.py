@@ -8,6 +8,11 @@ from harness.models import Transform
 IMAGENET_T = Transform(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic")
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_balanced_subset_takes_first_k_of_each_class():
     labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert balanced_subset(labels, 6) == [0, 1, 3, 4, 6, 7]
@@ -39,17 +44,18 @@ def test_imagenet_folder_maps_synsets_to_1000_class_index(shared):
 def test_imagenet_folder_errors(tmp_path):
     with pytest.raises(HarnessError, match="not found"):
         load_imagenet_folder(tmp_path / "nope", IMAGENET_T)
-    (tmp_path / "cats").mkdir()
+    (tmp_path / "val" / "cats").mkdir(parents=True)
     with pytest.raises(HarnessError, match="synset"):
-        load_imagenet_folder(tmp_path, IMAGENET_T)
+        load_imagenet_folder(tmp_path / "val", IMAGENET_T)
 
 
 def test_unreadable_image_is_one_clear_error(tmp_path):
-    d = tmp_path / "n01440764"
-    d.mkdir()
+    d = tmp_path / "val" / "n01440764"
+    d.mkdir(parents=True)
     (d / "bad.JPEG").write_bytes(b"not a jpeg")
-    with pytest.raises(HarnessError, match="unreadable image"):
-        load_imagenet_folder(tmp_path, IMAGENET_T)
+    with pytest.raises(HarnessError, match="unreadable image .*bad.JPEG"):
+        load_imagenet_folder(tmp_path / "val", IMAGENET_T)
+    assert not list((tmp_path / "cache").glob("data/*/COMPLETE"))  # a failed build leaves no cache
 
 
 def test_truncated_archive(tmp_path, shared):
@@ -62,15 +68,13 @@ def test_truncated_archive(tmp_path, shared):
 def test_grayscale_image_becomes_rgb(tmp_path):
     from PIL import Image
 
-    d = tmp_path / "n01443537"
-    d.mkdir()
+    d = tmp_path / "val" / "n01443537"
+    d.mkdir(parents=True)
     Image.new("L", (40, 30), color=128).save(d / "gray.JPEG")
-    s = load_imagenet_folder(tmp_path, IMAGENET_T)
+    s = load_imagenet_folder(tmp_path / "val", IMAGENET_T)
     assert s.images.shape == (1, 3, 224, 224) and s.labels.tolist() == [1]
     # every channel of a gray image carries the same value before normalisation
-    raw = s.images[0] * torch.tensor(IMAGENET_T.std).view(3, 1, 1) + torch.tensor(IMAGENET_T.mean).view(3, 1, 1)
-    torch.testing.assert_close(raw[0], raw[1])
-    torch.testing.assert_close(raw[1], raw[2])
+    assert torch.equal(s.images[0, 0], s.images[0, 1]) and torch.equal(s.images[0, 1], s.images[0, 2])
 
 
 def test_take_equals_the_single_image_batches():

@@ -98,7 +98,8 @@ def test_old_records_keep_loading(tmp_path):
 
 
 # fields that are timings or stamps, which differ between any two runs
-TIMING = ("img_per_s", "latency_ms", "e2e_", "peak_mem", "eval_s", "cell_s", "search_s", "timestamp", "git_sha")
+TIMING = ("img_per_s", "latency_ms", "e2e_", "peak_mem", "eval_s", "cell_s", "search_s", "timestamp", "git_sha",
+          "speedup_", "baseline_img_per_s")
 
 
 def _comparable(results: Path) -> dict:
