@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--dtype", help="auto, fp32, fp16, bf16")
     run.add_argument("--batch-size", type=int)
-    run.add_argument("--results", dest="results_dir", help="results directory")
+    run.add_argument("--results", dest="results_dir", help="results directory (default results/local)")
+    run.add_argument("--out", dest="reports_dir", help="reports directory (default <results>/reports)")
     run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT or ../shared)")
     run.add_argument("--weights", metavar="random|pretrained|PATH",
                      help="weights of the models of --models (or the suite): seeded random init, timm's pretrained "
@@ -145,7 +146,7 @@ def cmd_run(args) -> int:
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
                                               "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend",
-                                              "throughput_repeats")}
+                                              "throughput_repeats", "reports_dir")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
     cfg = _override_models(cfg, args.weights, args.data)
     if args.executor != "local":
@@ -160,7 +161,7 @@ def cmd_run(args) -> int:
     failed = [r for r in records if r["status"] == "error"]
     print(f"done: {len(records)} cells run, {len(failed)} failed; records in {sweep.store.records_dir}")
     if not args.no_report:
-        print(build_report(Path(cfg.run.results_dir), Path(cfg.run.reports_dir)))
+        print(build_report(Path(cfg.run.results_dir), cfg.run.reports_path))
     return 1 if failed else 0
 
 
@@ -187,12 +188,19 @@ def _slurm_params(pairs: list[str]) -> dict:
     return params
 
 
+def _reports_dir(args, cfg) -> Path:
+    """``--out``; else beside the records of ``--results``; else the configuration's."""
+    if args.reports_dir:
+        return Path(args.reports_dir)
+    return Path(args.results_dir) / "reports" if args.results_dir else cfg.run.reports_path
+
+
 def cmd_report(args) -> int:
     from harness.report import build_report
 
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
-    reports = Path(args.reports_dir or cfg.run.reports_dir)
+    reports = _reports_dir(args, cfg)
     print(build_report(results, reports))
     print(f"(tables written to {reports}: results.md, results.csv, summary.*, accuracy_at_gmacs.*, tables/)")
     if not args.no_plots:
@@ -208,7 +216,7 @@ def cmd_plot(args) -> int:
 
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
-    reports = Path(args.reports_dir or cfg.run.reports_dir)
+    reports = _reports_dir(args, cfg)
     for p in write_plots(results, reports, args.budget):
         print(p)
     return 0
@@ -225,7 +233,7 @@ def cmd_tokenmap(args) -> int:
         raise HarnessError("--images must be positive")
     depths = [int(d) - 1 for d in args.depths] if args.depths else None
     root = data_root(args.data_root or cfg.run.data_root)
-    paths = token_maps(args.model, args.methods, args.budget, args.images, Path(args.reports_dir or cfg.run.reports_dir),
+    paths = token_maps(args.model, args.methods, args.budget, args.images, Path(args.reports_dir) if args.reports_dir else cfg.run.reports_path,
                        cfg.method_options, cfg.models, root, depths)
     for p in paths:
         print(p)

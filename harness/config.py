@@ -19,8 +19,8 @@ class RunConfig:
     """How cells run. ``limit`` 0 means the whole eval split; ``data_root`` "" means the default lookup."""
 
     suite: str = "default"
-    results_dir: str = "results"
-    reports_dir: str = "reports"
+    results_dir: str = "results/local"  # git-ignored: a user's own runs (the project's reference run: results/reference)
+    reports_dir: str = ""               # "" = <results_dir>/reports
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 64
@@ -41,6 +41,11 @@ class RunConfig:
     flops_images: int = 8            # first N eval images, averaged (image-dependent methods)
     attention: str = "fused"         # fused: timm's scaled_dot_product_attention; eager: softmax(q k^T) v (the official patches)
     sdpa_backend: str = "auto"       # auto | flash | efficient | cudnn | math: pin SDPA's kernel for every method
+
+    @property
+    def reports_path(self) -> Path:
+        """Where reports go: ``reports_dir``, else beside the records in ``<results_dir>/reports``."""
+        return Path(self.reports_dir) if self.reports_dir else Path(self.results_dir) / "reports"
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
