@@ -7,7 +7,25 @@ residual, before its MLP. The harness patches that place once; methods supply a 
 What is kept from current timm: the block's own submodules run unchanged (LayerScale, q/k-norm,
 fused ``scaled_dot_product_attention``, drop-path), prefix tokens (class, distillation, registers)
 are handed to reducers as ``ctx.num_prefix`` so they are never dropped, and per-token sizes feed
-proportional attention as an additive float mask, which SDPA accepts without the eager path.
+proportional attention (log size added to every key's logits).
+
+Proportional attention reaches timm's attention one of three ways, ``TokenState.prop_attn_impl``
+(set by :func:`install` or :func:`set_prop_attn_impl`):
+
+ - ``"mask"`` (default, the reference): log size as an additive float mask to timm's SDPA call.
+   Exact and simple, but a float mask rules out the flash kernel.
+ - ``"fold"``: log size folded into one extra head dimension (:func:`fold_attention`), so SDPA runs
+   with no mask and flash-class kernels stay eligible; costs a head dim padded to a multiple of 8.
+ - ``"flex"``: FlexAttention with a ``score_mod`` adding log size (:func:`flex_attention_bias`).
+
+For ``fold`` and ``flex`` timm's attention forward still runs unchanged: a
+:class:`torch.overrides.TorchFunctionMode` active during the block's attention swaps its one SDPA
+call for the kernel (dynamo traces through it; in eager mode every op of the attention pays a few
+microseconds of Python dispatch). timm's eager attention (``fused_attn=False``), a caller's own
+``attn_mask`` and ``is_causal`` always take the mask path.
+
+Every reducer is held to static shapes and no host syncs (``tests/test_compile.py``): the forward
+must compile with ``torch.compile(fullgraph=True)``.
 
 Reducers read what the block just computed through ``ctx``: ``ctx.keys()`` (keys averaged over
 heads, ToMe's metric) and ``ctx.cls_attn()`` (the class token's attention row, EViT's and
@@ -16,6 +34,7 @@ blocks that ask pay: a 1 x N attention row, not the eager N x N matrix.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from dataclasses import dataclass, field
@@ -23,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from harness.errors import UnsupportedModel
 
@@ -36,11 +56,13 @@ class TokenState:
     Attributes:
         size: (B, N, 1) number of patches each token stands for, or None while nothing merged.
         prop_attn: add log(size) to attention logits (proportional attention).
+        prop_attn_impl: how the log-size bias reaches the attention kernel: "mask", "fold" or "flex".
         recording: append the tokens leaving each block to ``observed`` (tests, token maps).
         observed: tokens leaving each block in the last forward, when recording.
     """
 
     prop_attn: bool = False
+    prop_attn_impl: str = "mask"
     size: Optional[torch.Tensor] = None
     recording: bool = False
     observed: list = field(default_factory=list)
@@ -89,11 +111,104 @@ class BlockContext:
 Reducer = Callable[[torch.Tensor, BlockContext], torch.Tensor]
 
 
-def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """log(size) as a (B, 1, 1, N) additive mask, or None when nothing was merged."""
+PROP_ATTN_IMPLS = ("mask", "fold", "flex")
+
+
+def log_size(state: TokenState) -> Optional[torch.Tensor]:
+    """log(size) per token (B, N), or None when proportional attention is off or nothing merged."""
     if not state.prop_attn or state.size is None:
         return None
-    return state.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+    return state.size.log()[..., 0]
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """log(size) as a (B, 1, 1, N) additive mask, or None when nothing was merged."""
+    bias = log_size(state)
+    return None if bias is None else bias.to(dtype)[:, None, None, :]
+
+
+def fold_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                   attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                   scale: Optional[float] = None, **kwargs) -> torch.Tensor:
+    """SDPA of (B, H, N, d) ``q``, ``k``, ``v`` with ``bias`` (B, N) added to every key's logits, no mask.
+
+    softmax(s q kᵀ + bias) == softmax(s [q, 1] [k, bias / s]ᵀ): the bias rides in one extra head
+    dimension and ``scale=s`` is passed explicitly (SDPA's default would be 1/sqrt of the wider
+    dim). Heads are zero-padded to a multiple of 8 (v too), as flash-class kernels want, and the
+    output is cut back to v's width. Other arguments are SDPA's and pass through.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    width = -(-(q.shape[-1] + 1) // 8) * 8
+    key_bias = (bias / scale).to(k.dtype)[:, None, :, None].expand(*k.shape[:-1], 1)
+    q = F.pad(torch.cat([q, torch.ones_like(q[..., :1])], -1), (0, width - q.shape[-1] - 1))
+    k = F.pad(torch.cat([k, key_bias], -1), (0, width - k.shape[-1] - 1))
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, width - v.shape[-1])), attn_mask=attn_mask,
+                                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+    return out[..., : v.shape[-1]]
+
+
+@torch.compiler.disable(reason="dynamo (torch 2.14.1) drops attribute writes made after a traced flex_attention")
+def flex_attention_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """FlexAttention of (B, H, N, d) ``q``, ``k``, ``v`` with a ``score_mod`` adding ``bias`` (B, N).
+
+    On CUDA the flex kernel is compiled on its own, once (flex is only fused when compiled); on CPU
+    it runs flex's unfused reference, which materialises the scores: right, but no faster than the
+    mask. Never traced into a model's graph: dynamo (torch 2.14.1) silently drops attribute writes
+    made after a traced flex call in the same graph, such as the next reducer's ``state.size``. A
+    compiled model graph-breaks around it instead, and ``fullgraph=True`` fails.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if attn_mask is not None or dropout_p or is_causal:
+        raise ValueError("flex proportional attention takes no attn_mask, dropout or is_causal")
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return kernel(q, k, v, score_mod=add_bias, scale=scale)
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+PROP_ATTN_KERNELS = {"fold": fold_attention, "flex": flex_attention_bias}
+
+
+class _BiasedSDPA(TorchFunctionMode):
+    """While active, SDPA calls run ``kernel`` with ``bias``; every other torch call runs as is."""
+
+    def __init__(self, kernel: Callable, bias: torch.Tensor):
+        super().__init__()
+        self.kernel, self.bias = kernel, bias
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return self.kernel(*args, self.bias, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in PROP_ATTN_IMPLS:
+        raise ValueError(f"unknown prop_attn_impl {impl!r}; choices: {', '.join(PROP_ATTN_IMPLS)}")
+
+
+def set_prop_attn_impl(model: torch.nn.Module, impl: str) -> None:
+    """Choose how a patched ``model`` feeds proportional attention: "mask", "fold" or "flex".
+
+    An unpatched model has no proportional attention: nothing to set. The choice changes kernels,
+    not results (to float rounding).
+    """
+    _check_impl(impl)
+    state = getattr(model, "_seam_state", None)
+    if state is not None:
+        state.prop_attn_impl = impl
 
 
 def _attention_dtype(x: torch.Tensor) -> torch.dtype:
@@ -109,30 +224,39 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+    """``block.attn(x)`` with the size bias fed as the state's ``prop_attn_impl`` says."""
+    state: TokenState = block._seam_state
+    bias = log_size(state)
+    if bias is None:
+        return block.attn(x, attn_mask=attn_mask, is_causal=is_causal)
+    if state.prop_attn_impl == "mask" or attn_mask is not None or is_causal or not block.attn.fused_attn:
+        mask = bias.to(_attention_dtype(x))[:, None, None, :]
+        return block.attn(x, attn_mask=mask if attn_mask is None else attn_mask + mask, is_causal=is_causal)
+    with _BiasedSDPA(PROP_ATTN_KERNELS[state.prop_attn_impl], bias):
+        return block.attn(x)
+
+
 def _seam_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
     # The seam: timm's Block.forward with the reduction between its two residual branches.
     state: TokenState = self._seam_state
     if self._seam_index == 0:
         state.reset()
-    bias = attention_bias(state, _attention_dtype(x))
-    if bias is not None:
-        attn_mask = bias if attn_mask is None else attn_mask + bias
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    x = x + self.drop_path1(self.ls1(_attention(self, self.norm1(x), attn_mask, is_causal)))
+    qkv = self.attn.qkv._seam_output
+    self.attn.qkv._seam_output = None  # let go here, whether a reducer reads it or not
     if self._seam_reducer is not None:
-        ctx = BlockContext(self._seam_index, self._seam_num_prefix, state, self, self._seam_qkv)
-        self._seam_qkv = None
-        x = self._seam_reducer(x, ctx)
+        x = self._seam_reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
     if state.recording:
         state.observed.append(x.shape[1])
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
 
 
-def _capture_qkv(block: torch.nn.Module) -> Callable:
-    def hook(_module, _inputs, output):
-        block._seam_qkv = output
-
-    return hook
+def _capture_output(module: torch.nn.Module, _inputs, output) -> None:
+    # kept on the projection itself (not in a closure over the block), so a deep copy of a
+    # patched model captures into its own modules
+    module._seam_output = output
 
 
 def _check_supported(model: torch.nn.Module) -> None:
@@ -166,14 +290,17 @@ def _size_weighted_head(model: torch.nn.Module) -> None:
 
 
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
-            capture_qkv: bool = True) -> TokenState:
+            capture_qkv: bool = True, prop_attn_impl: str = "mask") -> TokenState:
     """Patch ``model`` in place so ``reducers[i]`` runs between block i's attention and MLP.
 
     Args:
         model: a fresh timm VisionTransformer (or subclass such as DeiT's distilled model).
         reducers: block index -> reducer; blocks without one run as in timm.
         prop_attn: add log(token size) to attention logits once tokens carry sizes.
-        capture_qkv: keep the qkv projection of reduced blocks so ``ctx.keys()`` / ``ctx.cls_attn()`` work.
+        capture_qkv: keep each block's qkv projection until its reducer ran, so ``ctx.keys()`` /
+            ``ctx.cls_attn()`` work.
+        prop_attn_impl: how log(size) reaches the attention kernel ("mask", "fold", "flex"; see the
+            module docstring); :func:`set_prop_attn_impl` changes it later.
 
     Returns:
         The TokenState the patched model carries (sizes, observed counts).
@@ -182,20 +309,23 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
         UnsupportedModel: the model is not a timm ViT made of standard Blocks.
     """
     _check_supported(model)
+    _check_impl(prop_attn_impl)
     depth = len(model.blocks)
     bad = [i for i in reducers if not 0 <= i < depth]
     if bad:
         raise ValueError(f"reducer block indices {bad} outside 0..{depth - 1}")
-    state = TokenState(prop_attn=prop_attn)
+    state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
         blk._seam_state = state
         blk._seam_index = i
         blk._seam_num_prefix = model.num_prefix_tokens
         blk._seam_reducer = reducers.get(i)
-        blk._seam_qkv = None
-        if capture_qkv and i in reducers:
-            blk.attn.qkv.register_forward_hook(_capture_qkv(blk))
+        blk.attn.qkv._seam_output = None
+        if capture_qkv:
+            # every block alike, reducer or not: dynamo does not guard on hooks, so a graph compiled
+            # for a block without the hook could be reused for one with it (the capture then lost)
+            blk.attn.qkv.register_forward_hook(_capture_output)
         blk.forward = types.MethodType(_seam_forward, blk)
     _size_weighted_head(model)
     return state

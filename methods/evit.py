@@ -48,9 +48,11 @@ def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
         ``kept`` (B, keep) in descending score order and ``dropped`` (B, N - keep), ascending index.
     """
     kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
-    # the complement of ``kept`` (not a second sort, which could split ties differently)
-    rest = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, 0)
-    dropped = rest.nonzero()[:, 1].view(scores.shape[0], -1)
+    # the complement of ``kept`` (not a second sort of the scores, which could split ties
+    # differently): a stable sort of the kept flags puts the unkept first, in index order, in a
+    # shape known without looking at the data (``nonzero`` would sync with the host)
+    is_kept = torch.zeros_like(scores, dtype=torch.uint8).scatter(1, kept, 1)
+    dropped = is_kept.argsort(dim=1, stable=True)[:, : scores.shape[1] - keep]
     return kept, dropped
 
 

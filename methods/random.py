@@ -10,6 +10,16 @@ class, distillation and register tokens always stay. The native knob ``keep_rate
 EViT's drop blocks (the 4th, 7th and 10th of 12, scaled to other depths), keeping
 ceil(keep_rate x non-prefix tokens) each time. Any other method's schedule can be followed instead
 (``patch_schedule``), which gives "random at the schedule of method X".
+
+Randomness without a generator (version 2): each token's random score is a counter-based hash of
+(seed, block, image index within the batch, token index), a few rounds of 32-bit multiply-xorshift
+in int64 tensor ops (:func:`random_scores`), and the kept tokens are the ``topk`` of those scores.
+No ``torch.Generator`` runs in the forward, so it compiles as one graph with static shapes and
+never syncs with the host; a draw depends on nothing but its key: the same seed keeps the same
+tokens whatever ran before (warm-up passes included), on any device. Image ``i`` of every batch of
+one size draws the same pattern (its key is its place in the batch); the pattern is independent of
+the image's content, so accuracy stays an unbiased estimate. Version 1 drew from a generator
+advanced by every forward, so its draws depended on how many batches ran before.
 """
 from __future__ import annotations
 
@@ -22,10 +32,37 @@ from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install
 
 
-def random_keep_index(batch: int, num_tokens: int, num_keep: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices (batch, num_keep) of a uniformly random subset of range(num_tokens) per row, ascending."""
-    scores = torch.rand(batch, num_tokens, generator=generator, device=generator.device)
-    return scores.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A 32-bit integer hash (xorshift-multiply rounds, multipliers below 2^31 so that int64
+    products never overflow); works on Python ints and int64 tensors alike."""
+    x = x & _MASK32
+    for multiplier in (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39):
+        x = ((x ^ (x >> 16)) * multiplier) & _MASK32
+    return x ^ (x >> 16)
+
+
+def random_scores(batch: int, num_tokens: int, key: int, device=None) -> torch.Tensor:
+    """Uniform pseudo-random int64 scores in [0, 2^32), (batch, num_tokens), from ``key`` alone.
+
+    Score (i, j) hashes (key, i, j): a counter-based generator, reproducible and traceable.
+    """
+    image = torch.arange(batch, device=device, dtype=torch.int64).unsqueeze(1)
+    token = torch.arange(num_tokens, device=device, dtype=torch.int64).unsqueeze(0)
+    return mix32(mix32(mix32(key) + image) + token)
+
+
+def random_keep_index(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices (B, num_keep) of the ``num_keep`` highest ``scores`` (B, N) per row, ascending:
+    a uniformly random subset when the scores are i.i.d."""
+    return scores.topk(num_keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def block_key(seed: int, block: int) -> int:
+    """The hash key of ``block``'s draws under ``seed``."""
+    return mix32(mix32(seed) + block)
 
 
 def drop_blocks(depth: int) -> tuple[int, ...]:
@@ -38,7 +75,7 @@ class RandomPruning(Method):
     """Random pruning: seeded uniform token dropping at EViT's drop blocks (or any schedule)."""
 
     name = "random"
-    version = "1"
+    version = "2"  # 2: counter-based hash draws (traceable, independent of earlier forwards)
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
     @classmethod
@@ -63,16 +100,14 @@ class RandomPruning(Method):
     def patch_schedule(self, model, schedule: Schedule) -> None:
         """Prune at random to follow ``schedule`` (rounded to whole tokens)."""
         seed = int(self.options.get("seed", 0))
-        generators: dict[torch.device, torch.Generator] = {}
 
-        def reducer_for(target: int):
+        def reducer_for(target: int, key: int):
             def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
                 if x.shape[1] <= target:
                     return x
-                if x.device not in generators:
-                    generators[x.device] = torch.Generator(device=x.device).manual_seed(seed)
                 p = ctx.num_prefix
-                idx = random_keep_index(x.shape[0], x.shape[1] - p, target - p, generators[x.device]) + p
+                scores = random_scores(x.shape[0], x.shape[1] - p, key, x.device)
+                idx = random_keep_index(scores, target - p) + p
                 if ctx.state.size is not None:
                     ctx.state.size = torch.cat([ctx.state.size[:, :p], gather_tokens(ctx.state.size, idx)], 1)
                 return torch.cat([x[:, :p], gather_tokens(x, idx)], 1)
@@ -82,6 +117,6 @@ class RandomPruning(Method):
         reducers, prev = {}, schedule.tokens_in
         for i, n in enumerate(schedule.tokens_out):
             if round(n) < prev:
-                reducers[i] = reducer_for(round(n))
+                reducers[i] = reducer_for(round(n), block_key(seed, i))
             prev = round(n)
         install(model, reducers, capture_qkv=False)

@@ -186,6 +186,15 @@ def test_evit_indices():
     assert kept.tolist() == [[1, 3, 0]] and dropped.tolist() == [[2, 4]]
 
 
+def test_evit_dropped_tokens_are_the_complement_in_index_order():
+    # ties: topk picks some of the 0.3s; the dropped are exactly the rest, ascending, whatever topk chose
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.full((4, 6), 0.3), torch.rand(4, 30, generator=g)], 1)[:, torch.randperm(36, generator=g)]
+    kept, dropped = top_attentive(scores, 9)
+    for k, d in zip(kept.tolist(), dropped.tolist()):
+        assert d == sorted(set(range(36)) - set(k))
+
+
 def test_evit_never_drops_prefix_tokens():
     x, cls_attn = _evit_hand_case()
     cls_attn = torch.tensor([[0.30, 0.01, 0.25, 0.16, 0.20, 0.08]])  # token 1 a distillation token

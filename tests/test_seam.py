@@ -1,4 +1,6 @@
 """The seam keeps timm's behaviour exactly when nothing is removed, across ViT families."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -96,3 +98,16 @@ def test_unequal_sizes_reach_the_attention():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert not torch.allclose(model(x), ref(x))
+
+
+def test_a_deep_copy_of_a_patched_model_runs_on_its_own():
+    # the qkv capture lives on the copied modules, not in a closure over the original block
+    model = _fresh("deit_tiny_patch16_224", dict(depth=2))
+    seen = []
+    install(model, {1: lambda t, ctx: (seen.append(ctx.keys().shape), t)[-1]})
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+    assert seen == [(1, 197, 64)] * 2
+    assert twin._seam_state is not model._seam_state
