@@ -127,6 +127,7 @@ class Sweep:
         self._state_dicts: dict[str, Optional[dict]] = {}
         self._shas: dict[str, Optional[str]] = {}
         self._eval_sets: dict[tuple, EvalSet] = {}
+        self._baselines: dict[str, torch.nn.Module] = {}
         self.env = measure.environment(self.device)
 
     def cell_key(self, cell: Cell) -> dict:
@@ -251,11 +252,11 @@ class Sweep:
         method = self.methods[cell.method]
         evalset = self.eval_set(spec, model)
         searched = {}
-        if method.needs_calibration and cell.budget is not None and not evalset.has_labels:
-            raise UnsupportedModel(f"{cell.method} searches its schedule on labelled training images and "
-                                   f"{spec.data} data has none (a search on noise learns nothing); give it fixed "
-                                   f"schedules instead (e.g. [methods.diffrate] schedules = \"published\")")
         if method.needs_calibration and cell.budget is not None:
+            if not evalset.has_labels:
+                raise UnsupportedModel(f"{cell.method} searches its schedule on labelled training images and "
+                                       f"{spec.data} data has none (a search on noise learns nothing); give it fixed "
+                                       f"schedules instead (e.g. [methods.diffrate] schedules = \"published\")")
             # the search meets the target itself: the knob is the GMACs ratio, no bisection
             value = calibration_knob(method, arch, cell.budget)
             searched = self._calibrate(method, spec, model, arch, value)
@@ -269,7 +270,7 @@ class Sweep:
         method.patch(model, out["knob_value"], arch)
         model.to(self.device)
         out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
-                   eval_set_sha=eval_set_identity(evalset),
+                   eval_set_sha=evalset.identity,  # which images, in which order: what pairs records
                    fused_attn=bool(getattr(model.blocks[0].attn, "fused_attn", False)))
         missed = budgets.off_target(out["gmacs"], out["gmacs_target"])
         out["gmacs_off_pct"] = budgets.off_pct(out["gmacs"], out["gmacs_target"])
@@ -281,10 +282,13 @@ class Sweep:
         return {**out, "status": "off_target" if missed else "ok", "error": missed}
 
     def _baseline_model(self, spec: ModelSpec):
-        """The unpatched model on the device, timed in alternation with each method's (speed-ups)."""
-        model = build_model(spec, self.state_dict(spec))
-        measure.set_attention(model, self.run.attention)
-        return model.to(self.device).eval()
+        """The unpatched model on the device, timed in alternation with each method's (speed-ups);
+        built once per model and sweep (nothing patches or trains it)."""
+        if spec.name not in self._baselines:
+            model = build_model(spec, self.state_dict(spec))
+            measure.set_attention(model, self.run.attention)
+            self._baselines[spec.name] = model.to(self.device).eval()
+        return self._baselines[spec.name]
 
     def _evaluate_and_time(self, model, evalset: EvalSet, gmacs: float, baseline=None) -> dict:
         """Accuracy (sharded over ranks), then on the main rank alone timing and fvcore's count."""
@@ -304,7 +308,7 @@ class Sweep:
             out.update(acc)
         if self.dist.is_main:  # timed alone: the other ranks wait at the barrier
             out.update(self._time(model, evalset, baseline))
-            if self.run.flops:  # after evaluate: tracing advances random pruning's generator
+            if self.run.flops:
                 from harness import flops
 
                 images, _ = evalset.batch(0, max(1, min(self.run.flops_images, len(evalset))), self.device)
@@ -365,21 +369,6 @@ class Sweep:
         if resolved.skip_reason:
             out.update(status="skipped", error=resolved.skip_reason)
         return out
-
-
-def eval_set_identity(evalset: EvalSet) -> str:
-    """Which images, in which order: two records are paired (McNemar) only when this matches.
-
-    The eval set's own ``identity`` where it has one; otherwise a hash of its name, size, transform
-    and labels.
-    """
-    own = getattr(evalset, "identity", None)
-    if own:
-        return str(own)
-    h = hashlib.sha1(f"{evalset.name}|{len(evalset)}|{evalset.transform}".encode())
-    if evalset.labels is not None:
-        h.update(evalset.labels.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def calibration_knob(method, arch, budget: budgets.Budget) -> float:

@@ -14,8 +14,9 @@ from harness.errors import HarnessError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# finished results: a rerun would measure the same (an off-target cell stays off target)
-DONE = ("ok", "skipped", "off_target", "unsupported")
+# finished results: a rerun would measure the same (an off-target cell stays off target); errors and
+# unsupported cells are retried (a later harness may support the model)
+DONE = ("ok", "skipped", "off_target")
 # A lock taken on another host cannot be checked for a live process; after this long it is stale.
 FOREIGN_LOCK_STALE_S = 12 * 3600
 
@@ -55,12 +56,7 @@ class ResultStore:
         """Write ``record`` atomically: a temporary file in the same directory, then a rename."""
         record = {"schema_version": SCHEMA_VERSION, **record}
         target = self.path(record["cell_id"])
-        fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=1, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        _atomic_write(target, lambda fh: fh.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
         return target
 
     def write_predictions(self, cell_id: str, pred, label) -> str:
@@ -73,12 +69,8 @@ class ResultStore:
         folder = self.root / "predictions"
         folder.mkdir(parents=True, exist_ok=True)
         small = np.int16 if max(int(pred.max(initial=0)), int(label.max(initial=0))) < 2**15 else np.int32
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, pred=pred.astype(small), label=label.astype(small))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / f"{cell_id}.npz")
+        _atomic_write(folder / f"{cell_id}.npz",
+                      lambda fh: np.savez_compressed(fh, pred=pred.astype(small), label=label.astype(small)))
         return f"predictions/{cell_id}.npz"
 
     def load_all(self) -> list[dict]:
@@ -118,6 +110,17 @@ class ResultStore:
 
     def release(self, cell_id: str) -> None:
         self._lock(cell_id).unlink(missing_ok=True)
+
+
+def _atomic_write(target: Path, write) -> None:
+    """``write(binary file)`` into a temporary file beside ``target``, fsync, then rename: a reader
+    sees the old file or the whole new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    with os.fdopen(fd, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
 
 
 def _lock_alive(lock: Path) -> bool:
