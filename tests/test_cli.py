@@ -153,7 +153,7 @@ def test_missing_imagenet_folder_says_where(capsys, tmp_path):
     assert code == 2 and f"ImageNet folder not found: looked for {tmp_path / 'nope'}" in _one_line_error(err)
 
 
-def test_ls_models_shows_how_entries_resolve(capsys, tmp_path):
+def test_ls_models_shows_how_entries_resolve(capsys, tmp_path, shared):  # model b is a card: needs the data root
     cfg = tmp_path / "b.toml"
     cfg.write_text('[models.a]\ntimm = "vit_small_patch16_224"\ncheckpoint = "w.pth"\n'
                    '[models.b]\ncard = "deit_tiny_cifar10"\ndata = "synthetic"\n')
