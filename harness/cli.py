@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="fused: timm's scaled_dot_product_attention (default); eager: softmax(q k^T) v, as the official patches")
     run.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn", "math"],
                      help="pin scaled_dot_product_attention to one kernel for every method (default auto)")
+    run.add_argument("--prop-attn", choices=["mask", "fold", "flex"],
+                     help="how proportional attention (ToMe, DiffRate) reaches SDPA: mask (default, the reference), "
+                          "fold (log-size folded into q/k, no mask: flash-eligible) or flex (FlexAttention)")
     run.add_argument("--repeats", dest="throughput_repeats", type=int,
                      help="timed throughput calls (default 30 on GPU, 5 on CPU)")
     run.add_argument("--e2e", dest="end_to_end", action="store_true", default=None,
@@ -145,7 +148,7 @@ def cmd_run(args) -> int:
     cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
-                                              "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend",
+                                              "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend", "prop_attn",
                                               "throughput_repeats", "reports_dir")}
     cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
     cfg = _override_models(cfg, args.weights, args.data)

@@ -12,6 +12,7 @@ from harness.errors import HarnessError
 
 ATTENTION = ("fused", "eager")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+PROP_ATTN = ("mask", "fold", "flex")  # harness.seam.PROP_ATTN_IMPLS (not imported: config loads without torch)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RunConfig:
     flops_images: int = 8            # first N eval images, averaged (image-dependent methods)
     attention: str = "fused"         # fused: timm's scaled_dot_product_attention; eager: softmax(q k^T) v (the official patches)
     sdpa_backend: str = "auto"       # auto | flash | efficient | cudnn | math: pin SDPA's kernel for every method
+    prop_attn: str = "mask"          # proportional attention: mask (additive float mask, the reference) | fold
+                                     # (log-size folded into q/k: mask-free SDPA, flash-eligible) | flex (FlexAttention)
 
     @property
     def reports_path(self) -> Path:
@@ -54,6 +57,14 @@ class RunConfig:
             raise HarnessError(f"unknown sdpa_backend {self.sdpa_backend!r}; choices: {', '.join(SDPA_BACKENDS)}")
         if self.attention == "eager" and self.sdpa_backend != "auto":
             raise HarnessError("sdpa_backend pins a kernel of fused attention; it cannot go with attention = eager")
+        if self.prop_attn not in PROP_ATTN:
+            raise HarnessError(f"unknown prop_attn {self.prop_attn!r}; choices: {', '.join(PROP_ATTN)}")
+        if self.attention == "eager" and self.prop_attn != "mask":
+            raise HarnessError(f"prop_attn = {self.prop_attn} feeds a fused kernel; eager attention adds the size "
+                               f"bias to its own scores (use prop_attn = mask)")
+        if self.compile and self.prop_attn == "flex":
+            raise HarnessError("prop_attn = flex does not trace inside a compiled model on this torch "
+                               "(tests/test_prop_attn.py); use fold with --compile")
         if self.throughput_warmup < -1 or self.throughput_repeats < -1 or self.throughput_repeats == 0:
             raise HarnessError("throughput_warmup must be >= 0 and throughput_repeats >= 1 (-1: the device's default)")
 

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 # throughput batch is the one asked for: a cell halved on out-of-memory stays with its siblings
 # (its interleaved speed-up times both models at its own batch) and is noted.
 GROUP = ["model", "checkpoint_sha", "data", "limit", "eval_set_sha", "device_name", "dtype", "batch_size",
-         "throughput_batch_size_requested", "torch", "timm", "attention", "sdpa_backend", "compile"]
+         "throughput_batch_size_requested", "torch", "timm", "attention", "sdpa_backend", "prop_attn", "compile"]
 # the kernel settings of GROUP and the value records written before them had
-KERNEL = {"attention": "fused", "sdpa_backend": "auto", "compile": False}
+KERNEL = {"attention": "fused", "sdpa_backend": "auto", "prop_attn": "mask", "compile": False}
 BASELINE = "none"
 # statuses of cells with measurements; only "ok" ones sit in the matched-budget tables
 MEASURED = ("ok", "off_target")
@@ -83,7 +83,7 @@ LEGEND = ("GMACs: analytic multiply-accumulates (the papers' convention). top-1 
           "and superseded method versions stay out of the tables and are listed under each. How these are "
           "computed: `docs/statistics.md`.").format(noisy=NOISY_SPREAD)
 # how a grouping field reads in a label or an environment line
-LABEL_FORMS = {"limit": "limit {}", "attention": "{} attention", "sdpa_backend": "sdpa {}", "torch": "torch {}",
+LABEL_FORMS = {"limit": "limit {}", "attention": "{} attention", "sdpa_backend": "sdpa {}", "prop_attn": "prop-attn {}", "torch": "torch {}",
                "timm": "timm {}", "batch_size": "eval batch {}", "throughput_batch_size_requested": "throughput batch {}",
                "checkpoint_sha": "checkpoint {}", "eval_set_sha": "eval set {}"}
 LABEL_KEYS = ("device_short", "dtype", "limit", "data", "checkpoint_sha", "eval_set_sha", "torch", "timm",
@@ -739,6 +739,7 @@ def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
 def kernel_setting(row) -> str:
     """A record's kernel settings as one label: ``fused``, ``eager``, ``fused/sdpa=efficient``, ``fused+compile``."""
     text = str(row["attention"]) + (f"/sdpa={row['sdpa_backend']}" if row["sdpa_backend"] != "auto" else "")
+    text += f"/prop-attn={row['prop_attn']}" if row.get("prop_attn", "mask") != "mask" else ""
     return text + ("+compile" if row["compile"] else "")
 
 
@@ -851,7 +852,8 @@ def _env_line(env: dict, group) -> str:
     parts = [f"data `{env['data']}`", f"{int(n.max()) if len(n) else 'no'} images", str(env["device_name"]),
              str(env["dtype"])]
     parts += [_label_part(k, env[k]) for k in ("torch", "timm", "batch_size", "throughput_batch_size_requested",
-                                               "attention", "sdpa_backend", "compile", "checkpoint_sha", "eval_set_sha")
+                                               "attention", "sdpa_backend", "prop_attn", "compile", "checkpoint_sha",
+                                               "eval_set_sha")
               if env[k] is not None or k in ("torch", "timm")]
     text = ", ".join(parts) + (f"; git {', '.join(gits)}" if gits else "")
     if env["differs"]:

@@ -23,6 +23,7 @@ from harness import budget as budgets
 from harness import progress
 from harness import distributed
 from harness import measure
+from harness import seam
 from harness.config import Config
 from harness.data import EvalSet, load_calibration_set, load_eval_set
 from harness.errors import HarnessError, UnsupportedModel
@@ -149,7 +150,8 @@ class Sweep:
         run = self.run
         return {**({"compile": True} if run.compile else {}),
                 **({"attention": run.attention} if run.attention != "fused" else {}),
-                **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {})}
+                **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {}),
+                **({"prop_attn": run.prop_attn} if run.prop_attn != "mask" else {})}
 
     @property
     def throughput_batch_size(self) -> int:
@@ -230,7 +232,7 @@ class Sweep:
         """Run one cell and return its record; failures become the record's status and error."""
         record = {"cell_id": self.cell_id(cell), **self.cell_key(cell), **self.env, "knob": None,
                   "knob_value": None, "attention": self.run.attention, "sdpa_backend": self.run.sdpa_backend,
-                  "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "prop_attn": self.run.prop_attn, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         start = time.perf_counter()
         try:
             record.update(self._measure_cell(cell))
@@ -268,6 +270,7 @@ class Sweep:
             return out
         measure.set_attention(model, self.run.attention)
         method.patch(model, out["knob_value"], arch)
+        seam.set_prop_attn_impl(model, self.run.prop_attn)  # a no-op where the method tracks no sizes
         model.to(self.device)
         out.update(searched, **method.describe(arch, out["knob_value"]), data_name=evalset.name,
                    eval_set_sha=evalset.identity,  # which images, in which order: what pairs records

@@ -240,3 +240,38 @@ def test_fold_runs_on_the_flash_kernel():
         out = model(x)  # the mask path would find no kernel here
     assert math.isfinite(float((out.float() - ref.float()).abs().max()))
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- the cell setting -------------
+
+def test_prop_attn_is_a_cell_setting_stored_in_the_record(tmp_path, monkeypatch):
+    """``--prop-attn fold`` runs the fold path in a sweep, is stored, and makes its own cell id;
+    on synthetic inputs (no accuracy) the GMACs are the mask cell's."""
+    from harness.cli import main
+    from harness.store import ResultStore
+    from test_integrity import TOML
+
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(TOML.format(results=tmp_path / "r", methods='["tome"]', budgets='["0.7"]', repeats=1))
+    calls = []
+    real = seam.PROP_ATTN_KERNELS["fold"]
+    monkeypatch.setitem(seam.PROP_ATTN_KERNELS, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for impl in ("mask", "fold"):
+        assert main(["run", "--config", str(cfg), "--no-report", "--prop-attn", impl]) == 0
+    recs = {r["prop_attn"]: r for r in ResultStore(tmp_path / "r").load_all()}
+    assert set(recs) == {"mask", "fold"} and recs["mask"]["cell_id"] != recs["fold"]["cell_id"]
+    assert all(r["status"] == "ok" for r in recs.values()) and calls  # the fused kernel ran
+    assert recs["fold"]["gmacs"] == recs["mask"]["gmacs"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--attention", "eager", "--prop-attn", "fold"], "eager"),
+    (["--compile", "--prop-attn", "flex"], "compiled"),
+])
+def test_prop_attn_refuses_what_it_cannot_honour(tmp_path, capsys, argv, words):
+    from harness.cli import main
+
+    assert main(["run", "--models", "deit_tiny_patch16_224", "--weights", "random", "--results", str(tmp_path),
+                 *argv]) != 0
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and not any(tmp_path.iterdir())
