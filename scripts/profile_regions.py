@@ -25,9 +25,12 @@ from harness.registry import make_method  # noqa: E402
 from harness.config import ModelConfig  # noqa: E402
 from harness.models import build_model, eval_transform, load_checkpoint, resolve_model  # noqa: E402
 from harness.schedule import analytic_gmacs, arch_spec  # noqa: E402
+from harness.seam import set_prop_attn_impl  # noqa: E402
 
 REGIONS = ("attention", "sdpa", "mlp", "reduce")
 SDPA_OP = "aten::scaled_dot_product_attention"
+# random weights learn nothing in a search: DiffRate runs the authors' published per-block counts
+OPTIONS = {"diffrate": {"schedules": "published"}}
 
 
 def _labelled(fn, name: str):
@@ -106,7 +109,9 @@ def markdown(results: dict, clock: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_small_patch16_224", help="timm name (random weights)")
-    p.add_argument("--methods", default="none,tome")
+    p.add_argument("--methods", default="none,tome",
+                   help="comma list; NAME:IMPL runs a method with proportional attention as mask, fold or flex "
+                        "(tome:fold), all in this one process")
     p.add_argument("--budget", default="r=13", help="as the harness: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
     p.add_argument("--batch", type=int, default=0, help="0: 256 on GPU, 8 on CPU")
     p.add_argument("--dtype", default="auto")
@@ -125,10 +130,11 @@ def main(argv=None) -> int:
     state = load_checkpoint(spec)  # the seeded random weights, built once and copied per method
     budget = budgets.parse_budget(args.budget)
     results = {}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        name, _, impl = entry.partition(":")
         model = build_model(spec, state)
         arch, size = arch_spec(model), eval_transform(spec, model).img_size
-        method = make_method(name, {})
+        method = make_method(name, OPTIONS)
         if method.knob is None:
             value, schedule = None, method.schedule(arch, None)
         else:
@@ -136,13 +142,14 @@ def main(argv=None) -> int:
             value, schedule = resolved.knob_value, resolved.schedule
         measure.set_attention(model, args.attention)
         method.patch(model, value, arch)
+        set_prop_attn_impl(model, impl or "mask")
         label_regions(model)
         model.to(device)
         x = torch.randn(batch, 3, size, size, device=device)
         with measure.sdpa_kernel(args.sdpa_backend):
             r = profile_regions(model, x, device, dtype, args.iters, args.warmup)
         r["gmacs"] = analytic_gmacs(arch, schedule)
-        key = name if value is None else f"{name} {method.knob.name}={value:g}"
+        key = (name if value is None else f"{name} {method.knob.name}={value:g}") + (f" ({impl})" if impl else "")
         results[key] = r
     clock = "GPU kernel time" if device.type == "cuda" else "CPU time"
     title = (f"{args.model}, batch {batch}, {dtype}, {args.attention} attention, sdpa {args.sdpa_backend}, "
