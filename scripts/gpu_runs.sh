@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind results/gpu and reports/gpu, one phase per call (each meant to fit in 10 minutes).
 #
-#   scripts/gpu_runs.sh speed      # ToMe r=13 on DeiT-S/B, fused vs eager attention (issue 3); the speed
+#   scripts/gpu_runs.sh speed      # ToMe r=13 on DeiT-S/B, fused vs eager attention (issue 3), mask vs
+                                   # fold proportional attention (issue 17); the speed
 #                                  # suite (issue 5); repeatability; region profiles; SDPA pinned to efficient
 #   scripts/gpu_runs.sh accuracy   # the gpu suite: reference models, full test split, DiffRate's paper recipe
 #
@@ -63,6 +64,9 @@ case "$phase" in
     # ToMe at the paper's r=13 on DeiT-S/B under fused SDPA (with the end-to-end figure) and eager attention
     sweep --suite speed --models "$(models $SB)" --methods none,tome --budgets r=13 --e2e
     sweep --suite speed --models "$(models $SB)" --methods none,tome --budgets r=13 --attention eager
+    # proportional attention folded into q/k (no mask: flash stays eligible) against the mask above (issue 17)
+    sweep --suite speed --models "$(models $SB)" --methods none,tome --budgets r=13 --prop-attn fold
+    sweep --suite speed --models "$(models $SB)" --methods none,tome,diffrate --prop-attn fold
     # every method at the papers' budgets on five architectures
     sweep --suite speed --models "$(models $ALL)"
     # repeatability: the DeiT-B r=13 cells again, in fresh processes, into side folders
