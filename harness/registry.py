@@ -60,6 +60,10 @@ class Method(abc.ABC):
     version: ClassVar[str] = "1"
     knob: ClassVar[Optional[Knob]] = None
     needs_calibration: ClassVar[bool] = False
+    # premises the seam checks at patch time (harness.seam.check_premises): a model that cannot give
+    # them makes the cell ``unsupported`` with the reason, never a silent ``ok``
+    needs_class_token: ClassVar[bool] = False  # ranks tokens by the class token's attention (ctx.cls_attn)
+    merges: ClassVar[bool] = False             # merges tokens: the head's pooling must weigh tokens by size
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_names())

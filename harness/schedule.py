@@ -75,6 +75,12 @@ def arch_spec(model) -> ArchSpec:
     if blocks is None or embed is None or not hasattr(blocks[0], "attn"):
         raise UnsupportedModel(f"{type(model).__name__} is not a timm VisionTransformer")
     attn = blocks[0].attn
+    if not (hasattr(attn, "num_heads") and hasattr(attn, "head_dim")):
+        raise UnsupportedModel(f"{type(blocks[0]).__name__}'s attention {type(attn).__name__} has no num_heads/head_dim: "
+                               f"its GMACs cannot be read analytically (BEiT-style attention is not supported yet)")
+    if getattr(embed, "backbone", None) is not None:
+        raise UnsupportedModel(f"{type(embed).__name__} is a hybrid stem ({type(embed.backbone).__name__}): its MACs are "
+                               f"not counted analytically, so GMACs budgets would solve to the wrong knob")
     proj = embed.proj
     num_patches = embed.num_patches
     stem = proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * num_patches

@@ -259,7 +259,68 @@ def _capture_output(module: torch.nn.Module, _inputs, output) -> None:
     module._seam_output = output
 
 
-def _check_supported(model: torch.nn.Module) -> None:
+@dataclass(frozen=True)
+class PrefixLayout:
+    """The tokens a timm ViT puts before its patches, in timm's order: class, registers, distillation.
+
+    Attributes:
+        num_prefix: how many (``model.num_prefix_tokens``).
+        class_token: token 0 is a class token (``model.cls_token``); without one, row 0 of the
+            attention is a register's or the top-left patch's, not a class token's.
+        registers: register tokens (``model.num_reg_tokens``).
+        distillation: a distillation token (DeiT's distilled models).
+        pool: the head's pooling (``model.global_pool``; "map" is an attention-pool head).
+    """
+
+    num_prefix: int
+    class_token: bool
+    registers: int
+    distillation: bool
+    pool: str
+
+
+# poolings the seam makes size-aware (a merged token counted ``size`` times, as the blocks'
+# proportional attention counts it): "token" reads the class token alone, which no method merges,
+# and "avg" is weighted by size in :func:`_size_weighted_head`
+SIZE_AWARE_POOLS = ("token", "avg")
+
+
+def prefix_layout(model: torch.nn.Module) -> PrefixLayout:
+    """The model's prefix tokens and pooling, read off the timm attributes that define them."""
+    cls = getattr(model, "cls_token", None) is not None
+    regs = int(getattr(model, "num_reg_tokens", 0) or 0)
+    dist = getattr(model, "dist_token", None) is not None
+    pool = "map" if getattr(model, "attn_pool", None) is not None else str(getattr(model, "global_pool", ""))
+    layout = PrefixLayout(int(model.num_prefix_tokens), cls, regs, dist, pool)
+    if layout.num_prefix != cls + regs + dist:
+        raise UnsupportedModel(f"{type(model).__name__} has {layout.num_prefix} prefix tokens but class/registers/"
+                               f"distillation account for {cls + regs + dist}: unknown prefix layout")
+    return layout
+
+
+def check_premises(model: torch.nn.Module, method: str, needs_class_token: bool = False,
+                   merges: bool = False) -> PrefixLayout:
+    """Raise :class:`UnsupportedModel` when ``model`` cannot give what ``method`` assumes.
+
+    A method that ranks tokens by the class token's attention needs a class token at index 0; a
+    merging method needs a head whose pooling counts a merged token by its size.
+    """
+    layout = prefix_layout(model)
+    if needs_class_token and not layout.class_token:
+        raise UnsupportedModel(f"{method} ranks tokens by the class token's attention and "
+                               f"{type(model).__name__} has no class token (pooling {layout.pool!r}, "
+                               f"{layout.registers} register tokens): row 0 would be another token's")
+    if merges and layout.pool not in SIZE_AWARE_POOLS:
+        raise UnsupportedModel(f"{method} merges tokens and the head's {layout.pool!r} pooling would count a "
+                               f"merged token once where the blocks count it by its size "
+                               f"(size-aware pooling: {', '.join(SIZE_AWARE_POOLS)})")
+    return layout
+
+
+def check_blocks(model: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedModel` unless every block is timm's ``Block`` with timm's ``Attention``
+    forward (a subclass that changes the attention, e.g. adds a bias, would not match the keys and
+    class attention the seam derives from the qkv projection)."""
     from timm.models.vision_transformer import Attention, Block
 
     if not hasattr(model, "blocks") or not hasattr(model, "num_prefix_tokens"):
@@ -267,8 +328,16 @@ def _check_supported(model: torch.nn.Module) -> None:
     for blk in model.blocks:
         if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
             raise UnsupportedModel(f"unsupported block {type(blk).__name__}: the seam needs timm's vision_transformer.Block")
-        if not isinstance(blk.attn, Attention) or not isinstance(getattr(blk.attn, "qkv", None), torch.nn.Linear):
-            raise UnsupportedModel(f"unsupported attention {type(blk.attn).__name__}: the seam needs a fused qkv projection")
+        attn = blk.attn
+        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs timm's "
+                                   f"vision_transformer.Attention forward (the keys and class attention it derives)")
+        if not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs a fused qkv projection")
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    check_blocks(model)
     if hasattr(model, "_seam_state"):
         raise RuntimeError("model is already patched; patch a fresh model")
 
@@ -290,7 +359,8 @@ def _size_weighted_head(model: torch.nn.Module) -> None:
 
 
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
-            capture_qkv: bool = True, prop_attn_impl: str = "mask") -> TokenState:
+            capture_qkv: bool = True, prop_attn_impl: str = "mask", needs_class_token: bool = False,
+            merges: bool = False, method: str = "this method") -> TokenState:
     """Patch ``model`` in place so ``reducers[i]`` runs between block i's attention and MLP.
 
     Args:
@@ -301,14 +371,20 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
             ``ctx.cls_attn()`` work.
         prop_attn_impl: how log(size) reaches the attention kernel ("mask", "fold", "flex"; see the
             module docstring); :func:`set_prop_attn_impl` changes it later.
+        needs_class_token: the reducers read ``ctx.cls_attn()``: refuse a model without a class token.
+        merges: the reducers merge tokens (sizes above 1): refuse a head that pools without sizes.
+        method: the method's name, for the refusal's message.
 
     Returns:
         The TokenState the patched model carries (sizes, observed counts).
 
     Raises:
-        UnsupportedModel: the model is not a timm ViT made of standard Blocks.
+        UnsupportedModel: the model is not a timm ViT made of standard Blocks, or cannot give what
+            the method assumes (:func:`check_premises`).
     """
     _check_supported(model)
+    if reducers:  # the identity knob patches nothing a premise could fail
+        check_premises(model, method, needs_class_token, merges)
     _check_impl(prop_attn_impl)
     depth = len(model.blocks)
     bad = [i for i in reducers if not 0 <= i < depth]

@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import progress
-from harness.errors import HarnessError
+from harness.errors import HarnessError, UnsupportedModel
 from harness.registry import Knob, Method, register_method
 from harness.schedule import ArchSpec, Schedule, analytic_gmacs, block_macs
 from harness.seam import BlockContext, gather_tokens, install
@@ -460,7 +460,8 @@ def search_rates(model, arch: ArchSpec, target_gmacs: float, train, device: torc
     blocks = searched_blocks(model)
     start = uniform_rate_start(arch, blocks, target_gmacs) if opts["init"] == "budget" else None
     rates = Rates(arch, blocks, int(opts["granularity"]), start).to(device)
-    install(model, {i: rates.reducer(i) for i in rates.blocks}, prop_attn=True)
+    install(model, {i: rates.reducer(i) for i in rates.blocks}, prop_attn=True, needs_class_token=True, merges=True,
+            method="diffrate")
     optimizer = torch.optim.AdamW(rates.parameters(), lr=opts["lr"], weight_decay=0.0)
     n, bs, epochs = len(train), int(opts["batch_size"]), int(opts["epochs"])
     per_epoch = math.ceil(n / bs)
@@ -503,6 +504,8 @@ class DiffRate(Method):
     """DiffRate: searched per-block prune and merge rates (Chen et al., ICCV 2023)."""
 
     name = "diffrate"
+    needs_class_token = True
+    merges = True
     version = "2"  # 2: the search starts at the budget and lands on it
     knob = Knob("gmacs_ratio", float, 0.05, 1.0, identity=1.0)
     needs_calibration = True
@@ -554,7 +557,8 @@ class DiffRate(Method):
                 log.info("diffrate: published schedule %s at %s GFLOPs from %s", key, flops, self.published_path())
             entering = (arch.tokens_in,) + tokens_after(arch.tokens_in, *counts)
             reducers = {i: diffrate_reducer(p, m) for i, (p, m) in enumerate(zip(*counts)) if min(p, m) < entering[i]}
-        install(model, reducers, prop_attn=True)
+        install(model, reducers, prop_attn=True, needs_class_token=self.needs_class_token, merges=self.merges,
+                method=self.name)
 
     # -- published lists ---------------------------------------------------------------------
 
@@ -590,6 +594,11 @@ class DiffRate(Method):
             raise HarnessError(f"diffrate: {key} @ {flops} does not give prune and merge counts for {arch.depth} blocks")
         if min(prune + merge) <= arch.num_prefix:
             raise HarnessError(f"diffrate: {key} @ {flops} keeps no patch token somewhere")
+        if prune[0] != arch.tokens_in or merge[0] != arch.tokens_in:
+            # every published list starts at its model's full count: one made for 197 tokens would
+            # drop a patch in block 0 of a model with 198 (a distillation token)
+            raise UnsupportedModel(f"diffrate: the {key} @ {flops} schedule was made for {prune[0]} tokens and this "
+                                   f"model has {arch.tokens_in} ({arch.num_prefix} prefix tokens); it does not apply")
         return key, flops, prune, merge
 
     def describe(self, arch: ArchSpec, value: float) -> dict:

@@ -105,6 +105,7 @@ class EViT(Method):
     """EViT: keep the tokens the class token attends to, fuse the rest into one (Liang et al., ICLR 2022)."""
 
     name = "evit"
+    needs_class_token = True
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
@@ -140,4 +141,4 @@ class EViT(Method):
         reducers = {}
         if value < 1.0:
             reducers = {i: evit_reducer(value, self.fuse) for i in self.drop_loc(len(model.blocks))}
-        install(model, reducers)
+        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name)

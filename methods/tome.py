@@ -156,6 +156,7 @@ class ToMe(Method):
     """ToMe: merge r similar tokens per block by bipartite soft matching (Bolya et al., ICLR 2023)."""
 
     name = "tome"
+    merges = True
     version = "1"
     knob = Knob("r", int, 0, R_MAX, identity=0)
 
@@ -184,4 +185,4 @@ class ToMe(Method):
     def patch(self, model, value: int, arch) -> None:
         rs = self.layer_r(len(model.blocks), value)
         reducers = {i: tome_reducer(r) for i, r in enumerate(rs) if r > 0}
-        install(model, reducers, prop_attn=bool(self.options.get("prop_attn", True)))
+        install(model, reducers, prop_attn=bool(self.options.get("prop_attn", True)), merges=self.merges, method=self.name)

@@ -1,0 +1,151 @@
+"""A method runs only where its premise holds (issue 14): otherwise ``unsupported`` with the reason.
+
+EViT, Top-K and DiffRate rank tokens by the class token's attention: a model without a class token
+(average-pool or MAP heads, registers first) is refused. Merging methods (ToMe, DiffRate) need a
+head that counts a merged token by its size: MAP / avgmax / max pooling are refused. A block whose
+attention forward is not timm's (a subclass adding a bias) is refused by every reducing method.
+Models whose GMACs cannot be read analytically (BEiT's attention, hybrid stems) are refused for
+every method, ``none`` included, instead of failing as an ``error``.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Attention
+
+from harness.cli import main
+from harness.errors import UnsupportedModel
+from harness.registry import make_method
+from harness.schedule import arch_spec
+from harness.seam import prefix_layout
+from harness.store import ResultStore
+
+SMALL = dict(depth=2, num_classes=10)
+
+
+def _model(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", **SMALL, **kw).eval()
+
+
+def _patch(model, name: str, budget: float = 0.7):
+    method = make_method(name, {})
+    arch = arch_spec(model)
+    value = {"tome": 8, "random": budget, "evit": budget, "topk": budget}[name]
+    method.patch(model, value, arch)
+    return model
+
+
+@pytest.mark.parametrize("kw, layout", [
+    (dict(), (1, True, 0, "token")),
+    (dict(class_token=False, global_pool="avg"), (0, False, 0, "avg")),
+    (dict(class_token=False, reg_tokens=4, global_pool="avg"), (4, False, 4, "avg")),
+    (dict(class_token=False, global_pool="map"), (0, False, 0, "map")),
+])
+def test_prefix_layout_reads_the_model(kw, layout):
+    got = prefix_layout(_model(**kw))
+    assert (got.num_prefix, got.class_token, got.registers, got.pool) == layout
+
+
+@pytest.mark.parametrize("kw", [dict(class_token=False, global_pool="avg"),
+                                dict(class_token=False, reg_tokens=4, global_pool="avg")])
+@pytest.mark.parametrize("name", ["evit", "topk"])
+def test_class_attention_methods_need_a_class_token(kw, name):
+    with pytest.raises(UnsupportedModel, match="no class token"):
+        _patch(_model(**kw), name)
+
+
+NO_CLS = [dict(class_token=False, global_pool="avg"), dict(class_token=False, reg_tokens=4, global_pool="avg")]
+
+
+@pytest.mark.parametrize("kw, name", [(kw, n) for kw in NO_CLS for n in ("tome", "random")]
+                         + [(dict(global_pool="avgmax"), "random")])
+def test_token_agnostic_methods_run_without_a_class_token(kw, name):
+    model = _patch(_model(**kw), name)
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("kw", [dict(class_token=False, global_pool="map"), dict(global_pool="avgmax"),
+                                dict(global_pool="max")])
+def test_merging_needs_a_size_aware_pool(kw):
+    with pytest.raises(UnsupportedModel, match="merges tokens"):
+        _patch(_model(**kw), "tome")
+    _patch(_model(**kw), "random")  # pruning keeps its meaning under any pooling
+
+
+def test_identity_knob_patches_nothing_so_checks_nothing():
+    model = _model(class_token=False, global_pool="avg")
+    make_method("evit", {}).patch(model, 1.0, arch_spec(model))  # keep_rate 1: no reducer, no premise
+
+
+class BiasedAttention(Attention):
+    """An Attention subclass whose forward adds something the seam's derived keys would not see."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal) + 1.0
+
+
+@pytest.mark.parametrize("name", ["tome", "evit", "random"])
+def test_an_attention_subclass_with_its_own_forward_is_refused(name):
+    model = _model()
+    for blk in model.blocks:
+        blk.attn.__class__ = BiasedAttention
+    with pytest.raises(UnsupportedModel, match="Attention forward"):
+        _patch(model, name)
+
+
+def test_published_diffrate_schedule_must_match_the_token_count(shared):
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10).eval()  # 198 tokens
+    method = make_method("diffrate", {"diffrate": {"schedules": "published"}})
+    with pytest.raises(UnsupportedModel, match="made for 197 tokens and this model has 198"):
+        method.schedule(arch_spec(model), 0.7)
+
+
+@pytest.mark.parametrize("arch, words", [("beit_base_patch16_224", "no num_heads/head_dim"),
+                                         ("vit_small_r26_s32_224", "hybrid stem")])
+def test_models_without_analytic_gmacs_are_unsupported(arch, words):
+    model = timm.create_model(arch, depth=2, num_classes=10) if arch.startswith("beit") else \
+        timm.create_model(arch, num_classes=10)
+    with pytest.raises(UnsupportedModel, match=words):
+        arch_spec(model)
+
+
+def test_a_sweep_records_the_refusals_and_runs_the_rest(tmp_path):
+    """Through the runner: registers + average pool (vit_little ..._reg4_gap_256) refuses EViT with
+    its reason and runs ToMe and random; BEiT is unsupported for every method, none included, and
+    the sweep exits 0 (no error record)."""
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(f"""
+[run]
+results_dir = "{tmp_path / 'r'}"
+device = "cpu"
+dtype = "fp32"
+limit = 2
+batch_size = 2
+throughput_batch_size = 1
+throughput_repeats = 1
+throughput_warmup = 0
+flops = false
+throughput_latency = false
+[suites.default]
+models = ["little", "beit"]
+methods = ["none", "evit", "tome", "random"]
+budgets = ["0.7"]
+[models.little]
+timm = "vit_little_patch16_reg4_gap_256"
+weights = "random"
+data = "synthetic"
+[models.beit]
+timm = "beit_base_patch16_224"
+weights = "random"
+data = "synthetic"
+""")
+    assert main(["run", "--config", str(cfg), "--no-report"]) == 0
+    recs = {(r["model"], r["method"]): r for r in ResultStore(tmp_path / "r").load_all()}
+    assert recs[("little", "evit")]["status"] == "unsupported"
+    assert "no class token" in recs[("little", "evit")]["error"]
+    assert {recs[("little", m)]["status"] for m in ("none", "tome", "random")} == {"ok"}
+    assert {recs[("beit", m)]["status"] for m in ("none", "evit", "tome", "random")} == {"unsupported"}
+    assert "head_dim" in recs[("beit", "none")]["error"]
