@@ -342,20 +342,24 @@ def _check_supported(model: torch.nn.Module) -> None:
         raise RuntimeError("model is already patched; patch a fresh model")
 
 
+def _size_weighted_forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+    """The model class's own ``forward_head``, with average pooling weighted by token size.
+
+    Module-level and reaching the head through ``self`` (no closure over a bound method), so a
+    deep copy of a patched model runs its own head.
+    """
+    size = self._seam_state.size
+    if size is not None and self.global_pool == "avg" and getattr(self, "attn_pool", None) is None:
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        w = size[:, start:]
+        # mean(x * w * n / sum(w)) == sum(x * w) / sum(w): timm's own pooling then does the rest
+        x = torch.cat([x[:, :start], x[:, start:] * (w * w.shape[1] / w.sum(1, keepdim=True)).to(x.dtype)], 1)
+    return type(self).forward_head(self, x, pre_logits=pre_logits)
+
+
 def _size_weighted_head(model: torch.nn.Module) -> None:
     """Make average pooling weight each token by its size (MAE-style heads after merging)."""
-    original = model.forward_head
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        size = self._seam_state.size
-        if size is not None and self.global_pool == "avg" and getattr(self, "attn_pool", None) is None:
-            start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-            w = size[:, start:]
-            # mean(x * w * n / sum(w)) == sum(x * w) / sum(w): timm's own pooling then does the rest
-            x = torch.cat([x[:, :start], x[:, start:] * (w * w.shape[1] / w.sum(1, keepdim=True)).to(x.dtype)], 1)
-        return original(x, pre_logits=pre_logits)
-
-    model.forward_head = types.MethodType(forward_head, model)
+    model.forward_head = types.MethodType(_size_weighted_forward_head, model)
 
 
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,

@@ -149,3 +149,24 @@ data = "synthetic"
     assert {recs[("little", m)]["status"] for m in ("none", "tome", "random")} == {"ok"}
     assert {recs[("beit", m)]["status"] for m in ("none", "evit", "tome", "random")} == {"unsupported"}
     assert "head_dim" in recs[("beit", "none")]["error"]
+
+
+@pytest.mark.parametrize("name, value", [("tome", 8), ("evit", 0.7), ("topk", 0.7), ("random", 0.7), ("diffrate", 0.7)])
+def test_a_patched_model_deep_copies(name, value, shared):
+    """A deep copy runs on its own state: the same logits, its own token state and head (a change
+    to the original's head does not reach it)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10).eval()
+    make_method(name, {"diffrate": {"schedules": "published"}}).patch(model, value, arch_spec(model))
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(twin(x), ref, rtol=1e-5, atol=1e-5)
+        model.head.bias.add_(1.0)  # (a shift of the weights alone would meet LayerNorm'd, zero-mean features)
+        torch.testing.assert_close(model(x), ref + 1.0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(twin(x), ref, rtol=1e-5, atol=1e-5)
+    assert twin._seam_state is not model._seam_state
+    assert all(b._seam_state is twin._seam_state for b in twin.blocks)
