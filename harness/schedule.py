@@ -24,7 +24,10 @@ class ArchSpec:
         attn_linear_macs_per_token: qkv + proj MACs for one token.
         mlp_macs_per_token: MLP MACs for one token.
         stem_macs: patch embedding MACs for one image.
-        head_macs: classifier MACs for one image.
+        head_macs: classifier MACs for one image, with an attention-pool head's fixed part (its
+            latent query, output projection and MLP).
+        pool_macs_per_token: an attention-pool head's MACs per token it pools (the kv projection and
+            the latent's q@k and attn@v); 0 for other heads. Scales with the last block's output.
     """
 
     depth: int
@@ -35,6 +38,7 @@ class ArchSpec:
     mlp_macs_per_token: int
     stem_macs: int
     head_macs: int
+    pool_macs_per_token: int = 0
 
     @property
     def tokens_in(self) -> int:
@@ -85,6 +89,7 @@ def arch_spec(model) -> ArchSpec:
     num_patches = embed.num_patches
     stem = proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * num_patches
     heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    pool_fixed, pool_per_token = _attn_pool_macs(getattr(model, "attn_pool", None))
     return ArchSpec(
         depth=len(blocks),
         num_patches=num_patches,
@@ -93,8 +98,20 @@ def arch_spec(model) -> ArchSpec:
         attn_linear_macs_per_token=_linear_macs(attn),
         mlp_macs_per_token=_linear_macs(blocks[0].mlp),
         stem_macs=stem,
-        head_macs=sum(_linear_macs(h) for h in heads),
+        head_macs=sum(_linear_macs(h) for h in heads) + pool_fixed,
+        pool_macs_per_token=pool_per_token,
     )
+
+
+def _attn_pool_macs(pool) -> tuple[int, int]:
+    """(fixed MACs, MACs per pooled token) of timm's ``AttentionPoolLatent`` (MAP head, SigLIP)."""
+    if pool is None:
+        return 0, 0
+    latent, dim = pool.latent_len, pool.latent_dim
+    fixed = latent * (pool.q.in_features * pool.q.out_features + pool.proj.in_features * pool.proj.out_features)
+    fixed += latent * (_linear_macs(pool.mlp) if pool.mlp is not None else 0)
+    per_token = pool.kv.in_features * pool.kv.out_features + 2 * latent * dim  # kv, then q@k^T and attn@v
+    return fixed, per_token
 
 
 def block_macs(arch: ArchSpec, n_in: float, n_out: float) -> float:
@@ -107,7 +124,7 @@ def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
     """GMACs of one image under ``schedule`` (the papers' "GFLOPs")."""
     if len(schedule.tokens_out) != arch.depth:
         raise ValueError(f"schedule has {len(schedule.tokens_out)} blocks, model has {arch.depth}")
-    total = arch.stem_macs + arch.head_macs
+    total = arch.stem_macs + arch.head_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
     for i, n_out in enumerate(schedule.tokens_out):
         total += block_macs(arch, schedule.tokens_entering(i), n_out)
     return total / 1e9
