@@ -89,8 +89,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
 
     Returns:
         ``merge(x, mode="sum")`` mapping (B, N, C) to (B, N - r, C): prefix tokens, then the
-        unmerged A tokens, then the B tokens with their A partners reduced in by ``mode``
-        (any ``scatter_reduce`` mode).
+        unmerged A tokens, then the B tokens with their A partners reduced in by ``mode``: any
+        ``scatter_reduce`` mode, ``"prune"`` (the matched A tokens dropped, B unchanged), or a
+        function ``(b, index, moved) -> b`` (``index``: each moved token's B row, expanded to C).
     """
     r = clamp_r(r, metric.shape[1], num_prefix)
     if r == 0:
@@ -113,7 +114,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         c = x.shape[-1]
         kept = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, c))
         moved = a.gather(1, src.unsqueeze(-1).expand(-1, -1, c))
-        b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, c), moved, reduce=mode)
+        index = dst.unsqueeze(-1).expand(-1, -1, c)
+        if callable(mode):
+            b = mode(b, index, moved)
+        elif mode != "prune":
+            b = b.scatter_reduce(1, index, moved, reduce=mode)
         # A's prefix tokens are the first of ``kept`` (sorted), B's the first of ``b`` (untouched)
         return torch.cat([x[:, :num_prefix], kept[:, (num_prefix + 1) // 2:], b[:, num_prefix // 2:]], 1)
 

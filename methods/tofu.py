@@ -1,0 +1,93 @@
+"""ToFu: Token Fusion, pruning in the early blocks and norm-preserving merging in the late ones.
+
+Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and Token Merging", WACV 2024,
+arXiv 2312.01026. No official code was released by the authors; the reference implementation is
+the one in the PiToMe repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py``,
+``algo/tofu/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it here on the
+reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, case ``tofu_ratio0.9``).
+
+Modifications (as that implementation):
+ - between attention and MLP of every block, ``r = floor(T - T x ratio)`` tokens leave, ``T``
+   the tokens entering the block (prefix tokens included): ToMe's bipartite soft matching on the
+   keys averaged over heads (:func:`methods.tome.bipartite_soft_matching`) picks the ``r`` A tokens
+   best matched to a B token;
+ - in blocks ``i <= depth // 2`` (0-based) the matched A tokens are dropped ("prune"); in the
+   later blocks they are fused into their B partner by MLERP: the mean of the partner and the
+   tokens fused into it, rescaled by the largest norm among them over the partner's norm before
+   fusion (the reference divides by that norm, not by the mean's; we do the same);
+ - no token sizes are tracked, so proportional attention never applies and an average-pool head
+   is not weighted (as the reference).
+
+Deviations from the reference: every prefix token is protected (the reference protects only the
+class token, so a distillation token could be fused); ``r`` is clamped to half the non-prefix
+tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio >= 0.5``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from harness.registry import Knob, Method, register_method
+from harness.schedule import Schedule
+from harness.seam import BlockContext, install
+from methods.tome import bipartite_soft_matching, clamp_r
+
+
+def tokens_removed(tokens: int, ratio: float, num_prefix: int) -> int:
+    """Tokens a block with ``tokens`` entering removes at ``ratio`` (the reference's arithmetic, clamped)."""
+    if ratio >= 1.0:
+        return 0
+    return clamp_r(math.floor(tokens - tokens * ratio), tokens, num_prefix)
+
+
+def fuse_mlerp(b: torch.Tensor, index: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """MLERP fusion of ``moved`` tokens into ``b`` at ``index``: mean, rescaled to the largest norm.
+
+    Args:
+        b: (B, Nb, C) destination tokens.
+        index: (B, r, C) each moved token's destination row.
+        moved: (B, r, C) the tokens fused in.
+    """
+    b_norm = b.norm(dim=-1)
+    mean = b.scatter_reduce(1, index, moved, reduce="mean")
+    norm = b_norm.scatter_reduce(1, index[..., 0], moved.norm(dim=-1), reduce="amax")
+    return mean / b_norm[..., None] * norm[..., None]
+
+
+def tofu_reducer(ratio: float, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer of one block: prune (``fuse`` False) or fuse by MLERP at ``ratio``."""
+
+    def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        r = tokens_removed(x.shape[1], ratio, ctx.num_prefix)
+        merge = bipartite_soft_matching(ctx.keys(), r, ctx.num_prefix)
+        return merge(x, mode=fuse_mlerp if fuse else "prune")
+
+    return reduce
+
+
+@register_method
+class ToFu(Method):
+    """ToFu: prune early, fuse late by norm-preserving merging, at one keep ratio per block (Kim et al., WACV 2024)."""
+
+    name = "tofu"
+    version = "1"
+    knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
+
+    @staticmethod
+    def fuses(block: int, depth: int) -> bool:
+        """Blocks after the middle fuse; the others prune (the reference's strategy list)."""
+        return block > depth // 2
+
+    def schedule(self, arch, value: float) -> Schedule:
+        tokens, out = arch.tokens_in, []
+        for _ in range(arch.depth):
+            tokens -= tokens_removed(tokens, value, arch.num_prefix)
+            out.append(tokens)
+        return Schedule(arch.tokens_in, tuple(out))
+
+    def patch(self, model, value: float, arch) -> None:
+        depth = len(model.blocks)
+        reducers = {} if value >= 1.0 else {i: tofu_reducer(value, self.fuses(i, depth)) for i in range(depth)}
+        install(model, reducers, method=self.name)
