@@ -1,0 +1,143 @@
+"""PiToMe: Protect Informative Tokens before Merging, an energy score that spares the isolated tokens.
+
+Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
+arXiv 2405.16148, https://github.com/hchautran/PiToMe (``algo/pitome/merge.py``,
+``algo/pitome/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it on the
+reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, cases
+``pitome_ratio0.9`` and ``pitome_ratio0.95``).
+
+Modifications (as the official DeiT patch):
+ - between attention and MLP of every block, ``r = floor(T - T x ratio)`` of the ``T`` patch tokens
+   (prefix tokens excluded) are merged away;
+ - each patch token's *energy* is the mean over all patch tokens (itself included) of
+   ``ELU(cos(k_i, k_j) - margin)``, on the keys averaged over heads, with ``margin = 0.75 - 0.75 i /
+   depth`` in block ``i``; tokens are ranked by energy, highest first (many similar neighbours:
+   redundant);
+ - in the first ``ceil(depth / 2)`` blocks all ranked tokens alternate into sets A and B and ToMe's
+   bipartite matching merges the ``r`` A tokens best matched to a B token; in the later blocks only
+   the ``2r`` highest-energy tokens are mergeable (A and B alternate among them, every A token merges
+   into its most similar B token) and the other ``T - 2r`` are protected;
+ - merging is a size-weighted average and sizes travel with the tokens, but attention gets no
+   size bias (the official patch calls its attention without sizes: ``prop_attn`` off); an
+   average-pool head weights tokens by size (the seam does);
+ - output order as the official: prefix tokens, then the unmerged (bipartite blocks: in match order)
+   or protected (energy order) tokens, then set B.
+
+Deviations: every prefix token is kept out of the energy and the merge (the official excludes the
+class token only); ``r`` is clamped to half the patch tokens (the official assumes ``ratio >= 0.5``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from harness.registry import Knob, Method, register_method
+from harness.schedule import Schedule
+from harness.seam import BlockContext, gather_tokens, install
+
+Merge = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tokens_merged(patches: int, ratio: float) -> int:
+    """Patch tokens a block merges away at ``ratio`` (the official arithmetic, clamped to half)."""
+    if ratio >= 1.0:
+        return 0
+    return max(0, min(math.floor(patches - patches * ratio), patches // 2))
+
+
+def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (B, T, T) of ``metric`` (B, T, D) and the tokens by energy, highest first."""
+    metric = F.normalize(metric, p=2, dim=-1)
+    sim = metric @ metric.transpose(-1, -2)
+    energy = F.elu(sim - margin, alpha=1.0).mean(dim=-1)
+    return sim, torch.argsort(energy, descending=True)
+
+
+def _pair_scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    """Similarities of the A tokens (rows) to the B tokens (columns)."""
+    b, t, _ = sim.shape
+    scores = sim.gather(-1, b_idx.unsqueeze(-2).expand(b, t, b_idx.shape[-1]))
+    return scores.gather(-2, a_idx.unsqueeze(-1).expand(b, a_idx.shape[-1], b_idx.shape[-1]))
+
+
+def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool) -> Merge:
+    """The merge of one block: ``merge(x)`` sums the matched A tokens of ``x`` (B, T, C) into their B
+    partners and returns (B, T - r, C): kept A tokens (bipartite) or protected tokens, then B."""
+    if bipartite:
+        a_idx, b_idx = order[..., ::2], order[..., 1::2]
+        best, partner = _pair_scores(sim, a_idx, b_idx).max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True)
+        kept_idx = a_idx.gather(1, edges[:, r:])
+        src_idx, dst = a_idx.gather(1, edges[:, :r]), partner.gather(1, edges[:, :r])
+    else:
+        kept_idx = order[..., 2 * r:]
+        src_idx, b_idx = order[..., : 2 * r: 2], order[..., 1: 2 * r: 2]
+        dst = _pair_scores(sim, src_idx, b_idx).max(dim=-1).indices
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        b = gather_tokens(x, b_idx)
+        b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(x, src_idx), reduce="sum")
+        return torch.cat([gather_tokens(x, kept_idx), b], dim=1)
+
+    return merge
+
+
+def merge_wavg(merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor], num_prefix: int):
+    """Size-weighted average merge of the patch tokens of ``x``; prefix tokens pass through first."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    xs, p = x * size, num_prefix
+    merged_x = torch.cat([xs[:, :p], merge(xs[:, p:])], dim=1)
+    size = torch.cat([size[:, :p], merge(size[:, p:])], dim=1)
+    return merged_x / size, size
+
+
+def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer of one block."""
+
+    def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        p = ctx.num_prefix
+        r = tokens_merged(x.shape[1] - p, ratio)
+        if r == 0:
+            return x
+        with torch.no_grad():
+            sim, order = energy_order(ctx.keys()[:, p:], margin)
+        x, ctx.state.size = merge_wavg(pitome_match(sim, order, r, bipartite), x, ctx.state.size, p)
+        return x
+
+    return reduce
+
+
+@register_method
+class PiToMe(Method):
+    """PiToMe: merge redundant (high-energy) tokens, protect informative ones, one ratio per block (Tran et al., NeurIPS 2024)."""
+
+    name = "pitome"
+    version = "1"
+    merges = True
+    knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
+
+    @staticmethod
+    def margin(block: int, depth: int) -> float:
+        return 0.75 - 0.75 * (block / depth)
+
+    @staticmethod
+    def bipartite(block: int, depth: int) -> bool:
+        """The first ceil(depth / 2) blocks match all tokens bipartitely (the official ``use_bsm_pitome``)."""
+        return block < math.ceil(depth * 0.5)
+
+    def schedule(self, arch, value: float) -> Schedule:
+        tokens, out = arch.tokens_in, []
+        for _ in range(arch.depth):
+            tokens -= tokens_merged(tokens - arch.num_prefix, value)
+            out.append(tokens)
+        return Schedule(arch.tokens_in, tuple(out))
+
+    def patch(self, model, value: float, arch) -> None:
+        depth = len(model.blocks)
+        reducers = {} if value >= 1.0 else {
+            i: pitome_reducer(value, self.margin(i, depth), self.bipartite(i, depth)) for i in range(depth)}
+        install(model, reducers, merges=self.merges, method=self.name)
