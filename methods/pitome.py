@@ -48,11 +48,17 @@ def tokens_merged(patches: int, ratio: float) -> int:
     return max(0, min(math.floor(patches - patches * ratio), patches // 2))
 
 
-def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities (B, T, T) of ``metric`` (B, T, D) and the tokens by energy, highest first."""
+def energy_scores(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (B, T, T) of ``metric`` (B, T, D) and each token's energy (B, T):
+    the mean over all tokens, itself included, of ELU(similarity - margin)."""
     metric = F.normalize(metric, p=2, dim=-1)
     sim = metric @ metric.transpose(-1, -2)
-    energy = F.elu(sim - margin, alpha=1.0).mean(dim=-1)
+    return sim, F.elu(sim - margin, alpha=1.0).mean(dim=-1)
+
+
+def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (B, T, T) of ``metric`` and the tokens by energy, highest first."""
+    sim, energy = energy_scores(metric, margin)
     return sim, torch.argsort(energy, descending=True)
 
 
