@@ -7,16 +7,11 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.paths import PROJECT_ROOT
+from harness.paths import default_config
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _default_config() -> Path:
-    local = Path("benchmark.toml")
-    return local if local.is_file() else PROJECT_ROOT / "benchmark.toml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--data-root", default=None)
 
     run = sub.add_parser("run", allow_abbrev=False, help="run a sweep of models x methods x budgets")
-    run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the project's)")
+    run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the built-in defaults)")
     run.add_argument("--suite", help="suite of the config to run (default: [run] suite)")
     run.add_argument("--models", type=_csv, help="comma-separated model names")
     run.add_argument("--methods", type=_csv, help="comma-separated method names, or all")
@@ -43,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int)
     run.add_argument("--results", dest="results_dir", help="results directory (default results/local)")
     run.add_argument("--out", dest="reports_dir", help="reports directory (default <results>/reports)")
-    run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT or ../shared)")
+    run.add_argument("--data-root", help="where datasets/ and models/ live (default: $HARNESS_DATA_ROOT, else ./shared or ../shared)")
     run.add_argument("--weights", metavar="random|pretrained|PATH",
                      help="weights of the models of --models (or the suite): seeded random init, timm's pretrained "
                           "weights from the local Hugging Face / timm cache, or a .safetensors/.pth file")
@@ -104,17 +99,15 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args):
     from harness.config import load_config
 
-    return load_config(args.config or _default_config())
+    return load_config(args.config or default_config())
 
 
 def cmd_ls(args) -> int:
-    from harness.registry import get_method_class, method_names
+    from harness.registry import method_infos
 
     if args.what == "methods":
-        for name in method_names():
-            cls = get_method_class(name)
-            knob = cls.knob.name if cls.knob else "-"
-            print(f"{name:10s} knob {knob:10s} {cls.description()}")
+        for info in method_infos():
+            print(f"{info.name:10s} knob {info.knob or '-':10s} {info.description}")
         return 0
     cfg = _load(args)
     if args.what == "suites":

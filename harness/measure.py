@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from harness.paths import PROJECT_ROOT
+from harness.paths import checkout_root
 
 log = logging.getLogger(__name__)
 
@@ -421,10 +421,13 @@ def git_sha() -> Optional[str]:
 
     if os.environ.get("HARNESS_GIT_SHA"):
         return os.environ["HARNESS_GIT_SHA"]
+    checkout = checkout_root()
+    if checkout is None:  # an installed copy: its version says what it is, not a repository it may sit in
+        return None
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

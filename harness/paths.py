@@ -1,31 +1,63 @@
-"""Where shared data and checkpoints are looked up."""
+"""Where the configuration, shared data and checkpoints are looked up: flags, environment, working directory.
+
+Nothing here depends on where the code is installed, except the last fallbacks of a source checkout
+(``../shared`` beside it), so a wheel installed anywhere behaves like the checkout run from the same
+working directory.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from harness.errors import HarnessError
 
 ENV_DATA_ROOT = "HARNESS_DATA_ROOT"
 ENV_CACHE_DIR = "HARNESS_CACHE_DIR"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_NAME = "benchmark.toml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The checkout in a source or editable install; in a wheel install, site-packages (see checkout_root).
+PROJECT_ROOT = PACKAGE_DIR.parent
+DEFAULT_CONFIG = PACKAGE_DIR / "default_benchmark.toml"  # package data: the checkout's benchmark.toml (a link)
+
+
+def checkout_root() -> Optional[Path]:
+    """The source checkout this code runs from, or None for an installed (non-editable) copy."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "methods").is_dir() else None
+
+
+def default_config() -> Path:
+    """``./benchmark.toml`` when the working directory has one, else the built-in defaults shipped in the package."""
+    local = Path(CONFIG_NAME)
+    return local if local.is_file() else DEFAULT_CONFIG
+
+
+def _data_root_candidates() -> list[Path]:
+    cwd = Path.cwd()
+    candidates = [cwd / "shared", cwd.parent / "shared"]
+    checkout = checkout_root()
+    if checkout is not None:
+        candidates.append(checkout.parent / "shared")
+    return list(dict.fromkeys(candidates))
 
 
 def data_root(explicit: str = "") -> Path:
-    """The data root: ``explicit`` (flag or config), else $HARNESS_DATA_ROOT, else ``../shared``.
+    """The data root: ``explicit`` (flag or config), else $HARNESS_DATA_ROOT, else a ``shared`` folder.
 
-    ``../shared`` is tried beside the project and beside the working directory.
+    ``shared`` is tried in the working directory, beside it (``../shared``), then beside the source
+    checkout (when running from one).
     """
     if explicit or os.environ.get(ENV_DATA_ROOT):
         root = Path(explicit or os.environ[ENV_DATA_ROOT]).expanduser()
         if not root.is_dir():
             raise HarnessError(f"data root {root} is not a directory")
         return root
-    for candidate in (PROJECT_ROOT.parent / "shared", Path.cwd().parent / "shared"):
+    candidates = _data_root_candidates()
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise HarnessError(
-        f"no data root: looked for {PROJECT_ROOT.parent / 'shared'}; pass --data-root or set {ENV_DATA_ROOT}")
+    raise HarnessError(f"no data root: looked for {', '.join(map(str, candidates))}; "
+                       f"pass --data-root or set {ENV_DATA_ROOT}")
 
 
 def cache_dir(explicit: str = "") -> Path:

@@ -1,17 +1,24 @@
 """Method plugins: the contract, the registry, and discovery.
 
-A method is one file in ``methods/`` that subclasses :class:`Method` and decorates it with
-:func:`register_method`. Outside packages register through the ``harness.methods`` entry-point
-group (``[project.entry-points."harness.methods"] mine = "mypkg.mymethod"``): the module named is
-imported and its decorators run. The harness itself is never edited to add a method.
+A method is one file in ``methods/`` (installed as ``harness.methods``) that subclasses
+:class:`Method` and decorates it with :func:`register_method`. Outside packages register through the
+``harness.methods`` entry-point group (``[project.entry-points."harness.methods"] mine =
+"mypkg.mymethod"``). The harness itself is never edited to add a method.
+
+The registry is lazy: names, knobs and descriptions are read from the modules' source with
+``ast``, so ``python -m harness ls methods`` imports no torch; a method's module is imported (and
+its decorator runs) only when the method is made.
 """
 from __future__ import annotations
 
 import abc
+import ast
 import importlib
+import importlib.util
 import logging
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Optional
 
 from harness.errors import HarnessError, did_you_mean
@@ -122,7 +129,23 @@ class Method(abc.ABC):
 
 
 _REGISTRY: dict[str, type[Method]] = {}
-_discovered = False
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``ls methods`` shows of a method, read from its source without importing it.
+
+    Attributes:
+        name: the registry key.
+        knob: the knob's name, "" for a method without one.
+        description: the first line of the class docstring.
+        module: the module that registers the class; imported only when the method is made.
+    """
+
+    name: str
+    knob: str
+    description: str
+    module: str
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -134,36 +157,152 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _discover() -> None:
-    global _discovered  # the registry is filled once per process, by imports
-    if _discovered:
-        return
-    _discovered = True
-    import methods
+def _builtin_modules() -> list[tuple[str, Path]]:
+    """(module name, source file) of every module under ``harness.methods`` (a method may be a package)."""
+    import harness.methods
 
-    for info in pkgutil.iter_modules(methods.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"methods.{info.name}")
+    found = []
+    for folder in map(Path, harness.methods.__path__):
+        for source in sorted(folder.rglob("*.py")):
+            parts = source.relative_to(folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            if parts and not any(part.startswith("_") for part in parts):
+                found.append(("harness.methods." + ".".join(parts), source))
+    return found
+
+
+def _entry_point_modules() -> list[tuple[str, Optional[Path]]]:
+    """(module name, source file) of each ``harness.methods`` entry point; a broken one is logged and left out."""
     from importlib.metadata import entry_points
 
+    found = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        module = ep.value.partition(":")[0].strip()
         try:
-            ep.load()
+            spec = importlib.util.find_spec(module)
         except Exception as exc:  # a broken outside plugin must not take the harness down
-            log.warning("could not load method plugin %s (%s): %s", ep.name, ep.value, exc)
+            spec, why = None, exc
+        else:
+            why = f"no module named {module!r}"
+        if spec is None:
+            log.warning("could not load method plugin %s (%s): %s", ep.name, ep.value, why)
+            continue
+        origin = Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+        found.append((module, origin))
+    return found
+
+
+def _literal(node: ast.expr):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        return _UNREAD
+
+
+_UNREAD = object()  # an attribute the source sets to something ``ast.literal_eval`` cannot read
+
+
+def _read_class(node: ast.ClassDef) -> dict:
+    """The class attributes ``ls`` needs, as written in the class body (``_UNREAD`` where not a literal)."""
+    attrs = {"bases": [b.id for b in node.bases if isinstance(b, ast.Name)], "doc": ast.get_docstring(node) or "",
+             "registered": any(isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list)}
+    for stmt in node.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            target, value = stmt.targets[0].id, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+            target, value = stmt.target.id, stmt.value
+        else:
+            continue
+        if target == "name":
+            attrs["name"] = _literal(value)
+        elif target == "knob":
+            is_knob = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Knob" and value.args
+            attrs["knob"] = "" if _literal(value) is None else _literal(value.args[0]) if is_knob else _UNREAD
+    return attrs
+
+
+def _inherited(classes: dict, cls: dict, key: str):
+    """``cls[key]``, else the first base's that sets it (bases found by name); "" once ``Method`` is reached."""
+    if key in cls:
+        return cls[key]
+    for base in cls["bases"]:
+        if base == "Method":
+            return ""
+        if base in classes:
+            return _inherited(classes, classes[base], key)
+    return _UNREAD
+
+
+def _read_sources(modules: list[tuple[str, Optional[Path]]]) -> tuple[list[MethodInfo], list[str]]:
+    """Method infos read from the modules' source; the modules whose methods cannot be read so are returned apart."""
+    parsed, unreadable = [], []
+    for module, source in modules:
+        try:
+            tree = ast.parse(source.read_text(), str(source)) if source else None
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            tree = None
+        if tree is None:
+            unreadable.append(module)
+            continue
+        parsed.append((module, {n.name: _read_class(n) for n in tree.body if isinstance(n, ast.ClassDef)}))
+    classes = {name: attrs for _, found in parsed for name, attrs in found.items()}
+    infos = []
+    for module, found in parsed:
+        for attrs in (a for a in found.values() if a["registered"]):
+            name, knob = attrs.get("name", _UNREAD), _inherited(classes, attrs, "knob")
+            if not isinstance(name, str) or not isinstance(knob, str):
+                unreadable.append(module)
+                break
+            infos.append(MethodInfo(name, knob, attrs["doc"].strip().splitlines()[0] if attrs["doc"] else "", module))
+    return infos, unreadable
+
+
+def _info_of(cls: type[Method]) -> MethodInfo:
+    return MethodInfo(cls.name, cls.knob.name if cls.knob else "", cls.description(), cls.__module__)
+
+
+_catalog: dict[str, MethodInfo] = {}
+
+
+def _discover() -> dict[str, MethodInfo]:
+    """Every method, built-in and outside, by name; filled once per process from the sources.
+
+    Reading the sources (``ast``) rather than importing them keeps ``ls methods`` free of torch; a
+    module whose name or knob is not written as a literal is imported instead.
+    """
+    if _catalog:
+        return _catalog
+    infos, unreadable = _read_sources(_builtin_modules() + _entry_point_modules())
+    for module in unreadable:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a broken outside plugin must not take the harness down
+            log.warning("could not load method plugin module %s: %s", module, exc)
+        infos += [_info_of(cls) for cls in _REGISTRY.values() if cls.__module__ == module]
+    for info in infos:
+        existing = _catalog.setdefault(info.name, info)
+        if existing != info:
+            raise ValueError(f"method name {info.name!r} registered twice ({existing.module}, {info.module})")
+    return _catalog
+
+
+def method_infos() -> list[MethodInfo]:
+    """Name, knob and description of every method (built-in, outside, registered in this process), by name."""
+    found = {**_discover(), **{n: _info_of(c) for n, c in _REGISTRY.items() if n not in _discover()}}
+    return [found[n] for n in sorted(found)]
 
 
 def method_names() -> list[str]:
-    """Names of all registered methods, sorted."""
-    _discover()
-    return sorted(_REGISTRY)
+    """Names of all methods, sorted; none of their modules is imported."""
+    return sorted(set(_discover()) | set(_REGISTRY))
 
 
 def get_method_class(name: str) -> type[Method]:
-    """The registered class for ``name``; an unknown name raises with "did you mean"."""
-    _discover()
+    """The registered class for ``name``, importing its module now; an unknown name raises with "did you mean"."""
+    if name not in _REGISTRY and name in _discover():
+        importlib.import_module(_discover()[name].module)
     if name not in _REGISTRY:
-        raise did_you_mean("method", name, list(_REGISTRY))
+        raise did_you_mean("method", name, method_names())
     return _REGISTRY[name]
 
 

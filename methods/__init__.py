@@ -1,1 +1,5 @@
-"""Token-reduction methods, one file each. Every module here is imported by the registry."""
+"""Token-reduction methods, one file each, installed as ``harness.methods``.
+
+The registry reads every module here from its source (names, knobs, descriptions) and imports a
+module only when its method is made.
+"""

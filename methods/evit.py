@@ -29,7 +29,7 @@ from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install
-from methods.random import drop_blocks
+from harness.methods.random import drop_blocks
 
 
 def num_keep(num_tokens: int, keep_rate: float) -> int:

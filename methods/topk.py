@@ -11,7 +11,7 @@ order) and drops the rest; prefix tokens always stay.
 from __future__ import annotations
 
 from harness.registry import register_method
-from methods.evit import EViT
+from harness.methods.evit import EViT
 
 
 @register_method

@@ -30,6 +30,19 @@ def test_ls_methods_lists_knobs(capsys):
     assert "keep_rate" in out
 
 
+def test_ls_methods_imports_no_method_and_no_torch():
+    """The listing reads the methods' sources: neither torch nor a method module is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from harness.cli import main; main(['ls', 'methods']); "
+            "heavy = [m for m in sys.modules if m == 'torch' or m.startswith('harness.methods.')]; "
+            "print('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tome " in proc.stdout and "HEAVY []" in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--methods", "randon"], "did you mean 'random'"),
     (["--models", "deit_tiny_cifar1"], "did you mean"),

@@ -33,7 +33,7 @@ def _model() -> torch.nn.Module:
 
 def _diffrate_schedules(arch, path: Path) -> dict:
     """A compression_rate.json with a few kept-count lists for the small test model, keyed by GMACs."""
-    from methods.diffrate import tokens_after
+    from harness.methods.diffrate import tokens_after
 
     entries = {}
     for step in (10, 25, 40, 55):

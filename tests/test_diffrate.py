@@ -12,7 +12,7 @@ from harness.errors import HarnessError
 from harness.models import Transform
 from harness.runner import CalibrationData
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
-from methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, land_on_target,
+from harness.methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, land_on_target,
                               masked_softmax, uniform_rate_start,
                               match_similar, merge_mean, merge_size, model_key_for, parse_counts, prune_and_merge,
                               soft_gmacs, ste_ceil, step_mask, tokens_after)

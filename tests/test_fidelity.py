@@ -140,7 +140,7 @@ def _diffrate(case: dict, arch, tmp_path) -> tuple[Method, float]:
     # go through the method's public ``schedules`` option: the method reads, checks and applies them
     # exactly as it would the published ones, and with one entry no knob-to-entry rounding can pick
     # another. The knob is the GMACs ratio of that schedule, what the harness would report for it.
-    from methods.diffrate import model_key_for, tokens_after
+    from harness.methods.diffrate import model_key_for, tokens_after
 
     prune, merge = case["prune_kept_num"], case["merge_kept_num"]
     key = case["knob"].get("published_model") or model_key_for(arch)

@@ -11,8 +11,8 @@ import torch
 from harness.errors import HarnessError
 from harness.registry import get_method_class
 from harness.schedule import analytic_gmacs, arch_spec
-from methods.evit import select_tokens, tokens_after_drop, top_attentive
-from methods.tome import bipartite_soft_matching, merge_wavg, parse_r
+from harness.methods.evit import select_tokens, tokens_after_drop, top_attentive
+from harness.methods.tome import bipartite_soft_matching, merge_wavg, parse_r
 
 # ----------------------------------------------------------------------------- models
 

@@ -38,7 +38,7 @@ def _model(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def _diffrate(model, tmp_path, rest: tuple[int, ...] = ()):
     """DiffRate with one schedule that prunes and merges at every block after the first but ``rest``."""
-    from methods.diffrate import tokens_after
+    from harness.methods.diffrate import tokens_after
 
     arch = arch_spec(model)
     n, depth = arch.tokens_in, arch.depth

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from methods.random import RandomPruning, block_key, drop_blocks, mix32, random_keep_index, random_scores
+from harness.methods.random import RandomPruning, block_key, drop_blocks, mix32, random_keep_index, random_scores
 from harness.schedule import arch_spec
 import timm
 
