@@ -300,7 +300,11 @@ def method_names() -> list[str]:
 def get_method_class(name: str) -> type[Method]:
     """The registered class for ``name``, importing its module now; an unknown name raises with "did you mean"."""
     if name not in _REGISTRY and name in _discover():
-        importlib.import_module(_discover()[name].module)
+        module = _discover()[name].module
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # an outside plugin's missing dependency: one clear line, not a traceback
+            raise HarnessError(f"method {name!r}: importing {module} failed: {exc}") from exc
     if name not in _REGISTRY:
         raise did_you_mean("method", name, method_names())
     return _REGISTRY[name]

@@ -1,12 +1,15 @@
 """Shared fixtures. Tests run on CPU in seconds with random-weight timm models."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
-from harness.paths import PROJECT_ROOT
+from harness.paths import ENV_DATA_ROOT, PROJECT_ROOT
 
-SHARED = PROJECT_ROOT.parent / "shared"
+SHARED = Path(os.environ.get(ENV_DATA_ROOT) or PROJECT_ROOT.parent / "shared")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 def shared():
     """The shared data root; tests that need real data skip cleanly without it."""
     if not (SHARED / "models").is_dir():
-        pytest.skip("../shared is not present")
+        pytest.skip(f"needs the shared data root: no {SHARED / 'models'} (set {ENV_DATA_ROOT})")
     return SHARED
 
 

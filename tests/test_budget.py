@@ -46,3 +46,17 @@ def test_knob_budget_checked(arch):
     with pytest.raises(HarnessError):
         resolve(method, arch, parse_budget("keep_rate=1.5"))
     assert resolve(method, arch, parse_budget("keep_rate=0.5")).knob_value == 0.5
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_reach_tolerance_is_two_percent(arch, side):
+    """A GMACs target 1 % past what the knob reaches is solved at the end; 3 % past it is a skip."""
+    from harness.budget import _gmacs_at
+
+    method = get_method_class("random")()
+    end = _gmacs_at(method, arch, method.knob.low if side == "below" else method.knob.high)
+    sign = -1 if side == "below" else 1
+    near = resolve(method, arch, parse_budget(f"gmacs={end * (1 + sign * 0.01)}"))
+    far = resolve(method, arch, parse_budget(f"gmacs={end * (1 + sign * 0.03)}"))
+    assert near.skip_reason is None and near.gmacs == pytest.approx(end)
+    assert far.skip_reason and "outside what keep_rate reaches" in far.skip_reason

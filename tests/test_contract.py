@@ -4,7 +4,7 @@ import timm
 import torch
 
 from harness.budget import parse_budget, resolve
-from harness.registry import get_method_class, method_names
+from harness.registry import get_method_class, method_infos, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 
 KNOB_METHODS = [m for m in method_names() if get_method_class(m).knob is not None]
@@ -30,6 +30,16 @@ def test_described_and_versioned(name):
     assert cls.description() and cls.version
     if cls.knob is not None:
         assert cls.knob.low <= cls.knob.identity <= cls.knob.high
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_listing_read_from_source_is_the_class(name):
+    """``ls methods`` reads name, knob and description without importing: they must be the class's own."""
+    info = next(i for i in method_infos() if i.name == name)
+    cls = get_method_class(name)
+    assert info.module == cls.__module__
+    assert info.knob == (cls.knob.name if cls.knob else "")
+    assert info.description == cls.description()
 
 
 @pytest.mark.parametrize("name", KNOB_METHODS)
@@ -78,16 +88,21 @@ def test_schedule_monotone_in_knob(name):
 def test_random_follows_another_methods_schedule(leader):
     from harness.registry import make_method
 
-    model = _deit_s()
-    arch = arch_spec(model)
+    arch = arch_spec(_deit_s())
     follow, lead = make_method(f"random@{leader}"), make_method(leader)
     resolved = resolve(follow, arch, parse_budget("0.6"))
-    assert resolved.schedule == resolve(lead, arch, parse_budget("0.6")).schedule
-    follow.patch(model, resolved.knob_value, arch)
-    model._seam_state.recording = True
-    with torch.no_grad():
-        model(torch.randn(2, 3, 224, 224))
-    assert model._seam_state.observed == list(resolved.schedule.tokens_out)
+    assert resolved.schedule != Schedule.full(arch)
+    x = torch.randn(2, 3, 224, 224)
+    observed = {}
+    for name, method in (("follow", follow), ("lead", lead)):
+        model = _deit_s()
+        method.patch(model, resolved.knob_value, arch)
+        model._seam_state.recording = True
+        with torch.no_grad():
+            model(x)
+        observed[name] = model._seam_state.observed
+    # the follower's forward drops what the leader's own forward drops, block by block, as planned
+    assert observed["follow"] == observed["lead"] == list(resolved.schedule.tokens_out)
 
 
 def test_follow_needs_a_follower_and_a_leader():

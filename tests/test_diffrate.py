@@ -145,7 +145,7 @@ def test_published_budget_picks_the_closest_entry(shared):
     # rounding of the knob at the step's edge must not flip the entry
     resolved = resolve(method, arch, parse_budget("0.7"))
     assert method.describe(arch, resolved.knob_value)["published_gflops"] == "0.9"
-    assert resolved.schedule == method.schedule(arch, resolved.knob_value)
+    assert resolved.gmacs > 0.877 > resolve(method, arch, parse_budget("0.6")).gmacs  # above the target, not below
     assert "outside what gmacs_ratio reaches" in resolve(method, arch, parse_budget("0.5")).skip_reason
 
 
