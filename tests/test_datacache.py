@@ -214,6 +214,7 @@ load_imagenet_folder(Path(sys.argv[1]), Transform(32, (0.5,) * 3, (0.5,) * 3, 0.
 """
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_leaves_nothing_a_later_run_trusts(tmp_path):
     folder = _folder(tmp_path / "val", n=24)
     env = {**os.environ, "HARNESS_CACHE_DIR": str(tmp_path / "cache"), "HARNESS_DATA_WORKERS": "2",

@@ -183,6 +183,7 @@ def _data(force=False):
     return CalibrationData(train, torch.device("cpu"), "fp32", {"model": "tiny-random"}, force)
 
 
+@pytest.mark.slow
 def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
     model = _tiny_model()
     arch = arch_spec(model)

@@ -78,6 +78,7 @@ def test_target_tolerance_is_two_percent():
     assert budget.off_target(0.5, None) is None and budget.off_pct(0.9, 1.0) == pytest.approx(-10.0)
 
 
+@pytest.mark.slow
 def test_a_cell_that_misses_its_target_is_off_target_kept_as_data(tmp_path, coarse):
     recs = _run(tmp_path, ["none", "test_coarse", "tome"], ["0.7"])
     miss, tome = recs["test_coarse@0.7"], recs["tome@0.7"]
@@ -180,6 +181,7 @@ def test_interleaved_timing_alternates_and_pairs_rounds():
     assert stats["baseline_img_per_s"] == 2.0  # 4 images over the median 2 s
 
 
+@pytest.mark.slow
 def test_every_reducing_cell_has_interleaved_speedups(tmp_path):
     recs = _run(tmp_path, ["none", "tome"], ["0.5"], repeats=3)
     tome, none = recs["tome@0.5"], recs["none@baseline"]

@@ -86,6 +86,7 @@ def test_eager_and_fused_tome_give_the_same_logits():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_eager_cells_are_their_own_cells_and_the_report_compares_kernels(config, tmp_path, capsys):
     base = ["run", "--config", str(config), "--suite", "s", "--models", "tiny", "--no-report"]
     assert main(base) == 0
@@ -117,6 +118,7 @@ def test_eager_cells_are_their_own_cells_and_the_report_compares_kernels(config,
     assert "speedup_vs_ideal.png" in figures and "accuracy_vs_gmacs.png" not in figures
 
 
+@pytest.mark.slow
 def test_models_flag_narrows_budgets_by_model(config, tmp_path):
     assert main(["run", "--config", str(config), "--suite", "s", "--models", "small", "--methods", "tome",
                  "--no-report"]) == 0
@@ -228,6 +230,7 @@ def test_git_sha_from_the_environment_where_the_tree_has_no_git(monkeypatch):
     assert measure.git_sha() != "abc123def456"
 
 
+@pytest.mark.slow
 def test_profile_regions_account_for_the_forward(tmp_path, capsys):
     prof = _module(PROJECT_ROOT / "scripts" / "profile_regions.py")
     out = tmp_path / "p.md"
@@ -255,6 +258,7 @@ def test_throttle_by_hand():
     assert due(last=True)
 
 
+@pytest.mark.slow
 def test_evaluation_progress_is_printed(monkeypatch, capsys, tmp_path, shared):
     from harness import progress
 

@@ -272,6 +272,7 @@ def test_identity_budget_gives_the_unpatched_logits(method, value, key):
     assert observed == [arch_spec(model).tokens_in] * len(model.blocks)
 
 
+@pytest.mark.slow
 def test_tome_prop_attn_option():
     on, logits_on, _, _ = run_patched("tome", "deit_s", 13)
     off, logits_off, _, _ = run_patched("tome", "deit_s", 13, prop_attn=False)

@@ -105,6 +105,7 @@ def test_ls_lists_the_outside_method_and_survives_a_broken_one(site, tmp_path):
     assert "could not load method plugin broken" in proc.stderr
 
 
+@pytest.mark.slow
 def test_outside_method_runs_a_cell(site, tmp_path):
     results = tmp_path / "results"
     config = tmp_path / "benchmark.toml"
@@ -139,6 +140,7 @@ data = "synthetic"
     assert len(tokens) == 12 and tokens[0] < 197 and tokens == sorted(tokens, reverse=True)
 
 
+@pytest.mark.slow
 def test_outside_method_passes_the_contract_tests(site):
     """The registry-parametrized contract tests pick the plugin up with no change to them."""
     argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(PROJECT_ROOT / "tests" / "test_contract.py"),

@@ -169,6 +169,7 @@ def test_the_setting_is_checked_and_carried_by_the_model():
 
 # ----------------------------------------------------------------------------- flex and torch.compile
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tome", "diffrate"])
 def test_flex_in_a_compiled_model_breaks_the_graph_but_stays_right(name, tmp_path):
     import torch._dynamo
@@ -244,6 +245,7 @@ def test_fold_runs_on_the_flash_kernel():
 
 # ---------------------------------------------------------------- the cell setting -------------
 
+@pytest.mark.slow
 def test_prop_attn_is_a_cell_setting_stored_in_the_record(tmp_path, monkeypatch):
     """``--prop-attn fold`` runs the fold path in a sweep, is stored, and makes its own cell id;
     on synthetic inputs (no accuracy) the GMACs are the mask cell's."""

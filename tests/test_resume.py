@@ -50,6 +50,7 @@ def _snapshot(records: Path) -> dict:
     return {p.name: p.read_bytes() for p in records.glob("[!.]*.json")}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_cell_then_resume(tmp_path):
     cfg = _config(tmp_path, repeats=40)  # long enough cells to be killed inside one
     records = tmp_path / "results" / "records"
@@ -75,6 +76,7 @@ def test_kill_9_mid_cell_then_resume(tmp_path):
     assert {k: after[k] for k in before} == before  # finished cells untouched, not recomputed
 
 
+@pytest.mark.slow
 def test_concurrent_sweeps_share_a_directory(tmp_path):
     cfg = _config(tmp_path, repeats=3)
     a, b = _run("--config", str(cfg)), _run("--config", str(cfg))
@@ -106,6 +108,7 @@ def _comparable(results: Path) -> dict:
     return {r["cell_id"]: {k: v for k, v in r.items() if not k.startswith(TIMING)} for r in ResultStore(results).load_all()}
 
 
+@pytest.mark.slow
 def test_submitit_local_matches_plain_runner(tmp_path):
     plain, sub = tmp_path / "plain", tmp_path / "sub"
     plain.mkdir(), sub.mkdir()
@@ -115,6 +118,7 @@ def test_submitit_local_matches_plain_runner(tmp_path):
     assert len(a) == 4 and a == b, (p, s)
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_matches_single_process(tmp_path, shared):
     common = ["--models", "deit_tiny_cifar10", "--methods", "none,topk", "--budgets", "0.5", "--limit", "30",
               "--device", "cpu", "--no-report"]

@@ -11,6 +11,7 @@ def _records(results):
     return {r["method"] + "@" + r["budget"]: r for r in ResultStore(results).load_all()}
 
 
+@pytest.mark.slow
 def test_sweep_stores_resumes_and_reports(capsys, tmp_path, shared):
     results, reports = tmp_path / "results", tmp_path / "reports"
     argv = ["run", "--models", "deit_tiny_cifar10", "--methods", "none,random", "--budgets", "0.5,keep_rate=0.9",
