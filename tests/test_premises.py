@@ -112,6 +112,7 @@ def test_models_without_analytic_gmacs_are_unsupported(arch, words):
         arch_spec(model)
 
 
+@pytest.mark.slow
 def test_a_sweep_records_the_refusals_and_runs_the_rest(tmp_path):
     """Through the runner: registers + average pool (vit_little ..._reg4_gap_256) refuses EViT with
     its reason and runs ToMe and random; BEiT is unsupported for every method, none included, and

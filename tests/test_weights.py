@@ -128,6 +128,7 @@ def test_checkpoint_head_of_another_size_does_not_fit(tmp_path):
         build_model(spec)
 
 
+@pytest.mark.slow
 def test_weights_random_data_synthetic_for_a_vit_not_in_the_config(capsys, tmp_path):
     """Any timm ViT from the command line, without editing benchmark.toml (AugReg: mean/std 0.5)."""
     results = tmp_path / "r"
