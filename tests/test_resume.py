@@ -110,6 +110,7 @@ def _comparable(results: Path) -> dict:
 
 @pytest.mark.slow
 def test_submitit_local_matches_plain_runner(tmp_path):
+    pytest.importorskip("submitit", reason="needs the slurm extra: pip install -e '.[slurm]'")
     plain, sub = tmp_path / "plain", tmp_path / "sub"
     plain.mkdir(), sub.mkdir()
     p = _run("--config", str(_config(plain))).communicate(timeout=300)[0]
