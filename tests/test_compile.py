@@ -77,6 +77,7 @@ def _compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> list[int
     return observed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_compiles_as_one_graph(name, tmp_path):
     model = _patched(name, tmp_path)

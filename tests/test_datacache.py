@@ -62,6 +62,7 @@ def _cache_folders(root: Path) -> list[Path]:
 
 # ----------------------------------------------------------------- timm's transform, exactly --
 
+@pytest.mark.slow
 def test_crops_equal_timms_eval_pipeline_on_the_imagenet_sample(shared):
     """uint8 crops == timm's create_transform output before Normalize, on 100 real images (one gray);
     the streamed batch == timm's normalised output, bit for bit."""

@@ -270,6 +270,7 @@ def test_landing_shifts_the_searched_shape_onto_the_target():
     assert land_on_target(arch, p2, m2, blocks, landed)[2] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.9, 0.5])
 def test_default_search_lands_within_two_percent(tmp_path, ratio):
     model = _tiny_model()

@@ -53,6 +53,7 @@ def _same_weights(model, sd) -> bool:
     return set(own) == set(sd) and all(torch.equal(own[k], sd[k]) for k in sd)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_come_from_the_local_hf_cache(tmp_path, monkeypatch):
     sd = _random_state_dict()
     file = _fake_hf_cache(tmp_path / "hf", sd)
@@ -152,6 +153,7 @@ def _jpeg_folder(root, n=4):
     return root
 
 
+@pytest.mark.slow
 def test_pretrained_from_cache_on_an_imagenet_folder(capsys, tmp_path, monkeypatch):
     """The papers' setting in miniature: --data imagenet:PATH, pretrained weights from a local cache."""
     file = _fake_hf_cache(tmp_path / "hf", _random_state_dict())
