@@ -32,7 +32,7 @@ import torch
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, install
-from methods.tome import bipartite_soft_matching, clamp_r
+from harness.methods.tome import bipartite_soft_matching, clamp_r
 
 
 def tokens_removed(tokens: int, ratio: float, num_prefix: int) -> int:

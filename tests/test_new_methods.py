@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from methods.pitome import energy_scores, pitome_match, tokens_merged
-from methods.tofu import fuse_mlerp, tokens_removed
+from harness.methods.pitome import energy_scores, pitome_match, tokens_merged
+from harness.methods.tofu import fuse_mlerp, tokens_removed
 
 
 def test_tofu_counts_follow_the_reference_arithmetic():
