@@ -108,3 +108,32 @@ def test_every_hook_is_declared_on_method():
     assert tome.calibrate(None, 4, None, None) == {} and tome.describe(None, 4) == {} and not tome.can_follow
     assert make_method("random").can_follow
     assert make_method("random@diffrate").calibration_identity() == make_method("diffrate").calibration_identity()
+
+
+def test_reference_records_keep_their_ids():
+    """Every record of the project's reference run (results/reference) is found by the id the plan
+    computes for it today, from the project's own benchmark.toml."""
+    import json
+
+    import pytest
+
+    from harness.errors import HarnessError
+    from harness.paths import PROJECT_ROOT, data_root
+    from harness.runner import override
+
+    records = [json.loads(p.read_text()) for p in sorted((PROJECT_ROOT / "results" / "reference" / "records").glob("*.json"))]
+    if not records:
+        pytest.skip("no reference records under results/reference/records")
+    try:
+        root = data_root()
+    except HarnessError as exc:
+        pytest.skip(f"the reference models' cards need the data root: {exc}")
+    by_limit = {}
+    for rec in records:
+        if rec["limit"] not in by_limit:
+            cfg = override(load_config(PROJECT_ROOT / "benchmark.toml"), {"limit": rec["limit"]}, {})
+            by_limit[rec["limit"]] = Plan(cfg, root)
+        plan = by_limit[rec["limit"]]
+        machine = Machine(rec["dtype"], rec["device_name"], rec["throughput_batch_size"])
+        ids = {cell_id(plan.cell_key(c, rec["checkpoint_sha"], machine)) for c in plan.cells if c.model == rec["model"]}
+        assert rec["cell_id"] in ids, f"{rec['model']} | {rec['method']} | {rec['budget']}: id {rec['cell_id']} not planned"
