@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import functools
 
-import timm
 import torch
 
 from harness.budget import Resolved, parse_budget, resolve
-from harness.config import load_config
+from harness.cell import build_unpatched, prepare_cell
+from harness.config import ModelConfig, load_config
+from harness.models import ModelSpec, resolve_model
 from harness.paths import PROJECT_ROOT
 from harness.registry import Method, make_method, method_names
-from harness.schedule import ArchSpec, arch_spec
+from harness.schedule import ArchSpec
 
 MODEL = "deit_small_patch16_224"
 BUDGET = "0.7"  # a fraction of the baseline's analytic GMACs
@@ -33,15 +34,19 @@ def make(method: str) -> Method:
         NotImplementedError: the method needs calibration on data (asv records the benchmark as skipped).
     """
     instance = make_method(method, method_options())
-    if getattr(instance, "needs_calibration", False):
+    if instance.needs_calibration:
         raise NotImplementedError(f"{method} needs calibration on data before it has a schedule")
     return instance
 
 
-def deit_s() -> torch.nn.Module:
+def spec() -> ModelSpec:
     """DeiT-S with seeded random weights: shapes and timings do not depend on trained weights."""
-    torch.manual_seed(0)
-    return timm.create_model(MODEL, pretrained=False).eval()
+    return resolve_model(MODEL, {MODEL: ModelConfig(timm=MODEL, weights="random", data="synthetic")}, None)
+
+
+def deit_s() -> torch.nn.Module:
+    """The unpatched DeiT-S of :func:`spec`."""
+    return build_unpatched(spec())
 
 
 def solve(method: str, arch: ArchSpec) -> Resolved:
@@ -50,10 +55,6 @@ def solve(method: str, arch: ArchSpec) -> Resolved:
 
 
 def patched(method: str) -> tuple[torch.nn.Module, Resolved]:
-    """A fresh DeiT-S patched with ``method`` at :data:`BUDGET`, and the solved budget."""
-    model = deit_s()
-    arch = arch_spec(model)
-    instance = make(method)
-    resolved = resolve(instance, arch, parse_budget(BUDGET))
-    instance.patch(model, resolved.knob_value, arch)
-    return model, resolved
+    """A fresh DeiT-S patched with ``method`` at :data:`BUDGET` (on the CPU), and the solved budget."""
+    cell = prepare_cell(spec(), make(method), parse_budget(BUDGET))
+    return cell.model, cell.resolved

@@ -20,13 +20,25 @@ def _parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("-v", "--verbose", action="store_true", help="log library messages")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_ls(sub)
+    run = sub.add_parser("run", allow_abbrev=False, help="run a sweep of models x methods x budgets")
+    _add_run_selection(run)
+    _add_run_measurement(run)
+    _add_run_executor(run)
+    _add_report_and_plot(sub)
+    _add_tokenmap(sub)
+    return p
 
+
+def _add_ls(sub) -> None:
     ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models or suites")
     ls.add_argument("what", choices=["methods", "models", "suites"])
     ls.add_argument("--config", type=Path, default=None)
     ls.add_argument("--data-root", default=None)
 
-    run = sub.add_parser("run", allow_abbrev=False, help="run a sweep of models x methods x budgets")
+
+def _add_run_selection(run) -> None:
+    """What a sweep runs: config, suite, models, methods, budgets, data, weights, where results go."""
     run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the built-in defaults)")
     run.add_argument("--suite", help="suite of the config to run (default: [run] suite)")
     run.add_argument("--models", type=_csv, help="comma-separated model names")
@@ -46,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="eval data of the models of --models (or the suite): synthetic inputs (no accuracy), the "
                           "CIFAR-10 test split, the shared ImageNet sample or an ImageNet-style val folder; "
                           "--weights random alone implies synthetic")
+
+
+def _add_run_measurement(run) -> None:
+    """How each cell is measured: resume, calibration, kernels, timing, counts."""
     run.add_argument("--overwrite", action="store_true", default=None, help="re-run cells already stored")
     run.add_argument("--recalibrate", action="store_true", default=None, help="search again instead of using cached calibration results")
     run.add_argument("--calib-limit", type=int, help="training images a calibrating method (DiffRate) searches on")
@@ -65,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="also time decode + copy + transform + model")
     run.add_argument("--no-flops", dest="flops", action="store_false", default=None,
                      help="skip fvcore's measured GMACs")
+
+
+def _add_run_executor(run) -> None:
+    """Where cells run (this process, submitit, Slurm) and what is printed at the end."""
     run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
     run.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local",
                      help="local: this process (or torchrun ranks); submitit-local / slurm: one submitit job per --cells-per-job cells")
@@ -72,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="submitit AutoExecutor parameter, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=120")
 
+
+def _add_report_and_plot(sub) -> None:
     rep = sub.add_parser("report", allow_abbrev=False, help="tables from stored results (no model runs)")
     rep.add_argument("--config", type=Path, default=None)
     rep.add_argument("--results", dest="results_dir", help="results directory")
@@ -84,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
     plot.add_argument("--budget", help="budget of the tokens-per-block plot (default: the middle one stored)")
 
+
+def _add_tokenmap(sub) -> None:
     tm = sub.add_parser("tokenmap", allow_abbrev=False, help="token maps on test images: kept, merged and dropped patches (runs the model)")
     tm.add_argument("--config", type=Path, default=None)
     tm.add_argument("--model", default="deit_tiny_cifar10")
@@ -93,7 +117,6 @@ def _parser() -> argparse.ArgumentParser:
     tm.add_argument("--depths", type=_csv, help="1-based blocks to show (default: 4,7,10,12 of 12)")
     tm.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
     tm.add_argument("--data-root", help="where datasets/ and models/ live")
-    return p
 
 
 def _load(args):

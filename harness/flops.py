@@ -245,6 +245,19 @@ def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_siz
         param = next(model.parameters())
         images = torch.randn(1, 3, img_size, img_size, device=param.device)
     out = FlopCount(n_images=len(images))
+    tokens = _count_batches(model, images, batch_size, out)
+    n = len(images)
+    out.model_ops = Counter({k: v / n for k, v in out.model_ops.items()})
+    out.reduction_ops = Counter({k: v / n for k, v in out.reduction_ops.items()})
+    if tokens:
+        out.tokens_per_block = [sum(col) / n for col in zip(*tokens)]
+    log.debug("measured %.4f GMACs (+%.4f other, +%.5f overhead) over %d images", out.gmacs, out.gmacs_other,
+              out.gmacs_overhead, n)
+    return out
+
+
+def _count_batches(model: nn.Module, images: torch.Tensor, batch_size: int, out: FlopCount) -> list[list[int]]:
+    """Add each batch's op counts to ``out``; return the tokens the seam saw per batch (times its images)."""
     state = getattr(model, "_seam_state", None)
     tokens = []
     if state is not None:
@@ -260,11 +273,4 @@ def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_siz
     finally:
         if state is not None:
             state.recording = False
-    n = len(images)
-    out.model_ops = Counter({k: v / n for k, v in out.model_ops.items()})
-    out.reduction_ops = Counter({k: v / n for k, v in out.reduction_ops.items()})
-    if tokens:
-        out.tokens_per_block = [sum(col) / n for col in zip(*tokens)]
-    log.debug("measured %.4f GMACs (+%.4f other, +%.5f overhead) over %d images", out.gmacs, out.gmacs_other,
-              out.gmacs_overhead, n)
-    return out
+    return tokens

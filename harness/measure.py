@@ -306,11 +306,19 @@ def throughput(model, img_size: int, batch_size: int, device: torch.device, dtyp
     out = with_oom_fallback(run, batch_size, device, min_batch_size)
     fn = out.pop("_fn")
     if latency:
-        x1 = torch.randn(1, 3, img_size, img_size, device=device)
-        with autocast(device, dtype):
-            out.update(latency_stats(time_runs(lambda: fn(x1), device, warmup, repeats)))
-    return {**out, **info, "dtype": dtype, "throughput_repeats": repeats, "throughput_warmup": warmup,
+        out.update(_batch1_latency(fn, img_size, device, dtype, warmup, repeats))
+    return {**out, **info, **_timing_settings(device, dtype, warmup, repeats)}
+
+
+def _timing_settings(device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
+    return {"dtype": dtype, "throughput_repeats": repeats, "throughput_warmup": warmup,
             "timing_clock": "cuda_event" if device.type == "cuda" else "cpu_perf_counter"}
+
+
+def _batch1_latency(fn, img_size: int, device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
+    x1 = torch.randn(1, 3, img_size, img_size, device=device)
+    with autocast(device, dtype):
+        return latency_stats(time_runs(lambda: fn(x1), device, warmup, repeats))
 
 
 def _prepared_baseline(baseline, compile: bool, backend: str):

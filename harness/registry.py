@@ -61,6 +61,12 @@ class Method(abc.ABC):
     budget solving and plots from it); ``patch`` installs the method's reducers on a fresh timm
     model through :func:`harness.seam.install`. The first line of the class docstring is the
     description ``python -m harness ls methods`` shows.
+
+    Every other hook the harness calls is declared below with its default, so a method overrides
+    only what it needs (``docs/adding-a-method.md`` lists them): ``option_names``,
+    ``resolved_options``, ``describe``, ``patch_schedule`` (to follow another method's schedule),
+    the premises ``needs_class_token`` and ``merges``, and, for a method that searches its schedule
+    on data first, ``needs_calibration``, ``calibrate``, ``calibration_identity`` and ``cache_name``.
     """
 
     name: ClassVar[str]
@@ -99,24 +105,41 @@ class Method(abc.ABC):
         """
         return dict(self.options)
 
-    def calibrate(self, model, value, arch, data, cache_dir) -> dict:
-        """Optional search before ``patch``, run when ``needs_calibration`` is set (DiffRate).
+    def describe(self, arch, value) -> dict:
+        """Record fields about how the schedule at ``value`` was obtained (its source); none by default."""
+        return {}
+
+    def patch_schedule(self, model, schedule: "Schedule") -> None:  # noqa: F821
+        """Patch ``model`` to follow any ``schedule`` (another method's): what ``follower@leader`` calls.
+
+        A method that can follow overrides this; the default refuses.
+        """
+        raise HarnessError(f"method {self.name!r} cannot follow another method's schedule (no patch_schedule)")
+
+    @property
+    def can_follow(self) -> bool:
+        """Whether the method overrides :meth:`patch_schedule` (``random@tome`` needs it of ``random``)."""
+        return type(self).patch_schedule is not Method.patch_schedule
+
+    def calibrate(self, model, value, arch, calibration) -> dict:
+        """The search before ``patch``, run when ``needs_calibration`` is set (DiffRate); nothing by default.
 
         Args:
             model: the unpatched model, on the run's device, in eval mode (a fresh one is patched after).
             value: the knob value the search is for.
             arch: the model's ArchSpec.
-            data: a :class:`harness.runner.CalibrationData` (train split, device, dtype, a cache key).
-            cache_dir: where to cache the search's result; reuse it when the key matches.
+            calibration: a :class:`harness.calibration.Calibration`, the harness's service: training
+                images (``train``), ``device``, ``dtype``, a ``key`` naming weights and data, a cache
+                (``cached(name)``, ``store(name, found)``) and progress (``report``).
 
         Returns:
             Fields added to the cell's record (e.g. ``search_s``, ``search_images``, ``search_cached``).
         """
         return {}
 
-    def describe(self, arch, value) -> dict:
-        """Optional record fields about how the schedule at ``value`` was obtained (its source)."""
-        return {}
+    def calibration_identity(self) -> dict:
+        """What of the method makes its search's result: part of the calibration key."""
+        return {"method_version": self.version, "options": self.options}
 
     @property
     def cache_name(self) -> str:
@@ -125,6 +148,7 @@ class Method(abc.ABC):
 
     @classmethod
     def description(cls) -> str:
+        """The first line of the class docstring: what ``python -m harness ls methods`` shows."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
@@ -333,8 +357,11 @@ class FollowSchedule(Method):
     def resolved_options(self) -> dict:
         return {self.follower.name: self.follower.resolved_options(), self.leader.name: self.leader.resolved_options()}
 
-    def calibrate(self, model, value, arch, data, cache_dir) -> dict:
-        return self.leader.calibrate(model, value, arch, data, cache_dir)
+    def calibrate(self, model, value, arch, calibration) -> dict:
+        return self.leader.calibrate(model, value, arch, calibration)
+
+    def calibration_identity(self) -> dict:
+        return self.leader.calibration_identity()  # random@diffrate reuses diffrate's own search
 
     def describe(self, arch, value) -> dict:
         return self.leader.describe(arch, value)
@@ -350,14 +377,14 @@ def make_method(name: str, options: Optional[dict] = None) -> Method:
     """A method instance by name, with ``options[name]`` from the config.
 
     ``follower@leader`` (e.g. ``random@tome``) builds the follower at the leader's schedule, for
-    "random pruning at the schedule of method X"; the follower must have ``patch_schedule``.
+    "random pruning at the schedule of method X"; the follower must override ``patch_schedule``.
     """
     options = options or {}
     follower, sep, leader = name.partition("@")
     if not sep:
         return get_method_class(name)(**options.get(name, {}))
     f, lead = make_method(follower, options), make_method(leader, options)
-    if not hasattr(f, "patch_schedule"):
+    if not f.can_follow:
         raise HarnessError(f"method {follower!r} cannot follow another method's schedule (no patch_schedule)")
     if lead.knob is None:
         raise HarnessError(f"method {leader!r} has no knob, so no schedule to follow")

@@ -397,16 +397,22 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
-        blk._seam_state = state
-        blk._seam_index = i
-        blk._seam_num_prefix = model.num_prefix_tokens
-        blk._seam_reducer = reducers.get(i)
-        blk.attn.qkv._seam_output = None
-        if capture_qkv:
-            # every block alike, reducer or not: dynamo does not guard on hooks, so a graph compiled
-            # for a block without the hook could be reused for one with it (the capture then lost)
-            blk.attn.qkv.register_forward_hook(_capture_output)
-        blk.forward = types.MethodType(_seam_forward, blk)
+        _patch_block(blk, i, state, reducers.get(i), model.num_prefix_tokens, capture_qkv)
     _size_weighted_head(model)
     return state
+
+
+def _patch_block(blk, index: int, state: TokenState, reducer: Optional[Reducer], num_prefix: int,
+                 capture_qkv: bool) -> None:
+    """Route block ``index``'s forward through the seam with ``reducer`` between attention and MLP."""
+    blk._seam_state = state
+    blk._seam_index = index
+    blk._seam_num_prefix = num_prefix
+    blk._seam_reducer = reducer
+    blk.attn.qkv._seam_output = None
+    if capture_qkv:
+        # every block alike, reducer or not: dynamo does not guard on hooks, so a graph compiled
+        # for a block without the hook could be reused for one with it (the capture then lost)
+        blk.attn.qkv.register_forward_hook(_capture_output)
+    blk.forward = types.MethodType(_seam_forward, blk)
 

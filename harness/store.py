@@ -52,6 +52,16 @@ class ResultStore:
         rec = self.get(cell_id)
         return rec is not None and rec.get("status") in DONE
 
+    def write_cell(self, record: dict) -> Path:
+        """Write a cell's predictions (``_predictions``, taken out of ``record``), then its record.
+
+        The predictions first, so a record never names a missing file.
+        """
+        predictions = record.pop("_predictions", None)
+        if predictions is not None:
+            record["predictions"] = self.write_predictions(record["cell_id"], *predictions)
+        return self.write(record)
+
     def write(self, record: dict) -> Path:
         """Write ``record`` atomically: a temporary file in the same directory, then a rename."""
         record = {"schema_version": SCHEMA_VERSION, **record}

@@ -205,49 +205,63 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     per image and returns their paths (PNG only: the figure is raster images, which a PDF would only
     wrap at twice the size).
     """
-    from harness import budget as budgets
-    from harness.data import CIFAR10_CLASSES, load_cifar10, load_eval_set
-    from harness.models import build_model, eval_transform, load_checkpoint, resolve_model
+    from harness.data import CIFAR10_CLASSES
+    from harness.models import load_checkpoint, resolve_model
     from harness.paths import data_root
-    from harness.plots import paper_style, save
-    from harness.registry import make_method
-    from harness.schedule import arch_spec
 
     root = root or data_root()
     spec = resolve_model(model_name, configured or {}, root)
-    sd = load_checkpoint(spec)
-    probe = build_model(spec, sd)
-    arch, transform = arch_spec(probe), eval_transform(spec, probe)
+    state_dict = load_checkpoint(spec)
+    traces, arch, transform = _traces(spec, state_dict, methods, budget_text, method_options or {})
+    images, labels = _images(spec, transform, root, n_images)
+    names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
+    grid = int(round(arch.num_patches ** 0.5))
+    return _draw(traces, images, labels, transform, names, depths or default_depths(arch.depth), grid,
+                 Path(reports_dir), f"tokenmap_{model_name}_{budget_text}")
+
+
+def _traces(spec, state_dict, methods: list[str], budget_text: str, method_options: dict):
+    """Each method's trace on the images, and the model's arch and transform (from the first cell)."""
+    from harness.budget import parse_budget
+    from harness.cell import prepare_cell
+    from harness.registry import make_method
+
+    budget, found, first = parse_budget(budget_text), {}, None
+    for name in methods:
+        method = make_method(name, method_options)
+        cell = prepare_cell(spec, method, budget, state_dict=state_dict)
+        first = first or cell
+        if cell.skip_reason:
+            log.warning("%s at %s skipped: %s", name, budget_text, cell.skip_reason)
+            continue
+
+        def make(method=method):
+            return prepare_cell(spec, method, budget, state_dict=state_dict).model
+
+        log.info("tracing %s (knob %s)", name, cell.knob_value)
+        found[name] = (make, cell)
+    return found, first.arch, first.transform
+
+
+def _images(spec, transform, root: Path, n_images: int):
+    from harness.data import load_cifar10, load_eval_set
+
     evalset = (load_cifar10(root, "test", transform, n_images) if spec.data == "cifar10"
                else load_eval_set(spec, transform, root, n_images))
     if evalset.images is None:
-        raise ValueError(f"model {model_name} has synthetic data: no images to draw")
-    images, labels = evalset.batch(0, len(evalset), torch.device("cpu"))
-    traces = {}
-    for name in methods:
-        method = make_method(name, method_options or {})
-        value = None
-        if method.knob is not None:
-            resolved = budgets.resolve(method, arch, budgets.parse_budget(budget_text))
-            if resolved.skip_reason:
-                log.warning("%s at %s skipped: %s", name, budget_text, resolved.skip_reason)
-                continue
-            value = resolved.knob_value
+        raise ValueError(f"model {spec.name} has synthetic data: no images to draw")
+    return evalset.batch(0, len(evalset), torch.device("cpu"))
 
-        def make(method=method, value=value):
-            model = build_model(spec, sd)
-            method.patch(model, value, arch)
-            return model
 
-        log.info("tracing %s (knob %s)", name, value)
-        traces[name] = trace(make, images)
-    grid = int(round(arch.num_patches ** 0.5))
-    depths = depths or default_depths(arch.depth)
-    names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
+def _draw(found: dict, images, labels, transform, names, depths: list[int], grid: int, reports_dir: Path,
+          stem: str) -> list[Path]:
+    from harness.plots import paper_style, save
+
+    traces = {name: trace(make, images) for name, (make, _) in found.items()}
     written = []
     with paper_style() as plt:
         for i in range(len(images)):
             label = None if labels is None else names[int(labels[i])]
             fig = figure(plt, _to_image(images[i], transform), traces, i, depths, grid, label, names)
-            written += save(fig, Path(reports_dir) / "figures", f"tokenmap_{model_name}_{budget_text}_{i}", ("png",))
+            written += save(fig, reports_dir / "figures", f"{stem}_{i}", ("png",))
     return written

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness.data import load_eval_set  # noqa: E402
-from harness.models import build_model, eval_transform, load_checkpoint, resolve_model  # noqa: E402
+from harness.cell import build_unpatched  # noqa: E402
+from harness.models import eval_transform, load_checkpoint, resolve_model  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 from harness.seam import install  # noqa: E402
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
 
     root = data_root()
     spec = resolve_model(args.model, {}, root)
-    model = build_model(spec, load_checkpoint(spec))
+    model = build_unpatched(spec, load_checkpoint(spec))
     evalset = load_eval_set(spec, eval_transform(spec, model), root, args.images)
     blocks = [int(b) - 1 for b in args.blocks.split(",")]
     attn = class_attention(model, evalset, blocks)

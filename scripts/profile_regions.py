@@ -21,11 +21,10 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from harness import budget as budgets, measure  # noqa: E402
-from harness.registry import make_method  # noqa: E402
+from harness.cell import CellSettings, prepare_cell  # noqa: E402
 from harness.config import ModelConfig  # noqa: E402
-from harness.models import build_model, eval_transform, load_checkpoint, resolve_model  # noqa: E402
-from harness.schedule import analytic_gmacs, arch_spec  # noqa: E402
-from harness.seam import set_prop_attn_impl  # noqa: E402
+from harness.models import load_checkpoint, resolve_model  # noqa: E402
+from harness.registry import make_method  # noqa: E402
 
 REGIONS = ("attention", "sdpa", "mlp", "reduce")
 SDPA_OP = "aten::scaled_dot_product_attention"
@@ -132,23 +131,16 @@ def main(argv=None) -> int:
     results = {}
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         name, _, impl = entry.partition(":")
-        model = build_model(spec, state)
-        arch, size = arch_spec(model), eval_transform(spec, model).img_size
         method = make_method(name, OPTIONS)
-        if method.knob is None:
-            value, schedule = None, method.schedule(arch, None)
-        else:
-            resolved = budgets.resolve(method, arch, budget)
-            value, schedule = resolved.knob_value, resolved.schedule
-        measure.set_attention(model, args.attention)
-        method.patch(model, value, arch)
-        set_prop_attn_impl(model, impl or "mask")
-        label_regions(model)
-        model.to(device)
+        settings = CellSettings(device, dtype, args.attention, impl or "mask", args.sdpa_backend)
+        cell = prepare_cell(spec, method, budget, settings, state_dict=state)
+        label_regions(cell.model)
+        size = cell.transform.img_size
         x = torch.randn(batch, 3, size, size, device=device)
-        with measure.sdpa_kernel(args.sdpa_backend):
-            r = profile_regions(model, x, device, dtype, args.iters, args.warmup)
-        r["gmacs"] = analytic_gmacs(arch, schedule)
+        with settings.kernels():
+            r = profile_regions(cell.model, x, device, dtype, args.iters, args.warmup)
+        r["gmacs"] = cell.gmacs
+        value = cell.knob_value
         key = (name if value is None else f"{name} {method.knob.name}={value:g}") + (f" ({impl})" if impl else "")
         results[key] = r
     clock = "GPU kernel time" if device.type == "cuda" else "CPU time"

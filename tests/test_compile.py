@@ -125,12 +125,12 @@ VALUE_CALLS = {"sum", "mean", "max", "min", "any", "all", "detach", "norm", "pro
 
 # Code outside the inference forward, where a sync is the point or harmless: (file, function) -> why.
 OFF_THE_FORWARD = {
-    ("methods/diffrate.py", "_value"): "reads a search count's value (the search, not inference)",
-    ("methods/diffrate.py", "Rates._mask_tokens"): "the search's masked forward reads its kept count (not inference)",
-    ("methods/diffrate.py", "_search_step"): "the search reports its loss",
-    ("methods/diffrate.py", "search_rates"): "the search shuffles its data with a seeded generator",
+    ("methods/diffrate/search.py", "_value"): "reads a search count's value (the search, not inference)",
+    ("methods/diffrate/search.py", "Rates._mask_tokens"): "the search's masked forward reads its kept count (not inference)",
+    ("methods/diffrate/search.py", "_search_step"): "the search reports its loss",
+    ("methods/diffrate/search.py", "search_rates"): "the search shuffles its data with a seeded generator",
 }
-LINTED = sorted(str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "methods").glob("*.py")) + ["harness/seam.py"]
+LINTED = sorted(str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "methods").rglob("*.py")) + ["harness/seam.py"]
 
 
 def _call_name(node: ast.AST) -> str:

@@ -10,7 +10,7 @@ from harness.budget import parse_budget, resolve
 from harness.data import EvalSet
 from harness.errors import HarnessError
 from harness.models import Transform
-from harness.runner import CalibrationData
+from harness.calibration import Calibration
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, land_on_target,
                               masked_softmax, uniform_rate_start,
@@ -176,11 +176,11 @@ def _tiny_model():
     return timm.create_model("deit_tiny_patch16_224", depth=4, num_classes=10).eval()
 
 
-def _data(force=False):
+def _data(cache_dir=None, force=False):
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(32, 3, 224, 224, generator=g), torch.randint(0, 10, (32,), generator=g)
     train = EvalSet("synthetic-labelled", images, labels, Transform(224, (0.0,) * 3, (1.0,) * 3, 1.0, "bilinear"))
-    return CalibrationData(train, torch.device("cpu"), "fp32", {"model": "tiny-random"}, force)
+    return Calibration(train, torch.device("cpu"), "fp32", {"model": "tiny-random"}, force, cache_dir)
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
     start = analytic_gmacs(arch, Schedule(arch.tokens_in, tokens_after(arch.tokens_in, *Rates(arch, [1, 2, 3], 4).hard())))
     official = dict(epochs=1, batch_size=4, lr=0.2, min_lr=0.2, init="uniform", land=False)
     method = DiffRate(**official)
-    record = method.calibrate(model, 0.3, arch, _data(), tmp_path)
+    record = method.calibrate(model, 0.3, arch, _data(tmp_path))
     assert not record["search_cached"] and record["search_images"] == 32 and record["search_steps"] == 8
     target = 0.3 * analytic_gmacs(arch, Schedule.full(arch))
     assert record["search_gmacs_target"] == pytest.approx(target, rel=1e-3)
@@ -208,7 +208,7 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
     assert patched._seam_state.observed == list(schedule.tokens_out)
 
     again = DiffRate(**official)
-    cached = again.calibrate(_tiny_model(), 0.3, arch, _data(), tmp_path)
+    cached = again.calibrate(_tiny_model(), 0.3, arch, _data(tmp_path))
     assert cached["search_cached"] and cached["prune_kept"] == record["prune_kept"]
     assert again.schedule(arch, 0.3) == schedule
     other = DiffRate(**{**official, "flops_weight": 50.0})
@@ -238,8 +238,8 @@ def test_search_on_unlabelled_data_uses_the_unpatched_predictions(tmp_path):
     model = _tiny_model()
     arch = arch_spec(model)
     train = EvalSet("synthetic", None, None, Transform(224, (0.0,) * 3, (1.0,) * 3, 1.0, "bilinear"), num_synthetic=4)
-    data = CalibrationData(train, torch.device("cpu"), "fp32", {"model": "tiny-random", "data": "synthetic"})
-    record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data, tmp_path)
+    data = Calibration(train, torch.device("cpu"), "fp32", {"model": "tiny-random", "data": "synthetic"}, cache_dir=tmp_path)
+    record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data)
     assert record["search_steps"] == 1 and len(record["prune_kept"]) == arch.depth
 
 
@@ -275,7 +275,7 @@ def test_landing_shifts_the_searched_shape_onto_the_target():
 def test_default_search_lands_within_two_percent(tmp_path, ratio):
     model = _tiny_model()
     arch = arch_spec(model)
-    record = DiffRate(epochs=1, batch_size=8).calibrate(model, ratio, arch, _data(), tmp_path)
+    record = DiffRate(epochs=1, batch_size=8).calibrate(model, ratio, arch, _data(tmp_path))
     assert abs(record["search_gmacs"] / record["search_gmacs_target"] - 1) <= 0.02
 
 

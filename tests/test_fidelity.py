@@ -5,7 +5,7 @@ normalised with and one logits array per case, made by running the official repo
 the ``.json`` beside it) in fp32 on CPU. The ``.json`` names the model and describes each case:
 method, knob, drop blocks, kept counts, and the tokens each block left in the official forward.
 
-A case passes when the project's method, patched into a fresh model built the harness's way, plans
+A case passes when the project's method, patched into a fresh model by :func:`harness.cell.prepare_cell`, plans
 and leaves the same tokens per block and gives the same logits to 1e-4 and the same argmax on every
 image. A golden file for another model is checked the moment it is dropped there; a case whose
 method is not registered yet is skipped, and checked the moment a method of that name registers.
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from harness.cell import build_unpatched, prepare_cell
 from harness.errors import HarnessError
-from harness.models import build_model, eval_transform, load_checkpoint, resolve_model
+from harness.models import eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
 from harness.registry import Method, get_method_class, make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
@@ -110,7 +111,13 @@ def _weights(path: Path):
 
 def _fresh_model(path: Path) -> torch.nn.Module:
     spec, state_dict = _weights(path)
-    return build_model(spec, state_dict)
+    return build_unpatched(spec, state_dict)
+
+
+def _patched_model(path: Path, method: Method, value) -> torch.nn.Module:
+    """The golden file's model patched with ``method`` at ``value``, the way every cell is prepared."""
+    spec, state_dict = _weights(path)
+    return prepare_cell(spec, method, knob_value=value, state_dict=state_dict).model
 
 
 # ----------------------------------------------------------------------------- case -> method
@@ -190,10 +197,9 @@ def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[in
 @pytest.mark.parametrize("path, case", _case_params())
 def test_method_matches_official_logits(path, case, tmp_path):
     spec = _meta(path)["cases"][case]
-    model = _fresh_model(path)
-    arch = arch_spec(model)
+    arch = arch_spec(_fresh_model(path))
     method, value = CASE_TO_METHOD.get(spec["method"], _by_knob)(spec, arch, tmp_path)
-    method.patch(model, value, arch)
+    model = _patched_model(path, method, value)
     expected_tokens = spec["tokens_per_block_observed"]
 
     logits, leaving, seam_observed = _run(model, _inputs(path))

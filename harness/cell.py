@@ -1,0 +1,178 @@
+"""A prepared cell: the one place a model is built, its budget resolved, patched and placed.
+
+The runner, token maps, the profiling script, the asv benchmarks and the fidelity test all call
+:func:`prepare_cell`, so a model runs the same way wherever it is measured or drawn:
+
+    cell = prepare_cell(spec, make_method("tome"), parse_budget("0.7"), CellSettings(device="cuda"))
+    cell.model(images)   # patched, on its device, in eval mode
+
+A method that searches its schedule first (DiffRate) gets the search from ``calibrate`` (the
+harness's :class:`harness.calibration.Calibrator`), on a model of its own; the patched model is a
+fresh one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from harness import budget as budgets
+from harness import measure, seam
+from harness.errors import HarnessError
+from harness.models import ModelSpec, Transform, build_model, eval_transform
+from harness.registry import Method
+from harness.schedule import ArchSpec, Schedule, analytic_gmacs, arch_spec
+
+# (method, spec, unpatched model, arch, knob value) -> the search's record fields
+Calibrate = Callable[[Method, ModelSpec, torch.nn.Module, ArchSpec, float], dict]
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    """How a cell's model runs: where, and with which attention kernels.
+
+    Attributes:
+        device: where the patched model is placed.
+        dtype: the autocast dtype its forward runs in (``fp32``, ``bf16``, ``fp16``).
+        attention: ``fused`` (timm's scaled_dot_product_attention) or ``eager``.
+        prop_attn: proportional attention as ``mask``, ``fold`` or ``flex`` (:func:`harness.seam.set_prop_attn_impl`).
+        sdpa_backend: SDPA's kernel pinned while the cell runs (``auto``: PyTorch chooses).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: str = "fp32"
+    attention: str = "fused"
+    prop_attn: str = "mask"
+    sdpa_backend: str = "auto"
+
+    def kernels(self):
+        """The context a cell's forwards run in (SDPA's kernel pinned when asked)."""
+        return measure.sdpa_kernel(self.sdpa_backend)
+
+
+@dataclass
+class PreparedCell:
+    """A model ready to measure, and what its budget resolved to.
+
+    Attributes:
+        model: the patched model on its device, in eval mode (None when the budget is skipped).
+        transform: the model's eval transform (from its own config).
+        arch: the model's shape, as the schedule arithmetic reads it.
+        resolved: the knob value, schedule, analytic GMACs and target (and a skip reason).
+        gmacs_baseline: analytic GMACs of the unpatched model.
+        searched: record fields of the method's search (empty when it did not search).
+        described: record fields the method adds about its schedule (:meth:`Method.describe`).
+    """
+
+    model: Optional[torch.nn.Module]
+    transform: Transform
+    arch: ArchSpec
+    method: Method
+    resolved: budgets.Resolved
+    gmacs_baseline: float
+    searched: dict = field(default_factory=dict)
+    described: dict = field(default_factory=dict)
+
+    @property
+    def knob_value(self) -> Optional[float]:
+        return self.resolved.knob_value
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.resolved.schedule
+
+    @property
+    def gmacs(self) -> float:
+        return self.resolved.gmacs
+
+    @property
+    def skip_reason(self) -> Optional[str]:
+        return self.resolved.skip_reason
+
+    def budget_fields(self) -> dict:
+        """The record's fields about the budget: knob, GMACs planned and targeted, tokens per block."""
+        r, base = self.resolved, self.gmacs_baseline
+        out = {"knob": self.method.knob.name if self.method.knob else None, "knob_value": r.knob_value,
+               "gmacs_target": r.gmacs_target, "gmacs": round(r.gmacs, 4), "gmacs_baseline": round(base, 4),
+               "gmacs_ratio": round(r.gmacs / base, 4), "tokens_per_block": r.schedule.as_list()}
+        if r.skip_reason:
+            out.update(status="skipped", error=r.skip_reason)
+        return out
+
+
+def build_unpatched(spec: ModelSpec, state_dict: Optional[dict] = None,
+                    settings: Optional[CellSettings] = None) -> torch.nn.Module:
+    """The spec's model unpatched (the baseline a method is timed against); placed when ``settings`` are given."""
+    model = build_model(spec, state_dict)
+    if settings is not None:
+        measure.set_attention(model, settings.attention)
+        model = model.to(settings.device).eval()
+    return model
+
+
+def prepare_cell(spec: ModelSpec, method: Method, budget: Optional[budgets.Budget] = None,
+                 settings: Optional[CellSettings] = None, *, knob_value: Optional[float] = None,
+                 state_dict: Optional[dict] = None, calibrate: Optional[Calibrate] = None) -> PreparedCell:
+    """Build ``spec``'s model, resolve ``budget`` (or take ``knob_value``), patch it with ``method``, place it.
+
+    Args:
+        spec: the model (:func:`harness.models.resolve_model`).
+        method: the method instance (:func:`harness.registry.make_method`).
+        budget: what the user asked (None: no knob, or ``knob_value`` given).
+        settings: device and kernels (default: CPU, fp32, fused attention, mask).
+        knob_value: a fixed knob value instead of solving ``budget``.
+        state_dict: the model's weights already read (:func:`harness.models.load_checkpoint`).
+        calibrate: the harness's search service, for a method that ``needs_calibration``.
+
+    Raises:
+        HarnessError: a calibrating method's schedule is asked for without ``calibrate``.
+    """
+    settings = settings or CellSettings()
+    model = build_model(spec, state_dict)
+    arch, transform = arch_spec(model), eval_transform(spec, model)
+    searched = {}
+    if method.needs_calibration and budget is not None and knob_value is None:
+        if calibrate is None:
+            raise HarnessError(f"{method.name} searches its schedule on data first: prepare_cell needs calibrate")
+        # the search meets the target itself: the knob is the GMACs ratio, no bisection
+        knob_value = calibration_knob(method, arch, budget)
+        searched = calibrate(method, spec, model, arch, knob_value)
+        model = build_model(spec, state_dict)  # patch a fresh model after the search
+    resolved, baseline = solve(method, arch, budget, knob_value)
+    cell = PreparedCell(None, transform, arch, method, resolved, baseline, searched)
+    if not resolved.skip_reason:
+        cell.model = _patch_and_place(model, method, resolved.knob_value, arch, settings)
+        cell.described = method.describe(arch, resolved.knob_value)
+    return cell
+
+
+def _patch_and_place(model, method: Method, value, arch: ArchSpec, settings: CellSettings) -> torch.nn.Module:
+    measure.set_attention(model, settings.attention)
+    method.patch(model, value, arch)
+    seam.set_prop_attn_impl(model, settings.prop_attn)  # a no-op where the method tracks no sizes
+    return model.to(settings.device)
+
+
+def solve(method: Method, arch: ArchSpec, budget: Optional[budgets.Budget],
+          knob_value: Optional[float] = None) -> tuple[budgets.Resolved, float]:
+    """The budget resolved for ``method`` on ``arch`` (at ``knob_value`` when fixed), and the baseline GMACs."""
+    baseline = analytic_gmacs(arch, Schedule.full(arch))
+    if knob_value is not None:
+        schedule = method.schedule(arch, knob_value)
+        target = None if budget is None or budget.kind == "knob" else knob_value * baseline
+        return budgets.Resolved(knob_value, schedule, analytic_gmacs(arch, schedule), target), baseline
+    if budget is None or method.knob is None:
+        return budgets.Resolved(None, method.schedule(arch, None), baseline, None), baseline
+    return budgets.resolve(method, arch, budget), baseline
+
+
+def calibration_knob(method: Method, arch: ArchSpec, budget: budgets.Budget) -> float:
+    """The knob of a calibrating method (its target as a fraction of the baseline GMACs) for ``budget``."""
+    if budget.kind == "knob":
+        if budget.knob != method.knob.name:
+            raise HarnessError(f"budget {budget.text!r} does not apply to {method.name!r} (its knob: {method.knob.name})")
+        return method.knob.check(budget.value)
+    baseline = analytic_gmacs(arch, Schedule.full(arch))
+    ratio = budget.value if budget.kind == "fraction" else budget.value / baseline
+    return method.knob.check(round(ratio, 6))

@@ -1,0 +1,117 @@
+"""The plan: a sweep's cells and their ids, from the config alone.
+
+A cell's id is the hash of its key, everything that determines its result. Stored records are found
+by it (resume, the reference results), so a key changes only when a result would: a setting added
+later enters the key only when not at its default, and ``tests/test_house.py`` pins a known id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from harness import budget as budgets
+from harness.config import Config, RunConfig
+from harness.errors import HarnessError
+from harness.models import ModelSpec, resolve_model
+from harness.registry import Method, make_method, method_names
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a model, a method and a budget (None for methods without a knob)."""
+
+    model: str
+    method: str
+    budget: Optional[budgets.Budget]
+
+    @property
+    def budget_text(self) -> str:
+        return self.budget.text if self.budget else "baseline"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What of the machine enters a cell's identity."""
+
+    dtype: str
+    device_name: str
+    throughput_batch_size: int
+
+
+def selected_methods(names: tuple[str, ...], options: dict) -> dict[str, Method]:
+    """Expand ``all`` (every registered method) and build each method; unknown names and options raise."""
+    if "all" in names:
+        names = tuple(method_names()) + tuple(n for n in names if n != "all")
+    return {n: make_method(n, options) for n in dict.fromkeys(names)}
+
+
+def _check_knob_budgets(models: dict[str, list[budgets.Budget]], knobs: dict) -> None:
+    """A knob budget must name the knob of a selected method, within its range."""
+    for b in {b for bs in models.values() for b in bs}:
+        if b.kind == "knob":
+            fits = [m for m, k in knobs.items() if k and k.name == b.knob]
+            if not fits:
+                have = sorted({k.name for k in knobs.values() if k})
+                raise HarnessError(f"budget {b.text!r}: no selected method has knob {b.knob!r} (knobs: {', '.join(have) or 'none'})")
+            for m in fits:
+                knobs[m].check(b.value)
+
+
+def expand(models: dict[str, list[budgets.Budget]], methods: dict[str, Method]) -> list[Cell]:
+    """All cells of a sweep, for each model its own budgets.
+
+    A knob budget applies to the methods with that knob, and must fit one of them.
+    """
+    knobs = {name: m.knob for name, m in methods.items()}
+    _check_knob_budgets(models, knobs)
+    cells = []
+    for model, budget_list in models.items():
+        for m in methods:
+            if knobs[m] is None:
+                cells.append(Cell(model, m, None))
+                continue
+            cells += [Cell(model, m, b) for b in budget_list if b.kind != "knob" or b.knob == knobs[m].name]
+    return cells
+
+
+def kernel_key(run: RunConfig) -> dict:
+    """Settings that change the kernels a cell runs, named in its key only when not the default
+    (so cells stored before the setting existed keep their ids)."""
+    return {**({"compile": True} if run.compile else {}),
+            **({"attention": run.attention} if run.attention != "fused" else {}),
+            **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {}),
+            **({"prop_attn": run.prop_attn} if run.prop_attn != "mask" else {})}
+
+
+class Plan:
+    """The cells of ``cfg``'s suite, their methods and model specs; bad input raises before any cell runs."""
+
+    def __init__(self, cfg: Config, root):
+        self.run, suite = cfg.run, cfg.suite
+        if self.run.limit < 0 or self.run.batch_size <= 0:
+            raise HarnessError("limit must be >= 0 and batch_size > 0")
+        self.methods = selected_methods(suite.methods, cfg.suite_method_options)
+        unknown = set(suite.budgets_by_model) - set(suite.models)
+        if unknown:
+            raise HarnessError(f"budgets_by_model names models not in the suite: {', '.join(sorted(unknown))}")
+        self.specs: dict[str, ModelSpec] = {name: resolve_model(name, cfg.models, root) for name in suite.models}
+        budget_lists = {name: [budgets.parse_budget(b) for b in suite.budgets_for(name)] for name in self.specs}
+        self.cells = expand(budget_lists, self.methods)
+
+    def cell_key(self, cell: Cell, checkpoint_sha: Optional[str], machine: Machine) -> dict:
+        """What determines a cell's result; its hash is the cell's id."""
+        spec, method, run = self.specs[cell.model], self.methods[cell.method], self.run
+        # a searching method's result also depends on the training images it searched on
+        calib = {"calib_limit": run.calib_limit} if method.needs_calibration else {}
+        return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": checkpoint_sha,
+                "method": cell.method, "method_version": method.version, "method_options": method.resolved_options(),
+                "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": run.limit,
+                "dtype": machine.dtype, "batch_size": run.batch_size, "device_name": machine.device_name,
+                "throughput_batch_size": machine.throughput_batch_size, **calib, **kernel_key(run)}
+
+
+def cell_id(key: dict) -> str:
+    """The 16-hex-digit id of a cell key."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
