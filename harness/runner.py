@@ -18,6 +18,7 @@ import torch
 from harness import distributed, measure
 from harness.cell import CellSettings
 from harness.config import Config
+from harness.errors import HarnessError
 from harness.execute import Executor
 from harness.inputs import Inputs
 from harness.paths import DataRoot
