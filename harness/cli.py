@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from harness.config import PROP_ATTN
 from harness.errors import HarnessError
 from harness.paths import default_config
 
@@ -72,7 +73,7 @@ def _add_run_measurement(run) -> None:
                      help="fused: timm's scaled_dot_product_attention (default); eager: softmax(q k^T) v, as the official patches")
     run.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn", "math"],
                      help="pin scaled_dot_product_attention to one kernel for every method (default auto)")
-    run.add_argument("--prop-attn", choices=["mask", "fold", "flex"],
+    run.add_argument("--prop-attn", choices=PROP_ATTN,
                      help="how proportional attention (ToMe, DiffRate) reaches SDPA: mask (default, the reference), "
                           "fold (log-size folded into q/k, no mask: flash-eligible) or flex (FlexAttention)")
     run.add_argument("--repeats", dest="throughput_repeats", type=int,

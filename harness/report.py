@@ -739,7 +739,7 @@ def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
 def kernel_setting(row) -> str:
     """A record's kernel settings as one label: ``fused``, ``eager``, ``fused/sdpa=efficient``, ``fused+compile``."""
     text = str(row["attention"]) + (f"/sdpa={row['sdpa_backend']}" if row["sdpa_backend"] != "auto" else "")
-    text += f"/prop-attn={row['prop_attn']}" if row.get("prop_attn", "mask") != "mask" else ""
+    text += f"/prop-attn={row['prop_attn']}" if row["prop_attn"] != "mask" else ""
     return text + ("+compile" if row["compile"] else "")
 
 

@@ -29,7 +29,7 @@ class token only); ``r`` is clamped to half the patch tokens (the official assum
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install
+from harness.methods.tome import merge_wavg
 
-Merge = Callable[[torch.Tensor], torch.Tensor]
+Merge = Callable[..., torch.Tensor]
 
 
 def tokens_merged(patches: int, ratio: float) -> int:
@@ -69,9 +70,11 @@ def _pair_scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) ->
     return scores.gather(-2, a_idx.unsqueeze(-1).expand(b, a_idx.shape[-1], b_idx.shape[-1]))
 
 
-def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool) -> Merge:
-    """The merge of one block: ``merge(x)`` sums the matched A tokens of ``x`` (B, T, C) into their B
-    partners and returns (B, T - r, C): kept A tokens (bipartite) or protected tokens, then B."""
+def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool, num_prefix: int = 0) -> Merge:
+    """The merge of one block. ``sim`` and ``order`` cover the patch tokens only; ``merge(x, mode)``
+    keeps the ``num_prefix`` leading tokens of ``x`` (B, N, C) first, reduces the matched A tokens
+    into their B partners by ``mode`` (``scatter_reduce``), and returns (B, N - r, C): prefix tokens,
+    kept A tokens (bipartite) or protected tokens, then B."""
     if bipartite:
         a_idx, b_idx = order[..., ::2], order[..., 1::2]
         best, partner = _pair_scores(sim, a_idx, b_idx).max(dim=-1)
@@ -83,22 +86,13 @@ def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool
         src_idx, b_idx = order[..., : 2 * r: 2], order[..., 1: 2 * r: 2]
         dst = _pair_scores(sim, src_idx, b_idx).max(dim=-1).indices
 
-    def merge(x: torch.Tensor) -> torch.Tensor:
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        prefix, x = x[:, :num_prefix], x[:, num_prefix:]
         b = gather_tokens(x, b_idx)
-        b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(x, src_idx), reduce="sum")
-        return torch.cat([gather_tokens(x, kept_idx), b], dim=1)
+        b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(x, src_idx), reduce=mode)
+        return torch.cat([prefix, gather_tokens(x, kept_idx), b], dim=1)
 
     return merge
-
-
-def merge_wavg(merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor], num_prefix: int):
-    """Size-weighted average merge of the patch tokens of ``x``; prefix tokens pass through first."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    xs, p = x * size, num_prefix
-    merged_x = torch.cat([xs[:, :p], merge(xs[:, p:])], dim=1)
-    size = torch.cat([size[:, :p], merge(size[:, p:])], dim=1)
-    return merged_x / size, size
 
 
 def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
@@ -111,7 +105,7 @@ def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[to
             return x
         with torch.no_grad():
             sim, order = energy_order(ctx.keys()[:, p:], margin)
-        x, ctx.state.size = merge_wavg(pitome_match(sim, order, r, bipartite), x, ctx.state.size, p)
+        x, ctx.state.size = merge_wavg(pitome_match(sim, order, r, bipartite, p), x, ctx.state.size)
         return x
 
     return reduce

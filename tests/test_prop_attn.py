@@ -277,3 +277,10 @@ def test_prop_attn_refuses_what_it_cannot_honour(tmp_path, capsys, argv, words):
                  *argv]) != 0
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and not any(tmp_path.iterdir())
+
+
+def test_the_config_knows_every_path_the_seam_has():
+    """config.PROP_ATTN is kept apart from the seam's list so a config loads without torch: the two agree."""
+    from harness.config import PROP_ATTN
+
+    assert PROP_ATTN == PROP_ATTN_IMPLS

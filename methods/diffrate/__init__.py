@@ -33,20 +33,8 @@ Schedules come from the search (default, ``schedules = "search"``: the harness c
 Published entries are picked by model key (``model_key`` option, else inferred from the
 architecture) and by the FLOPs key closest to the knob's target GMACs.
 
-The search (:func:`.search.search_rates`, described in :mod:`.search`), as the official training with
-frozen weights:
- - each compressible block (all but the first; MAE-style average-pool models also not the last, as
-   the official MAE patch) has two learnable distributions (prune, merge) over candidate kept
-   counts ``num_patches, num_patches - granularity, ...`` (granularity 4); the kept count is
-   ``ceil(E[count]) + num_prefix`` with a straight-through ceil;
- - tokens are masked, not removed: a kept/dropped 0/1 mask with the straight-through gradient of
-   the probability that each sorted position is kept (official ``get_token_mask``) enters attention
-   as ``log(size * mask)`` through the seam's size bias, floored at 1e-6 so the gradient is the
-   official multiplicative-mask gradient (the limit of d/dm of the masked softmax) with no NaN;
- - loss = cross-entropy (label smoothing 0.1) + 5 x (GMACs - target)^2; the GMACs are
-   :func:`harness.schedule.analytic_gmacs` of the counts, with the official straight-through min
-   (gradient to both counts of a block); AdamW (no weight decay) on the rate logits only, learning
-   rate 0.01 -> 0.001 by a per-step cosine (the official steps per epoch), 3 epochs by default;
+The search (:func:`.search.search_rates`) is the official training with frozen weights, as
+:mod:`.search` describes it (candidates, masked tokens, loss, optimiser); where it departs from it:
  - deviations: no mixup / cutmix / RandAugment and no drop-path (the harness hands over the model's
    eval transform and an eval-mode model); unlabelled (synthetic) data uses the unpatched model's
    predictions as labels (the runner refuses a search on synthetic data as ``unsupported``; this
