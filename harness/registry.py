@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -77,6 +78,9 @@ class Method(abc.ABC):
     # them makes the cell ``unsupported`` with the reason, never a silent ``ok``
     needs_class_token: ClassVar[bool] = False  # ranks tokens by the class token's attention (ctx.cls_attn)
     merges: ClassVar[bool] = False             # merges tokens: the head's pooling must weigh tokens by size
+    # where in each block the reducers run (harness.seam.STAGES): "mid" between attention and MLP,
+    # "pre" before the attention (MCTF), "post" after the MLP (DCT); schedules carry the same stage
+    stage: ClassVar[str] = "mid"
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_names())
@@ -366,8 +370,14 @@ class FollowSchedule(Method):
     def describe(self, arch, value) -> dict:
         return self.leader.describe(arch, value)
 
+    @property
+    def stage(self) -> str:
+        return self.follower.stage
+
     def schedule(self, arch, value):
-        return self.leader.schedule(arch, value)
+        # the leader's token counts, paid for where the follower reduces (random@dct prunes between
+        # attention and MLP at DCT's counts: its GMACs are those of a "mid" schedule)
+        return dataclasses.replace(self.leader.schedule(arch, value), stage=self.follower.stage)
 
     def patch(self, model, value, arch) -> None:
         self.follower.patch_schedule(model, self.schedule(arch, value))

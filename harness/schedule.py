@@ -2,8 +2,12 @@
 
 Convention (the papers'): multiply-accumulates of the matmuls, attention included. A block that
 receives ``n_in`` tokens and passes ``n_out`` on runs its attention (qkv, q@k, attn@v, proj) at
-``n_in`` and its MLP at ``n_out``, because every method here reduces between attention and MLP.
-Norms, softmax, GELU and the reduction's own work are not counted (measured separately).
+``n_in`` and its MLP at ``n_out`` when the method reduces between attention and MLP (stage
+``"mid"``, most methods). A method that reduces after the MLP (``"post"``, DCT) runs both at
+``n_in``; one that reduces before the attention from the block's own attention on the entering
+tokens (``"pre"``, MCTF's one-step-ahead) runs the q/k projection and q@k at ``n_in`` and the rest
+(v projection, attn@v, proj, MLP) at ``n_out``. Norms, softmax, GELU and the reduction's own work
+(similarities, sorting) are not counted (fvcore's count of the patched model is recorded beside).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ class ArchSpec:
             latent query, output projection and MLP).
         pool_macs_per_token: an attention-pool head's MACs per token it pools (the kv projection and
             the latent's q@k and attn@v); 0 for other heads. Scales with the last block's output.
+        qk_macs_per_token: the q and k rows of the qkv projection for one token (part of
+            ``attn_linear_macs_per_token``; the one-step-ahead attention of stage "pre" runs them
+            on the entering tokens).
     """
 
     depth: int
@@ -39,6 +46,7 @@ class ArchSpec:
     stem_macs: int
     head_macs: int
     pool_macs_per_token: int = 0
+    qk_macs_per_token: int = 0
 
     @property
     def tokens_in(self) -> int:
@@ -46,12 +54,24 @@ class ArchSpec:
         return self.num_patches + self.num_prefix
 
 
+STAGES = ("pre", "mid", "post")  # where a block reduces; the same names as harness.seam.STAGES
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Tokens leaving each block (prefix tokens included). Floats allowed for image-dependent methods."""
+    """Tokens leaving each block (prefix tokens included). Floats allowed for image-dependent methods.
+
+    ``stage`` says where in each block the reduction happens ("pre", "mid" or "post"; see the
+    module docstring), which decides at which count each part of the block is paid for.
+    """
 
     tokens_in: int
     tokens_out: tuple[float, ...]
+    stage: str = "mid"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown schedule stage {self.stage!r}; choices: {', '.join(STAGES)}")
 
     @classmethod
     def full(cls, arch: ArchSpec) -> "Schedule":
@@ -100,7 +120,14 @@ def arch_spec(model) -> ArchSpec:
         stem_macs=stem,
         head_macs=sum(_linear_macs(h) for h in heads) + pool_fixed,
         pool_macs_per_token=pool_per_token,
+        qk_macs_per_token=2 * attn.num_heads * attn.head_dim * _embed_dim(model, blocks[0]),
     )
+
+
+def _embed_dim(model, block) -> int:
+    """The width of the residual stream (the qkv projection's input)."""
+    dim = getattr(model, "embed_dim", None)
+    return int(dim) if dim else int(block.norm1.normalized_shape[0])
 
 
 def _attn_pool_macs(pool) -> tuple[int, int]:
@@ -114,8 +141,14 @@ def _attn_pool_macs(pool) -> tuple[int, int]:
     return fixed, per_token
 
 
-def block_macs(arch: ArchSpec, n_in: float, n_out: float) -> float:
-    """MACs of one block that receives ``n_in`` tokens and passes ``n_out`` on to its MLP."""
+def block_macs(arch: ArchSpec, n_in: float, n_out: float, stage: str = "mid") -> float:
+    """MACs of one block that receives ``n_in`` tokens and passes ``n_out`` on, reducing at ``stage``."""
+    if stage == "post":
+        n_out = n_in  # the MLP ran before the reduction
+    if stage == "pre":  # q/k projection and q@k on the entering tokens, everything else on the kept
+        return (n_in * arch.qk_macs_per_token + n_in * n_in * arch.attn_dim
+                + n_out * (arch.attn_linear_macs_per_token - arch.qk_macs_per_token) + n_out * n_out * arch.attn_dim
+                + n_out * arch.mlp_macs_per_token)
     attn_matmuls = 2 * n_in * n_in * arch.attn_dim  # q@k^T and attn@v
     return n_in * arch.attn_linear_macs_per_token + attn_matmuls + n_out * arch.mlp_macs_per_token
 
@@ -126,5 +159,5 @@ def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
         raise ValueError(f"schedule has {len(schedule.tokens_out)} blocks, model has {arch.depth}")
     total = arch.stem_macs + arch.head_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
     for i, n_out in enumerate(schedule.tokens_out):
-        total += block_macs(arch, schedule.tokens_entering(i), n_out)
+        total += block_macs(arch, schedule.tokens_entering(i), n_out, schedule.stage)
     return total / 1e9

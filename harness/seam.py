@@ -1,8 +1,20 @@
-"""The one seam: token reduction between attention and MLP in timm's ViT ``Block``.
+"""The one seam: token reduction inside timm's ViT ``Block``, at one of three places.
 
 ToMe, EViT, DiffRate and random pruning all act at the same place: after a block's attention
-residual, before its MLP. The harness patches that place once; methods supply a *reducer*
-``(x, ctx) -> x`` per block and never copy a timm forward.
+residual, before its MLP (stage ``"mid"``). The harness patches the block once; methods supply a
+*reducer* ``(x, ctx) -> x`` per block and never copy a timm forward. Two other places
+(:data:`STAGES`) serve methods whose papers reduce elsewhere:
+
+ - ``"pre"``: before the block's attention (MCTF's one-step-ahead attention). The seam computes
+   the block's attention on the entering tokens (``ctx.attn_probs``, (B, H, N, N)); the reducer
+   reduces the tokens and must hand the block the attention map of the reduced tokens
+   (``ctx.state.attn_probs``, (B, H, N', N'), e.g. MCTF's merged map), which the block's attention
+   applies to their values instead of recomputing q@k.
+ - ``"post"``: after the block's MLP residual (DCT's low-pass filter). ``ctx.qkv`` is the block's
+   qkv projection as for ``"mid"``.
+
+One method uses one stage (``Method.stage``); its schedule carries it (``Schedule.stage``), and
+the GMACs convention follows it (:func:`harness.schedule.block_macs`).
 
 What is kept from current timm: the block's own submodules run unchanged (LayerScale, q/k-norm,
 fused ``scaled_dot_product_attention``, drop-path), prefix tokens (class, distillation, registers)
@@ -59,6 +71,8 @@ class TokenState:
         prop_attn_impl: how the log-size bias reaches the attention kernel: "mask", "fold" or "flex".
         recording: append the tokens leaving each block to ``observed`` (tests, token maps).
         observed: tokens leaving each block in the last forward, when recording.
+        attn_probs: (B, H, N, N) attention probabilities a ``"pre"`` reducer hands the block's
+            attention (MCTF's merged one-step-ahead map); used once, then cleared.
     """
 
     prop_attn: bool = False
@@ -66,10 +80,12 @@ class TokenState:
     size: Optional[torch.Tensor] = None
     recording: bool = False
     observed: list = field(default_factory=list)
+    attn_probs: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         self.size = None
         self.observed = []
+        self.attn_probs = None
 
 
 @dataclass
@@ -81,6 +97,7 @@ class BlockContext:
     state: TokenState
     block: torch.nn.Module
     qkv: Optional[torch.Tensor]
+    attn_probs: Optional[torch.Tensor] = None  # stage "pre": the block's attention on the entering tokens
 
     def _split_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qkv is None:
@@ -112,6 +129,9 @@ Reducer = Callable[[torch.Tensor, BlockContext], torch.Tensor]
 
 
 PROP_ATTN_IMPLS = ("mask", "fold", "flex")
+
+# where in a block a method's reducer runs: before attention, between attention and MLP, after the MLP
+STAGES = ("pre", "mid", "post")
 
 
 def log_size(state: TokenState) -> Optional[torch.Tensor]:
@@ -224,9 +244,51 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def one_step_ahead_probs(block: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """The block's attention probabilities on the entering tokens ``x`` (B, N, C): (B, H, N, N).
+
+    Stage "pre" (MCTF's one-step-ahead attention): ``norm1``, the q and k rows of the block's qkv
+    projection (v is left for the reduced tokens), q/k-norm, the scale and the size bias, as the
+    block's own attention computes them. Run by the seam, not the reducer, so it counts as the
+    block's work (GMACs convention "pre").
+    """
+    attn = block.attn
+    width = attn.num_heads * attn.head_dim
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * width]
+    qk = F.linear(block.norm1(x), attn.qkv.weight[: 2 * width], bias)
+    b, n, _ = qk.shape
+    qk = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qk[0]), attn.k_norm(qk[1])
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    size_bias = attention_bias(state, logits.dtype)
+    if size_bias is not None:
+        logits = logits + size_bias
+    return logits.softmax(-1)
+
+
+def _attention_from_probs(attn: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention`` on ``x`` with its softmax replaced by given ``probs`` (B, H, N, N).
+
+    The value rows of the block's qkv projection, ``probs @ v``, then the attention's own output
+    norm, gate, projection and dropout, as ``Attention.forward`` runs them after its softmax.
+    """
+    b, n, _ = x.shape
+    width = attn.num_heads * attn.head_dim
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
+    v = F.linear(x, attn.qkv.weight[2 * width:], bias).reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    out = (attn.attn_drop(probs.to(v.dtype)) @ v).transpose(1, 2).reshape(b, n, width)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
 def _attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
     """``block.attn(x)`` with the size bias fed as the state's ``prop_attn_impl`` says."""
     state: TokenState = block._seam_state
+    if state.attn_probs is not None:  # a "pre" reducer's merged attention map (MCTF)
+        probs, state.attn_probs = state.attn_probs, None
+        return _attention_from_probs(block.attn, x, probs)
     bias = log_size(state)
     if bias is None:
         return block.attn(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -238,18 +300,28 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: Optional[torc
 
 
 def _seam_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-    # The seam: timm's Block.forward with the reduction between its two residual branches.
+    # The seam: timm's Block.forward with the reduction before, between or after its two residual
+    # branches (the block's stage)
     state: TokenState = self._seam_state
     if self._seam_index == 0:
         state.reset()
+    reducer, stage = self._seam_reducer, self._seam_stage
+    if reducer is not None and stage == "pre":
+        probs = one_step_ahead_probs(self, x, state)
+        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, None, probs))
+        if state.attn_probs is None:
+            raise RuntimeError("a 'pre' reducer must hand the block the attention of its reduced tokens "
+                               "(ctx.state.attn_probs, (B, H, N', N'))")
     x = x + self.drop_path1(self.ls1(_attention(self, self.norm1(x), attn_mask, is_causal)))
     qkv = self.attn.qkv._seam_output
     self.attn.qkv._seam_output = None  # let go here, whether a reducer reads it or not
-    if self._seam_reducer is not None:
-        x = self._seam_reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
+    if reducer is not None and stage == "mid":
+        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    if reducer is not None and stage == "post":
+        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
     if state.recording:
         state.observed.append(x.shape[1])
-    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
 
 
@@ -364,8 +436,8 @@ def _size_weighted_head(model: torch.nn.Module) -> None:
 
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
             capture_qkv: bool = True, prop_attn_impl: str = "mask", needs_class_token: bool = False,
-            merges: bool = False, method: str = "this method") -> TokenState:
-    """Patch ``model`` in place so ``reducers[i]`` runs between block i's attention and MLP.
+            merges: bool = False, method: str = "this method", stage: str = "mid") -> TokenState:
+    """Patch ``model`` in place so ``reducers[i]`` runs in block i at ``stage`` (between attention and MLP).
 
     Args:
         model: a fresh timm VisionTransformer (or subclass such as DeiT's distilled model).
@@ -378,6 +450,8 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
         needs_class_token: the reducers read ``ctx.cls_attn()``: refuse a model without a class token.
         merges: the reducers merge tokens (sizes above 1): refuse a head that pools without sizes.
         method: the method's name, for the refusal's message.
+        stage: where every reducer runs (:data:`STAGES`): "pre" (before the attention), "mid"
+            (between attention and MLP, the default) or "post" (after the MLP).
 
     Returns:
         The TokenState the patched model carries (sizes, observed counts).
@@ -390,6 +464,8 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     if reducers:  # the identity knob patches nothing a premise could fail
         check_premises(model, method, needs_class_token, merges)
     _check_impl(prop_attn_impl)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choices: {', '.join(STAGES)}")
     depth = len(model.blocks)
     bad = [i for i in reducers if not 0 <= i < depth]
     if bad:
@@ -397,15 +473,16 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
-        _patch_block(blk, i, state, reducers.get(i), model.num_prefix_tokens, capture_qkv)
+        _patch_block(blk, i, state, reducers.get(i), model.num_prefix_tokens, capture_qkv, stage)
     _size_weighted_head(model)
     return state
 
 
 def _patch_block(blk, index: int, state: TokenState, reducer: Optional[Reducer], num_prefix: int,
-                 capture_qkv: bool) -> None:
-    """Route block ``index``'s forward through the seam with ``reducer`` between attention and MLP."""
+                 capture_qkv: bool, stage: str = "mid") -> None:
+    """Route block ``index``'s forward through the seam with ``reducer`` at ``stage``."""
     blk._seam_state = state
+    blk._seam_stage = stage
     blk._seam_index = index
     blk._seam_num_prefix = num_prefix
     blk._seam_reducer = reducer

@@ -119,4 +119,4 @@ class RandomPruning(Method):
             if round(n) < prev:
                 reducers[i] = reducer_for(round(n), block_key(seed, i))
             prev = round(n)
-        install(model, reducers, capture_qkv=False)
+        install(model, reducers, capture_qkv=False, stage=schedule.stage)
