@@ -27,7 +27,8 @@ class ArchSpec:
         attn_dim: heads x head_dim, the width of the q@k and attn@v matmuls.
         attn_linear_macs_per_token: qkv + proj MACs for one token.
         mlp_macs_per_token: MLP MACs for one token.
-        stem_macs: patch embedding MACs for one image.
+        stem_macs: patch embedding MACs for one image at the model's input size (``num_patches``
+            patches; analytic GMACs scale it to the patches a schedule starts with).
         head_macs: classifier MACs for one image, with an attention-pool head's fixed part (its
             latent query, output projection and MLP).
         pool_macs_per_token: an attention-pool head's MACs per token it pools (the kv projection and
@@ -157,7 +158,9 @@ def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
     """GMACs of one image under ``schedule`` (the papers' "GFLOPs")."""
     if len(schedule.tokens_out) != arch.depth:
         raise ValueError(f"schedule has {len(schedule.tokens_out)} blocks, model has {arch.depth}")
-    total = arch.stem_macs + arch.head_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
+    # the stem embeds the patches that enter (a lower input resolution embeds fewer)
+    stem = arch.stem_macs * (schedule.tokens_in - arch.num_prefix) / arch.num_patches
+    total = stem + arch.head_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
     for i, n_out in enumerate(schedule.tokens_out):
         total += block_macs(arch, schedule.tokens_entering(i), n_out, schedule.stage)
     return total / 1e9
