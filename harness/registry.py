@@ -81,6 +81,11 @@ class Method(abc.ABC):
     # where in each block the reducers run (harness.seam.STAGES): "mid" between attention and MLP,
     # "pre" before the attention (MCTF), "post" after the MLP (DCT); schedules carry the same stage
     stage: ClassVar[str] = "mid"
+    # keeps ``state.positions`` (each token's original index) in sync when it reduces, so models whose
+    # blocks need token positions (rotary embeddings, relative-position bias) can be reduced
+    tracks_positions: ClassVar[bool] = False
+    # a reference line every other method must beat (``resolution``): drawn and listed as such
+    baseline: ClassVar[bool] = False
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_names())
