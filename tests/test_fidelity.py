@@ -32,10 +32,16 @@ from harness.schedule import Schedule, analytic_gmacs, arch_spec
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
-# (golden file stem, case) -> the deliberate deviation, as the method's module docstring states it.
-# Such a case is an xfail(strict=True), so it fails the day it starts to match. None today: every
-# case matches to within 3e-6.
-DEVIATIONS: dict[tuple[str, str], str] = {}
+# (golden file stem, case) -> (the deviation that prevents ATOL, as the method's module docstring
+# states it; the bound the case is held to instead). Tokens per block and every argmax must still
+# match exactly. Every other case matches to within 3e-6.
+DEVIATIONS: dict[tuple[str, str], tuple[str, float]] = {
+    ("deit_tiny_cifar10_newmethods_golden", "dct_ratio0.9"): (
+        "the official DCT rounds the patch tokens to fp16 after every block (reproduced with half_tokens); that "
+        "rounding amplifies the CPU kernels' 1e-7 differences (the unpatched model here is 1.4e-6 off the golden "
+        "'none') to ~5e-4 in the logits: the official dc_transform run on this machine is itself 5.07e-4 off its "
+        "golden file, and methods/dct.py's half_tokens mode equals that run bit for bit (methods/dct.py)", 1e-3),
+}
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -67,8 +73,6 @@ def _case_params() -> list:
             if spec["method"] not in registered:
                 marks.append(pytest.mark.skip(reason=f"method {spec['method']!r} is not registered in this "
                                                      f"project yet (issue 15)"))
-            elif (path.stem, case) in DEVIATIONS:
-                marks.append(pytest.mark.xfail(strict=True, reason=DEVIATIONS[path.stem, case]))
             params.append(pytest.param(path, case, id=f"{path.stem}:{case}", marks=marks))
     return params
 
@@ -172,7 +176,17 @@ def _by_knob(case: dict, arch, tmp_path) -> tuple[Method, Optional[float]]:
     return make_method(name, {name: knob}), value
 
 
-CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diffrate}
+def _dct(case: dict, arch, tmp_path) -> tuple[Method, float]:
+    # Deviation named: the official code rounds the patch tokens to fp16 after every block, which
+    # methods/dct.py reproduces only with ``half_tokens`` (off by default; its docstring says why).
+    # Even so the fp16 rounding amplifies any 1e-7 difference of the CPU kernels (the unpatched model
+    # here is 1.4e-6 off the golden's ``none``) to ~5e-4 in the logits: the reference code itself,
+    # run here, is 5.07e-4 off the golden file (methods/dct.py).
+    assert set(case["knob"]) == {"ratio"}
+    return make_method("dct", {"dct": {"half_tokens": True}}), float(case["knob"]["ratio"])
+
+
+CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diffrate, "dct": _dct}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -210,7 +224,8 @@ def test_method_matches_official_logits(path, case, tmp_path):
         assert seam_observed == expected_tokens
     golden = torch.from_numpy(_golden(path)[case])
     delta = (logits - golden).abs().max().item()
-    assert delta <= ATOL, f"max |dlogit| {delta:.3g} > {ATOL}"
+    why, atol = DEVIATIONS.get((path.stem, case), ("", ATOL))
+    assert delta <= atol, f"max |dlogit| {delta:.3g} > {atol}" + (f" (documented deviation: {why})" if why else "")
     assert logits.argmax(-1).tolist() == golden.argmax(-1).tolist()
 
 
