@@ -36,6 +36,9 @@ class ArchSpec:
         qk_macs_per_token: the q and k rows of the qkv projection for one token (part of
             ``attn_linear_macs_per_token``; the one-step-ahead attention of stage "pre" runs them
             on the entering tokens).
+        fixed_macs: MACs that do not depend on the tokens: the relative-position MLPs of relpos
+            ViTs, which compute each block's bias for the full grid (then gathered at the kept
+            tokens' positions).
     """
 
     depth: int
@@ -48,6 +51,7 @@ class ArchSpec:
     head_macs: int
     pool_macs_per_token: int = 0
     qk_macs_per_token: int = 0
+    fixed_macs: int = 0
 
     @property
     def tokens_in(self) -> int:
@@ -87,10 +91,38 @@ class Schedule:
         return [int(t) if float(t).is_integer() else round(float(t), 2) for t in self.tokens_out]
 
 
-def _linear_macs(module) -> int:
+def _linear_macs(module, exclude=None) -> int:
+    """MACs per token of ``module``'s Linear layers, leaving out those inside ``exclude``."""
     import torch.nn as nn
 
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    skip = set() if exclude is None else {id(m) for m in exclude.modules()}
+    return sum(m.in_features * m.out_features for m in module.modules()
+               if isinstance(m, nn.Linear) and id(m) not in skip)
+
+
+def _attn_width(attn) -> int:
+    """heads x head_dim of a ViT attention: from ``head_dim`` (timm's ViT, EVA, relpos) or, where the
+    attention keeps none (BEiT), from its qkv projection (3 x heads x head_dim outputs)."""
+    if getattr(attn, "head_dim", None):
+        return int(attn.num_heads * attn.head_dim)
+    qkv = getattr(attn, "qkv", None)
+    if qkv is not None and hasattr(qkv, "out_features") and qkv.out_features % 3 == 0:
+        return qkv.out_features // 3
+    raise UnsupportedModel(f"{type(attn).__name__} has no head_dim and no fused qkv projection: its GMACs cannot be "
+                           f"read analytically")
+
+
+def _rel_pos_macs(model) -> int:
+    """MACs of the relative-position MLPs (relpos ViTs' ``RelPosMlp``), once per forward per block."""
+    total = 0
+    mods = [blk.attn.rel_pos for blk in model.blocks if getattr(blk.attn, "rel_pos", None) is not None]
+    shared = getattr(model, "shared_rel_pos", None)
+    mods += [shared] if shared is not None else []
+    for rel in mods:
+        coords = getattr(rel, "rel_coords_log", None)
+        if coords is not None and hasattr(rel, "mlp"):
+            total += (coords.numel() // coords.shape[-1]) * _linear_macs(rel.mlp)  # one row per relative offset
+    return total
 
 
 def arch_spec(model) -> ArchSpec:
@@ -100,9 +132,10 @@ def arch_spec(model) -> ArchSpec:
     if blocks is None or embed is None or not hasattr(blocks[0], "attn"):
         raise UnsupportedModel(f"{type(model).__name__} is not a timm VisionTransformer")
     attn = blocks[0].attn
-    if not (hasattr(attn, "num_heads") and hasattr(attn, "head_dim")):
-        raise UnsupportedModel(f"{type(blocks[0]).__name__}'s attention {type(attn).__name__} has no num_heads/head_dim: "
-                               f"its GMACs cannot be read analytically (BEiT-style attention is not supported yet)")
+    if not hasattr(attn, "num_heads"):
+        raise UnsupportedModel(f"{type(blocks[0]).__name__}'s attention {type(attn).__name__} has no num_heads: "
+                               f"its GMACs cannot be read analytically")
+    width = _attn_width(attn)
     if getattr(embed, "backbone", None) is not None:
         raise UnsupportedModel(f"{type(embed).__name__} is a hybrid stem ({type(embed.backbone).__name__}): its MACs are "
                                f"not counted analytically, so GMACs budgets would solve to the wrong knob")
@@ -115,13 +148,14 @@ def arch_spec(model) -> ArchSpec:
         depth=len(blocks),
         num_patches=num_patches,
         num_prefix=model.num_prefix_tokens,
-        attn_dim=attn.num_heads * attn.head_dim,
-        attn_linear_macs_per_token=_linear_macs(attn),
+        attn_dim=width,
+        attn_linear_macs_per_token=_linear_macs(attn, exclude=getattr(attn, "rel_pos", None)),
         mlp_macs_per_token=_linear_macs(blocks[0].mlp),
         stem_macs=stem,
         head_macs=sum(_linear_macs(h) for h in heads) + pool_fixed,
         pool_macs_per_token=pool_per_token,
-        qk_macs_per_token=2 * attn.num_heads * attn.head_dim * _embed_dim(model, blocks[0]),
+        qk_macs_per_token=2 * width * _embed_dim(model, blocks[0]),
+        fixed_macs=_rel_pos_macs(model),
     )
 
 
@@ -160,7 +194,7 @@ def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
         raise ValueError(f"schedule has {len(schedule.tokens_out)} blocks, model has {arch.depth}")
     # the stem embeds the patches that enter (a lower input resolution embeds fewer)
     stem = arch.stem_macs * (schedule.tokens_in - arch.num_prefix) / arch.num_patches
-    total = stem + arch.head_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
+    total = stem + arch.head_macs + arch.fixed_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
     for i, n_out in enumerate(schedule.tokens_out):
         total += block_macs(arch, schedule.tokens_entering(i), n_out, schedule.stage)
     return total / 1e9

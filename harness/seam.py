@@ -73,6 +73,11 @@ class TokenState:
         observed: tokens leaving each block in the last forward, when recording.
         attn_probs: (B, H, N, N) attention probabilities a ``"pre"`` reducer hands the block's
             attention (MCTF's merged one-step-ahead map); used once, then cleared.
+        positions: (B, N) long, each current token's index in the original token sequence (prefix
+            tokens included), or None while nothing was reduced. Kept in sync by reducers (through
+            :func:`keep_tokens` / :func:`merge_positions`) only on models whose blocks need it.
+        needs_positions: the model's blocks need each token's position (rotary embeddings,
+            relative-position bias): reducers must keep ``positions`` in sync.
     """
 
     prop_attn: bool = False
@@ -81,11 +86,14 @@ class TokenState:
     recording: bool = False
     observed: list = field(default_factory=list)
     attn_probs: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    needs_positions: bool = False
 
     def reset(self) -> None:
         self.size = None
         self.observed = []
         self.attn_probs = None
+        self.positions = None
 
 
 @dataclass
@@ -98,8 +106,15 @@ class BlockContext:
     block: torch.nn.Module
     qkv: Optional[torch.Tensor]
     attn_probs: Optional[torch.Tensor] = None  # stage "pre": the block's attention on the entering tokens
+    # position-aware families (EVA / rope, BEiT, relpos): the block's own q and k (B, H, N, d), after
+    # q/k-norm and rotary embedding, and the positional bias its attention added, (1 or B, H, N, N)
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    position_bias: Optional[torch.Tensor] = None
 
     def _split_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q is not None:
+            return self.q, self.k
         if self.qkv is None:
             raise RuntimeError("this block did not capture its qkv projection")
         attn = self.block.attn
@@ -119,6 +134,8 @@ class BlockContext:
         """
         q, k = self._split_qk()
         logits = (q[:, :, :1] * self.block.attn.scale) @ k.transpose(-2, -1)
+        if self.position_bias is not None:
+            logits = logits + self.position_bias[:, :, :1].to(logits.dtype)
         bias = attention_bias(self.state, logits.dtype)
         if bias is not None:
             logits = logits + bias
@@ -244,6 +261,66 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def current_positions(state: TokenState, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each token's original index (B, N) long: ``state.positions``, or 0..N-1 while nothing was
+    reduced; None when the model's blocks do not need positions (nothing to keep in sync)."""
+    if not state.needs_positions:
+        return None
+    if state.positions is not None:
+        return state.positions
+    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+
+
+def keep_tokens(ctx: BlockContext, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The prefix tokens, then the tokens of ``x`` (B, N, C) at ``index`` (B, K) (indices into ``x``,
+    all at least ``ctx.num_prefix``): (B, num_prefix + K, C). Sizes and positions follow the tokens.
+
+    The one helper a pruning method needs: it gathers ``ctx.state.size`` (when tokens carry sizes)
+    and ``ctx.state.positions`` (when the model's blocks need positions) with the kept tokens.
+    """
+    p, state = ctx.num_prefix, ctx.state
+    positions = current_positions(state, x)
+    if state.size is not None:
+        state.size = torch.cat([state.size[:, :p], gather_tokens(state.size, index)], 1)
+    if positions is not None:
+        state.positions = torch.cat([positions[:, :p], positions.gather(1, index)], 1)
+    return torch.cat([x[:, :p], gather_tokens(x, index)], 1)
+
+
+def merge_positions(ctx: BlockContext, merge: Callable, x: torch.Tensor) -> None:
+    """Carry ``ctx.state.positions`` through a ToMe-style ``merge`` (``merge(t, mode)``, (B, N, C) ->
+    (B, N', C)) applied to the tokens ``x``: mode "prune", so a merged token keeps its DESTINATION's
+    position (the token it was merged into), and an unmerged token keeps its own. Call it with the
+    tokens before the merge; a no-op when the model's blocks need no positions."""
+    positions = current_positions(ctx.state, x)
+    if positions is not None:
+        ctx.state.positions = merge(positions.unsqueeze(-1), mode="prune")[..., 0]
+
+
+def gather_rope(rope: torch.Tensor, patch_index: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of each image's current patch tokens.
+
+    Args:
+        rope: timm's embedding for all patches, (P, D), or per head (H, P, D) (mixed rope).
+        patch_index: (B, N') each current patch token's index among the original patches.
+
+    Returns:
+        (B, 1, N', D) (or (B, H, N', D)), broadcasting over the heads of q and k (B, H, N', d).
+    """
+    if rope.dim() == 2:
+        return rope[patch_index].unsqueeze(1)
+    if rope.dim() == 3:
+        return rope[:, patch_index].transpose(0, 1)
+    raise UnsupportedModel(f"rotary embedding of shape {tuple(rope.shape)}: expected (P, D) or (H, P, D)")
+
+
+def gather_pair_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A relative-position bias (1, H, N, N) at positions x positions per image: (B, H, N', N')."""
+    if bias.shape[0] != 1:
+        raise UnsupportedModel(f"a per-image relative-position bias {tuple(bias.shape)} is not supported")
+    return bias[0][:, positions[:, :, None], positions[:, None, :]].transpose(0, 1)
+
+
 def one_step_ahead_probs(block: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
     """The block's attention probabilities on the entering tokens ``x`` (B, N, C): (B, H, N, N).
 
@@ -361,6 +438,9 @@ def prefix_layout(model: torch.nn.Module) -> PrefixLayout:
     """The model's prefix tokens and pooling, read off the timm attributes that define them."""
     cls = getattr(model, "cls_token", None) is not None
     regs = int(getattr(model, "num_reg_tokens", 0) or 0)
+    reg_token = getattr(model, "reg_token", None)  # EVA keeps its registers in ``reg_token`` (1, R, C)
+    if not regs and isinstance(reg_token, torch.Tensor):
+        regs = int(reg_token.shape[1])
     dist = getattr(model, "dist_token", None) is not None
     pool = "map" if getattr(model, "attn_pool", None) is not None else str(getattr(model, "global_pool", ""))
     layout = PrefixLayout(int(model.num_prefix_tokens), cls, regs, dist, pool)
@@ -371,13 +451,21 @@ def prefix_layout(model: torch.nn.Module) -> PrefixLayout:
 
 
 def check_premises(model: torch.nn.Module, method: str, needs_class_token: bool = False,
-                   merges: bool = False) -> PrefixLayout:
+                   merges: bool = False, tracks_positions: bool = True) -> PrefixLayout:
     """Raise :class:`UnsupportedModel` when ``model`` cannot give what ``method`` assumes.
 
     A method that ranks tokens by the class token's attention needs a class token at index 0; a
-    merging method needs a head whose pooling counts a merged token by its size.
+    merging method needs a head whose pooling counts a merged token by its size; a model whose
+    blocks need each token's position (rotary embeddings, relative-position bias) needs a method
+    that keeps ``state.positions`` in sync (``tracks_positions``).
     """
     layout = prefix_layout(model)
+    if not tracks_positions:
+        family = check_blocks(model)
+        if family in POSITION_FAMILIES:
+            raise UnsupportedModel(f"{method} does not keep token positions in sync (tracks_positions) and "
+                                   f"{type(model).__name__}'s {family} blocks need each token's position "
+                                   f"({'rotary embedding' if family == 'eva' else 'relative-position bias'})")
     if needs_class_token and not layout.class_token:
         raise UnsupportedModel(f"{method} ranks tokens by the class token's attention and "
                                f"{type(model).__name__} has no class token (pooling {layout.pool!r}, "
@@ -389,29 +477,73 @@ def check_premises(model: torch.nn.Module, method: str, needs_class_token: bool 
     return layout
 
 
-def check_blocks(model: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedModel` unless every block is timm's ``Block`` with timm's ``Attention``
-    forward (a subclass that changes the attention, e.g. adds a bias, would not match the keys and
-    class attention the seam derives from the qkv projection)."""
-    from timm.models.vision_transformer import Attention, Block
+# block families the seam patches, and whether their blocks need each token's position
+FAMILIES = ("vit", "eva", "beit", "relpos")
+POSITION_FAMILIES = ("eva", "beit", "relpos")
 
-    if not hasattr(model, "blocks") or not hasattr(model, "num_prefix_tokens"):
-        raise UnsupportedModel(f"unsupported model {type(model).__name__}: not a timm VisionTransformer")
-    for blk in model.blocks:
-        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
-            raise UnsupportedModel(f"unsupported block {type(blk).__name__}: the seam needs timm's vision_transformer.Block")
-        attn = blk.attn
-        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+
+def block_family(blk: torch.nn.Module) -> str:
+    """The seam family of one timm block, or :class:`UnsupportedModel` with the reason.
+
+    - "vit": ``vision_transformer.Block`` with timm's ``Attention`` forward and a fused qkv projection;
+    - "eva": ``eva.EvaBlock`` (EVA-02, ``vit_*_rope_*``) with ``EvaAttention`` or ``AttentionRope``:
+      rotary embeddings of each token's position;
+    - "beit": ``beit.Block`` with BEiT's ``Attention``: a relative-position bias table;
+    - "relpos": ``vision_transformer_relpos.RelPosBlock`` with ``RelPosAttention``: a
+      relative-position bias (MLP or table).
+
+    A subclass that overrides the block's or the attention's forward (e.g. adds a bias) is refused:
+    the keys and class attention the seam derives would not match what it computes.
+    """
+    from timm.models import beit, eva, vision_transformer as vt, vision_transformer_relpos as relpos
+
+    def same(obj, cls) -> bool:
+        return isinstance(obj, cls) and type(obj).forward is cls.forward
+
+    attn = getattr(blk, "attn", None)
+    if same(blk, vt.Block):
+        if not same(attn, vt.Attention):
             raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs timm's "
                                    f"vision_transformer.Attention forward (the keys and class attention it derives)")
         if not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
             raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs a fused qkv projection")
+        return "vit"
+    if same(blk, eva.EvaBlock):
+        if not (same(attn, eva.EvaAttention) or same(attn, eva.AttentionRope)):
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in EvaBlock: the seam needs "
+                                   f"EvaAttention or AttentionRope")
+        return "eva"
+    if same(blk, beit.Block):
+        if not same(attn, beit.Attention):
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in beit.Block")
+        return "beit"
+    if same(blk, relpos.RelPosBlock):
+        if not same(attn, relpos.RelPosAttention):
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in RelPosBlock")
+        return "relpos"
+    raise UnsupportedModel(f"unsupported block {type(blk).__name__}: the seam patches timm's vision_transformer.Block, "
+                           f"eva.EvaBlock, beit.Block and vision_transformer_relpos.RelPosBlock")
 
 
-def _check_supported(model: torch.nn.Module) -> None:
-    check_blocks(model)
+def check_blocks(model: torch.nn.Module) -> str:
+    """The family every block of ``model`` belongs to (:func:`block_family`), or
+    :class:`UnsupportedModel` (not a timm ViT, an unsupported block, or mixed families)."""
+    if not hasattr(model, "blocks") or not hasattr(model, "num_prefix_tokens"):
+        raise UnsupportedModel(f"unsupported model {type(model).__name__}: not a timm VisionTransformer")
+    families = {block_family(blk) for blk in model.blocks}
+    if len(families) != 1:
+        raise UnsupportedModel(f"{type(model).__name__} mixes block families {sorted(families)}")
+    family = families.pop()
+    if family == "eva" and getattr(model, "rope", None) is not None and getattr(model, "patch_drop", None) is not None:
+        raise UnsupportedModel("EVA patch dropout gathers the rotary embedding per image itself: not supported")
+    return family
+
+
+def _check_supported(model: torch.nn.Module) -> str:
+    family = check_blocks(model)
     if hasattr(model, "_seam_state"):
         raise RuntimeError("model is already patched; patch a fresh model")
+    return family
 
 
 def _size_weighted_forward_head(self, x: torch.Tensor, pre_logits: bool = False):
@@ -436,7 +568,8 @@ def _size_weighted_head(model: torch.nn.Module) -> None:
 
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
             capture_qkv: bool = True, prop_attn_impl: str = "mask", needs_class_token: bool = False,
-            merges: bool = False, method: str = "this method", stage: str = "mid") -> TokenState:
+            merges: bool = False, method: str = "this method", stage: str = "mid",
+            tracks_positions: bool = False) -> TokenState:
     """Patch ``model`` in place so ``reducers[i]`` runs in block i at ``stage`` (between attention and MLP).
 
     Args:
@@ -452,6 +585,9 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
         method: the method's name, for the refusal's message.
         stage: where every reducer runs (:data:`STAGES`): "pre" (before the attention), "mid"
             (between attention and MLP, the default) or "post" (after the MLP).
+        tracks_positions: the reducers keep ``state.positions`` in sync (:func:`keep_tokens`,
+            :func:`merge_positions`): required on models whose blocks need token positions (EVA /
+            rope, BEiT, relpos; :data:`POSITION_FAMILIES`).
 
     Returns:
         The TokenState the patched model carries (sizes, observed counts).
@@ -460,20 +596,27 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
         UnsupportedModel: the model is not a timm ViT made of standard Blocks, or cannot give what
             the method assumes (:func:`check_premises`).
     """
-    _check_supported(model)
+    family = _check_supported(model)
     if reducers:  # the identity knob patches nothing a premise could fail
-        check_premises(model, method, needs_class_token, merges)
+        check_premises(model, method, needs_class_token, merges, tracks_positions)
     _check_impl(prop_attn_impl)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choices: {', '.join(STAGES)}")
+    if reducers and stage == "pre" and family != "vit":
+        raise UnsupportedModel(f"{method} reduces before the attention (stage 'pre'), which the seam supports on "
+                               f"timm's vision_transformer.Block only, not on {family} blocks")
     depth = len(model.blocks)
     bad = [i for i in reducers if not 0 <= i < depth]
     if bad:
         raise ValueError(f"reducer block indices {bad} outside 0..{depth - 1}")
-    state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl)
+    state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl,
+                       needs_positions=family in POSITION_FAMILIES)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
-        _patch_block(blk, i, state, reducers.get(i), model.num_prefix_tokens, capture_qkv, stage)
+        if family == "vit":
+            _patch_block(blk, i, state, reducers.get(i), model.num_prefix_tokens, capture_qkv, stage)
+        else:
+            _patch_position_block(blk, family, i, state, reducers.get(i), model.num_prefix_tokens, stage)
     _size_weighted_head(model)
     return state
 
@@ -493,3 +636,156 @@ def _patch_block(blk, index: int, state: TokenState, reducer: Optional[Reducer],
         blk.attn.qkv.register_forward_hook(_capture_output)
     blk.forward = types.MethodType(_seam_forward, blk)
 
+
+
+# --- position-aware families: EVA / rope (rotary embedding), BEiT and relpos (relative-position bias)
+#
+# timm computes the positional term once for the full token grid and hands it to every block (EVA's
+# ``rope``, BEiT's ``shared_rel_pos_bias``) or each block computes it for the full grid itself (BEiT's
+# and relpos's own bias tables). Once tokens were reduced, the patched block takes the term at its
+# tokens' positions (``state.positions``): the rotary embedding gathered per image, (B, 1, N', D);
+# the bias gathered at positions x positions, (B, H, N', N'). Until a block has a reducer or a
+# reducer ran before it, it runs timm's own forward unchanged (the identity knob is bit-identical).
+# Otherwise its attention is computed here from the block's own modules, as timm's forward does,
+# with the size bias (proportional attention) added to the mask: always the "mask" implementation.
+
+
+def _family_qkv(attn: torch.nn.Module, x: torch.Tensor):
+    """q, k, v (B, heads, N, d) as the family's attention projects them (fused qkv with the separate
+    q/k/v biases of EVA and BEiT, or separate q/k/v projections), q/k-norm applied."""
+    b, n, _ = x.shape
+    if getattr(attn, "qkv", None) is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            qkv_bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if getattr(attn, "qkv_bias_separate", False):
+                qkv = attn.qkv(x) + qkv_bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+        q = attn.q_proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(b, n, kv_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(b, n, kv_heads, -1).transpose(1, 2)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    return q, k, v
+
+
+def _family_position_bias(blk, positions: Optional[torch.Tensor], shared: Optional[torch.Tensor]):
+    """BEiT's / relpos's relative-position bias for the current tokens, (1 or B, H, N, N), or None."""
+    attn, family = blk.attn, blk._seam_family
+    bias = None
+    if family == "beit":
+        if attn.relative_position_bias_table is not None:
+            bias = attn._get_rel_pos_bias()
+            if shared is not None:
+                bias = bias + shared
+        else:
+            bias = shared
+    elif family == "relpos":
+        bias = attn.rel_pos.get_bias() if attn.rel_pos is not None else shared
+    if bias is not None and positions is not None:
+        bias = gather_pair_bias(bias, positions)
+    return bias
+
+
+def _family_attention(blk, x: torch.Tensor, rope: Optional[torch.Tensor], shared: Optional[torch.Tensor],
+                      attn_mask: Optional[torch.Tensor], is_causal: bool):
+    """The block's attention on its current tokens ``x`` (normed), with positions and sizes.
+
+    Returns the attention branch's output and (q, k, position bias) for the reducer's context.
+    """
+    from timm.layers import apply_rot_embed_cat
+
+    attn, state = blk.attn, blk._seam_state
+    positions = state.positions
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = _family_qkv(attn, x)
+    if blk._seam_family == "eva" and rope is not None:
+        npt = attn.num_prefix_tokens
+        if positions is not None:
+            rope = gather_rope(rope, positions[:, npt:] - npt)
+        half = getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    position_bias = _family_position_bias(blk, positions, shared)
+    mask = position_bias
+    size_bias = log_size(state)
+    if size_bias is not None:
+        size_bias = size_bias.to(_attention_dtype(x))[:, None, None, :]
+        mask = size_bias if mask is None else mask + size_bias
+    if attn_mask is not None:
+        mask = attn_mask if mask is None else mask + attn_mask
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal)
+    out = out.transpose(1, 2).reshape(b, n, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, (q, k, position_bias)
+
+
+def _family_scale(blk, branch: int, y: torch.Tensor) -> torch.Tensor:
+    """The block's LayerScale of residual ``branch`` (1: attention, 2: MLP), as its forward applies it."""
+    if blk._seam_family == "relpos":
+        return (blk.ls1 if branch == 1 else blk.ls2)(y)
+    gamma = blk.gamma_1 if branch == 1 else blk.gamma_2
+    return y if gamma is None else gamma * y
+
+
+def _seam_forward_positions(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                            attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                            shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                            shared_rel_pos: Optional[torch.Tensor] = None):
+    # The seam of the position-aware families (EvaBlock, beit.Block, RelPosBlock): the block's
+    # forward with the reduction between attention and MLP (or after the MLP)
+    state: TokenState = self._seam_state
+    if self._seam_index == 0:
+        state.reset()
+    reducer, stage, family = self._seam_reducer, self._seam_stage, self._seam_family
+    shared = shared_rel_pos_bias if family == "beit" else shared_rel_pos
+    if reducer is None and state.positions is None and state.size is None:
+        # nothing reduced yet and nothing to reduce here: timm's own forward, bit for bit
+        if family == "eva":
+            x = type(self).forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        elif family == "beit":
+            x = type(self).forward(self, x, shared_rel_pos_bias=shared)
+        else:
+            x = type(self).forward(self, x, shared_rel_pos=shared)
+    else:
+        out, (q, k, position_bias) = _family_attention(self, self.norm1(x), rope, shared, attn_mask, is_causal)
+        x = x + self.drop_path1(_family_scale(self, 1, out))
+        ctx = BlockContext(self._seam_index, self._seam_num_prefix, state, self, None,
+                           q=q, k=k, position_bias=position_bias)
+        if reducer is not None and stage == "mid":
+            x = reducer(x, ctx)
+        x = x + self.drop_path2(_family_scale(self, 2, self.mlp(self.norm2(x))))
+        if reducer is not None and stage == "post":
+            x = reducer(x, ctx)
+    if state.recording:
+        state.observed.append(x.shape[1])
+    return x
+
+
+def _patch_position_block(blk, family: str, index: int, state: TokenState, reducer: Optional[Reducer],
+                          num_prefix: int, stage: str) -> None:
+    """Route block ``index`` of a position-aware ``family`` through the seam with ``reducer`` at ``stage``."""
+    blk._seam_state = state
+    blk._seam_family = family
+    blk._seam_stage = stage
+    blk._seam_index = index
+    blk._seam_num_prefix = num_prefix
+    blk._seam_reducer = reducer
+    blk.forward = types.MethodType(_seam_forward_positions, blk)

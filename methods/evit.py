@@ -16,7 +16,10 @@ Modifications:
    ordinary non-prefix token that can be kept or fused again;
  - a drop block that would keep every token does nothing and adds no fused token (official early return);
  - prefix tokens (class, distillation, registers) always stay, first and in order; the official code
-   protects only the class token.
+   protects only the class token;
+ - on models whose blocks need token positions (EVA / rope, BEiT, relpos; the official code has
+   none) kept tokens keep their positions and the fused token takes the position of the dropped
+   token with the highest class attention (its largest-weight source): a choice of ours.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install
+from harness.seam import BlockContext, current_positions, gather_tokens, install, keep_tokens
 from harness.methods.random import drop_blocks
 
 
@@ -89,13 +92,33 @@ def tokens_after_drop(tokens: int, keep_rate: float, num_prefix: int, fuse: bool
     return num_prefix + keep + int(fuse)
 
 
+def fused_position(scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index (among the candidates) of the dropped token with the highest class attention:
+    the position the fused token takes on models whose blocks need token positions."""
+    return dropped.gather(1, scores.gather(1, dropped).argmax(dim=1, keepdim=True))
+
+
 def evit_reducer(keep_rate: float, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
-    """The seam reducer for one drop block."""
+    """The seam reducer for one drop block: :func:`select_tokens`, with token positions kept in sync
+    (the kept tokens keep theirs; the fused token takes its most attended source's)."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if ctx.state.size is not None:
             raise RuntimeError("EViT does not carry token sizes; another reducer merged tokens first")
-        return select_tokens(x, ctx.cls_attn(), keep_rate, ctx.num_prefix, fuse)
+        p = ctx.num_prefix
+        scores = ctx.cls_attn()[:, p:]
+        keep = num_keep(scores.shape[1], keep_rate)
+        if keep >= scores.shape[1]:
+            return x
+        kept, dropped = top_attentive(scores, keep)
+        positions = current_positions(ctx.state, x)
+        out = keep_tokens(ctx, x, kept + p)  # prefix tokens, then the kept ones by descending attention
+        if not fuse:
+            return out
+        if positions is not None:
+            src = fused_position(scores, dropped) + p
+            ctx.state.positions = torch.cat([ctx.state.positions, positions.gather(1, src)], 1)
+        return torch.cat([out, fuse_tokens(x[:, p:], scores, dropped)], dim=1)
 
     return reduce
 
@@ -106,6 +129,7 @@ class EViT(Method):
 
     name = "evit"
     needs_class_token = True
+    tracks_positions = True
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
@@ -141,4 +165,5 @@ class EViT(Method):
         reducers = {}
         if value < 1.0:
             reducers = {i: evit_reducer(value, self.fuse) for i in self.drop_loc(len(model.blocks))}
-        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name)
+        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
+                tracks_positions=self.tracks_positions)

@@ -24,7 +24,9 @@ Modifications (as the official DeiT patch):
    or protected (energy order) tokens, then set B.
 
 Deviations: every prefix token is kept out of the energy and the merge (the official excludes the
-class token only); ``r`` is clamped to half the patch tokens (the official assumes ``ratio >= 0.5``).
+class token only); ``r`` is clamped to half the patch tokens (the official assumes ``ratio >= 0.5``);
+on models whose blocks need token positions (EVA / rope, BEiT, relpos; the official code has none)
+a merged token keeps its destination's (B token's) position.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install
+from harness.seam import BlockContext, gather_tokens, install, merge_positions
 from harness.methods.tome import merge_wavg
 
 Merge = Callable[..., torch.Tensor]
@@ -89,7 +91,8 @@ def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         prefix, x = x[:, :num_prefix], x[:, num_prefix:]
         b = gather_tokens(x, b_idx)
-        b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(x, src_idx), reduce=mode)
+        if mode != "prune":  # "prune": the matched A tokens dropped, B unchanged (token positions)
+            b = b.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(x, src_idx), reduce=mode)
         return torch.cat([prefix, gather_tokens(x, kept_idx), b], dim=1)
 
     return merge
@@ -105,7 +108,9 @@ def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[to
             return x
         with torch.no_grad():
             sim, order = energy_order(ctx.keys()[:, p:], margin)
-        x, ctx.state.size = merge_wavg(pitome_match(sim, order, r, bipartite, p), x, ctx.state.size)
+        merge = pitome_match(sim, order, r, bipartite, p)
+        merge_positions(ctx, merge, x)  # a merged token keeps its destination's position
+        x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
         return x
 
     return reduce
@@ -118,6 +123,7 @@ class PiToMe(Method):
     name = "pitome"
     version = "1"
     merges = True
+    tracks_positions = True
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
 
     @staticmethod
@@ -140,4 +146,4 @@ class PiToMe(Method):
         depth = len(model.blocks)
         reducers = {} if value >= 1.0 else {
             i: pitome_reducer(value, self.margin(i, depth), self.bipartite(i, depth)) for i in range(depth)}
-        install(model, reducers, merges=self.merges, method=self.name)
+        install(model, reducers, merges=self.merges, method=self.name, tracks_positions=self.tracks_positions)

@@ -6,7 +6,8 @@ Investigating Token Reduction in Vision Transformers", ICCVW 2023, arXiv 2308.04
 
 Modifications: between attention and MLP of each block whose schedule shrinks, keeps a uniformly
 random subset (independent per image, seeded) of the non-prefix tokens, in their original order;
-class, distillation and register tokens always stay. The native knob ``keep_rate`` prunes at
+class, distillation and register tokens always stay; on models whose blocks need token positions
+(EVA / rope, BEiT, relpos) each kept token keeps its position (rotary embedding, relative bias). The native knob ``keep_rate`` prunes at
 EViT's drop blocks (the 4th, 7th and 10th of 12, scaled to other depths), keeping
 ceil(keep_rate x non-prefix tokens) each time. Any other method's schedule can be followed instead
 (``patch_schedule``), which gives "random at the schedule of method X".
@@ -29,7 +30,7 @@ import torch
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install
+from harness.seam import BlockContext, install, keep_tokens
 
 
 _MASK32 = 0xFFFFFFFF
@@ -75,6 +76,7 @@ class RandomPruning(Method):
     """Random pruning: seeded uniform token dropping at EViT's drop blocks (or any schedule)."""
 
     name = "random"
+    tracks_positions = True
     version = "2"  # 2: counter-based hash draws (traceable, independent of earlier forwards)
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
@@ -108,9 +110,7 @@ class RandomPruning(Method):
                 p = ctx.num_prefix
                 scores = random_scores(x.shape[0], x.shape[1] - p, key, x.device)
                 idx = random_keep_index(scores, target - p) + p
-                if ctx.state.size is not None:
-                    ctx.state.size = torch.cat([ctx.state.size[:, :p], gather_tokens(ctx.state.size, idx)], 1)
-                return torch.cat([x[:, :p], gather_tokens(x, idx)], 1)
+                return keep_tokens(ctx, x, idx)  # sizes and positions follow the kept tokens
 
             return reduce
 
@@ -119,4 +119,5 @@ class RandomPruning(Method):
             if round(n) < prev:
                 reducers[i] = reducer_for(round(n), block_key(seed, i))
             prev = round(n)
-        install(model, reducers, capture_qkv=False, stage=schedule.stage)
+        install(model, reducers, capture_qkv=False, stage=schedule.stage, method=self.name,
+                tracks_positions=self.tracks_positions)

@@ -20,7 +20,9 @@ Modifications (as that implementation):
 
 Deviations from the reference: every prefix token is protected (the reference protects only the
 class token, so a distillation token could be fused); ``r`` is clamped to half the non-prefix
-tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio >= 0.5``).
+tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio >= 0.5``);
+on models whose blocks need token positions (EVA / rope, BEiT, relpos; the reference has none) a
+fused token keeps its destination's position, a pruned one leaves with its own.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install
+from harness.seam import BlockContext, install, merge_positions
 from harness.methods.tome import bipartite_soft_matching, clamp_r
 
 
@@ -62,6 +64,7 @@ def tofu_reducer(ratio: float, fuse: bool) -> Callable[[torch.Tensor, BlockConte
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         r = tokens_removed(x.shape[1], ratio, ctx.num_prefix)
         merge = bipartite_soft_matching(ctx.keys(), r, ctx.num_prefix)
+        merge_positions(ctx, merge, x)  # a fused token keeps its destination's position
         return merge(x, mode=fuse_mlerp if fuse else "prune")
 
     return reduce
@@ -72,6 +75,7 @@ class ToFu(Method):
     """ToFu: prune early, fuse late by norm-preserving merging, at one keep ratio per block (Kim et al., WACV 2024)."""
 
     name = "tofu"
+    tracks_positions = True
     version = "1"
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
 
@@ -90,4 +94,4 @@ class ToFu(Method):
     def patch(self, model, value: float, arch) -> None:
         depth = len(model.blocks)
         reducers = {} if value >= 1.0 else {i: tofu_reducer(value, self.fuses(i, depth)) for i in range(depth)}
-        install(model, reducers, method=self.name)
+        install(model, reducers, method=self.name, tracks_positions=self.tracks_positions)

@@ -18,6 +18,9 @@ Modifications:
    every token before ``num_prefix`` the same way and keep prefix tokens first, in their order;
  - ``r`` is clamped each block to half the non-prefix tokens, since every merged A token needs a B
    partner: the schedule applies the same clamp, so it reports exactly what the forward does;
+ - on models whose blocks need token positions (EVA / rope, BEiT, relpos) a merged token keeps its
+   destination's (B token's) position: its rotary embedding / relative-position bias is the
+   destination's (the official code has no such models; the destination is the token that stays);
  - schedules: constant ``r`` (default), ``inflection`` in [-1, 1] (the official ``parse_r`` pair
    ``(r, inflection)``; -1 is the paper's "decreasing" schedule), or an explicit per-block ``r_list``
    (padded with zeros, as ``parse_r``), which replaces the knob whenever the knob is not 0.
@@ -32,7 +35,7 @@ import torch
 from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install
+from harness.seam import BlockContext, install, merge_positions
 
 Merge = Callable[..., torch.Tensor]
 
@@ -150,6 +153,7 @@ def tome_reducer(r: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         merge = bipartite_soft_matching(ctx.keys(), r, ctx.num_prefix)
+        merge_positions(ctx, merge, x)
         x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
         return x
 
@@ -162,6 +166,7 @@ class ToMe(Method):
 
     name = "tome"
     merges = True
+    tracks_positions = True
     version = "1"
     knob = Knob("r", int, 0, R_MAX, identity=0)
 
@@ -190,4 +195,5 @@ class ToMe(Method):
     def patch(self, model, value: int, arch) -> None:
         rs = self.layer_r(len(model.blocks), value)
         reducers = {i: tome_reducer(r) for i, r in enumerate(rs) if r > 0}
-        install(model, reducers, prop_attn=bool(self.options.get("prop_attn", True)), merges=self.merges, method=self.name)
+        install(model, reducers, prop_attn=bool(self.options.get("prop_attn", True)), merges=self.merges, method=self.name,
+                tracks_positions=self.tracks_positions)

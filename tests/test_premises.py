@@ -103,20 +103,25 @@ def test_published_diffrate_schedule_must_match_the_token_count(shared):
         method.schedule(arch_spec(model), 0.7)
 
 
-@pytest.mark.parametrize("arch, words", [("beit_base_patch16_224", "no num_heads/head_dim"),
-                                         ("vit_small_r26_s32_224", "hybrid stem")])
+@pytest.mark.parametrize("arch, words", [("vit_small_r26_s32_224", "hybrid stem")])
 def test_models_without_analytic_gmacs_are_unsupported(arch, words):
-    model = timm.create_model(arch, depth=2, num_classes=10) if arch.startswith("beit") else \
-        timm.create_model(arch, num_classes=10)
+    model = timm.create_model(arch, num_classes=10)
     with pytest.raises(UnsupportedModel, match=words):
         arch_spec(model)
+
+
+def test_beit_attention_width_is_read_off_its_qkv_projection():
+    """BEiT's attention keeps no head_dim: the width comes from its qkv projection (3 x 768)."""
+    model = timm.create_model("beit_base_patch16_224", depth=2, num_classes=10)
+    assert not hasattr(model.blocks[0].attn, "head_dim")
+    assert arch_spec(model).attn_dim == 768
 
 
 @pytest.mark.slow
 def test_a_sweep_records_the_refusals_and_runs_the_rest(tmp_path):
     """Through the runner: registers + average pool (vit_little ..._reg4_gap_256) refuses EViT with
-    its reason and runs ToMe and random; BEiT is unsupported for every method, none included, and
-    the sweep exits 0 (no error record)."""
+    its reason and runs ToMe and random; BEiT (relative-position bias, positions tracked) runs every
+    method, and the sweep exits 0 (no error record)."""
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(f"""
 [run]
@@ -148,8 +153,7 @@ data = "synthetic"
     assert recs[("little", "evit")]["status"] == "unsupported"
     assert "no class token" in recs[("little", "evit")]["error"]
     assert {recs[("little", m)]["status"] for m in ("none", "tome", "random")} == {"ok"}
-    assert {recs[("beit", m)]["status"] for m in ("none", "evit", "tome", "random")} == {"unsupported"}
-    assert "head_dim" in recs[("beit", "none")]["error"]
+    assert {recs[("beit", m)]["status"] for m in ("none", "evit", "tome", "random")} == {"ok"}
 
 
 @pytest.mark.parametrize("name, value", [("tome", 8), ("evit", 0.7), ("topk", 0.7), ("random", 0.7), ("diffrate", 0.7)])
