@@ -500,27 +500,19 @@ def block_family(blk: torch.nn.Module) -> str:
     def same(obj, cls) -> bool:
         return isinstance(obj, cls) and type(obj).forward is cls.forward
 
+    families = [("vit", vt.Block, (vt.Attention,)), ("eva", eva.EvaBlock, (eva.EvaAttention, eva.AttentionRope)),
+                ("beit", beit.Block, (beit.Attention,)), ("relpos", relpos.RelPosBlock, (relpos.RelPosAttention,))]
     attn = getattr(blk, "attn", None)
-    if same(blk, vt.Block):
-        if not same(attn, vt.Attention):
-            raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs timm's "
-                                   f"vision_transformer.Attention forward (the keys and class attention it derives)")
-        if not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
+    for family, block_cls, attn_classes in families:
+        if not same(blk, block_cls):
+            continue
+        if not any(same(attn, cls) for cls in attn_classes):
+            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in {block_cls.__module__.split('.')[-1]}."
+                                   f"{block_cls.__name__}: the seam needs the {' or '.join(c.__name__ for c in attn_classes)} forward "
+                                   f"of timm (the keys and class attention it derives)")
+        if family == "vit" and not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
             raise UnsupportedModel(f"unsupported attention {type(attn).__name__}: the seam needs a fused qkv projection")
-        return "vit"
-    if same(blk, eva.EvaBlock):
-        if not (same(attn, eva.EvaAttention) or same(attn, eva.AttentionRope)):
-            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in EvaBlock: the seam needs "
-                                   f"EvaAttention or AttentionRope")
-        return "eva"
-    if same(blk, beit.Block):
-        if not same(attn, beit.Attention):
-            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in beit.Block")
-        return "beit"
-    if same(blk, relpos.RelPosBlock):
-        if not same(attn, relpos.RelPosAttention):
-            raise UnsupportedModel(f"unsupported attention {type(attn).__name__} in RelPosBlock")
-        return "relpos"
+        return family
     raise UnsupportedModel(f"unsupported block {type(blk).__name__}: the seam patches timm's vision_transformer.Block, "
                            f"eva.EvaBlock, beit.Block and vision_transformer_relpos.RelPosBlock")
 
@@ -566,6 +558,18 @@ def _size_weighted_head(model: torch.nn.Module) -> None:
     model.forward_head = types.MethodType(_size_weighted_forward_head, model)
 
 
+def _check_request(reducers: dict, depth: int, stage: str, family: str, method: str) -> None:
+    """Refuse a stage the seam does not know, one it cannot run on ``family``, blocks the model lacks."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choices: {', '.join(STAGES)}")
+    if reducers and stage == "pre" and family != "vit":
+        raise UnsupportedModel(f"{method} reduces before the attention (stage 'pre'), which the seam supports on "
+                               f"timm's vision_transformer.Block only, not on {family} blocks")
+    bad = [i for i in reducers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"reducer block indices {bad} outside 0..{depth - 1}")
+
+
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
             capture_qkv: bool = True, prop_attn_impl: str = "mask", needs_class_token: bool = False,
             merges: bool = False, method: str = "this method", stage: str = "mid",
@@ -573,42 +577,26 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     """Patch ``model`` in place so ``reducers[i]`` runs in block i at ``stage`` (between attention and MLP).
 
     Args:
-        model: a fresh timm VisionTransformer (or subclass such as DeiT's distilled model).
+        model: a fresh timm ViT (``Block``, ``EvaBlock``, BEiT or relpos blocks; :func:`block_family`).
         reducers: block index -> reducer; blocks without one run as in timm.
         prop_attn: add log(token size) to attention logits once tokens carry sizes.
-        capture_qkv: keep each block's qkv projection until its reducer ran, so ``ctx.keys()`` /
-            ``ctx.cls_attn()`` work.
-        prop_attn_impl: how log(size) reaches the attention kernel ("mask", "fold", "flex"; see the
-            module docstring); :func:`set_prop_attn_impl` changes it later.
-        needs_class_token: the reducers read ``ctx.cls_attn()``: refuse a model without a class token.
-        merges: the reducers merge tokens (sizes above 1): refuse a head that pools without sizes.
+        capture_qkv: keep each block's qkv projection until its reducer ran (``ctx.keys()``, ``ctx.cls_attn()``).
+        prop_attn_impl: how log(size) reaches the attention kernel ("mask", "fold", "flex"; module docstring).
+        needs_class_token / merges / tracks_positions: the method's premises (:func:`check_premises`):
+            it reads ``ctx.cls_attn()``; it merges tokens (the head must pool by size); it keeps
+            ``state.positions`` in sync (:func:`keep_tokens`, :func:`merge_positions`), required on
+            EVA / rope, BEiT and relpos blocks (:data:`POSITION_FAMILIES`).
         method: the method's name, for the refusal's message.
-        stage: where every reducer runs (:data:`STAGES`): "pre" (before the attention), "mid"
-            (between attention and MLP, the default) or "post" (after the MLP).
-        tracks_positions: the reducers keep ``state.positions`` in sync (:func:`keep_tokens`,
-            :func:`merge_positions`): required on models whose blocks need token positions (EVA /
-            rope, BEiT, relpos; :data:`POSITION_FAMILIES`).
+        stage: where every reducer runs (:data:`STAGES`): "pre", "mid" (the default) or "post".
 
-    Returns:
-        The TokenState the patched model carries (sizes, observed counts).
-
-    Raises:
-        UnsupportedModel: the model is not a timm ViT made of standard Blocks, or cannot give what
-            the method assumes (:func:`check_premises`).
+    Returns the TokenState the patched model carries (sizes, positions, observed counts). Raises
+    :class:`UnsupportedModel` for blocks the seam does not know or a premise the model cannot give.
     """
     family = _check_supported(model)
     if reducers:  # the identity knob patches nothing a premise could fail
         check_premises(model, method, needs_class_token, merges, tracks_positions)
     _check_impl(prop_attn_impl)
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choices: {', '.join(STAGES)}")
-    if reducers and stage == "pre" and family != "vit":
-        raise UnsupportedModel(f"{method} reduces before the attention (stage 'pre'), which the seam supports on "
-                               f"timm's vision_transformer.Block only, not on {family} blocks")
-    depth = len(model.blocks)
-    bad = [i for i in reducers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"reducer block indices {bad} outside 0..{depth - 1}")
+    _check_request(reducers, len(model.blocks), stage, family, method)
     state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl,
                        needs_positions=family in POSITION_FAMILIES)
     model._seam_state = state
@@ -694,26 +682,32 @@ def _family_position_bias(blk, positions: Optional[torch.Tensor], shared: Option
     return bias
 
 
+def _apply_rope(attn, q, k, v, rope: torch.Tensor, positions: Optional[torch.Tensor]):
+    """q and k with the rotary embedding of each non-prefix token's position (gathered once reduced)."""
+    from timm.layers import apply_rot_embed_cat
+
+    npt = attn.num_prefix_tokens
+    if positions is not None:
+        rope = gather_rope(rope, positions[:, npt:] - npt)
+    half = getattr(attn, "rotate_half", False)
+    q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    return q, k
+
+
 def _family_attention(blk, x: torch.Tensor, rope: Optional[torch.Tensor], shared: Optional[torch.Tensor],
                       attn_mask: Optional[torch.Tensor], is_causal: bool):
     """The block's attention on its current tokens ``x`` (normed), with positions and sizes.
 
     Returns the attention branch's output and (q, k, position bias) for the reducer's context.
     """
-    from timm.layers import apply_rot_embed_cat
-
     attn, state = blk.attn, blk._seam_state
     positions = state.positions
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _family_qkv(attn, x)
     if blk._seam_family == "eva" and rope is not None:
-        npt = attn.num_prefix_tokens
-        if positions is not None:
-            rope = gather_rope(rope, positions[:, npt:] - npt)
-        half = getattr(attn, "rotate_half", False)
-        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        q, k = _apply_rope(attn, q, k, v, rope, positions)
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
