@@ -227,7 +227,7 @@ def _count_batch(model: nn.Module, x: torch.Tensor) -> tuple[Counter, Counter, C
 
 
 @torch.no_grad()
-def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_size: int = 224,
+def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_size: Optional[int] = None,
                 batch_size: int = 16) -> FlopCount:
     """Count the ops of one forward of ``model`` per image, split into model and reduction.
 
@@ -235,7 +235,8 @@ def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_siz
         model: a timm ViT, patched through the seam or not, in eval mode.
         images: (N, 3, H, W) model inputs to average over (image-dependent methods need real ones);
             None counts one random image of ``img_size``.
-        img_size: side of the random image when ``images`` is None.
+        img_size: side of the random image when ``images`` is None; by default the model's own input
+            size (``patch_embed.img_size``; 224 when the model does not say).
         batch_size: images per trace (a trace holds one batch).
 
     Returns:
@@ -243,7 +244,8 @@ def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_siz
     """
     if images is None:
         param = next(model.parameters())
-        images = torch.randn(1, 3, img_size, img_size, device=param.device)
+        height, width = (img_size, img_size) if img_size else _input_size(model)
+        images = torch.randn(1, 3, height, width, device=param.device)
     out = FlopCount(n_images=len(images))
     tokens = _count_batches(model, images, batch_size, out)
     n = len(images)
@@ -254,6 +256,14 @@ def count_gmacs(model: nn.Module, images: Optional[torch.Tensor] = None, img_siz
     log.debug("measured %.4f GMACs (+%.4f other, +%.5f overhead) over %d images", out.gmacs, out.gmacs_other,
               out.gmacs_overhead, n)
     return out
+
+
+def _input_size(model: nn.Module) -> tuple[int, int]:
+    """(height, width) the model's patch embedding was built for, else 224 x 224."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        return 224, 224
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _count_batches(model: nn.Module, images: torch.Tensor, batch_size: int, out: FlopCount) -> list[list[int]]:

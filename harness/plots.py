@@ -5,6 +5,8 @@ and draws each method with the same colour and marker (:func:`method_style`). Wr
 :func:`write_plots` under ``<reports>/figures/``:
 
 - ``accuracy_vs_gmacs``: top-1 against analytic GMACs, one line per method, the baseline a star;
+  a reference method (``Method.baseline``: ``resolution``, the model at a lower input resolution)
+  is a black dashed line labelled "<name> (baseline)" in every figure, the line the others must beat;
 - ``accuracy_vs_throughput``: top-1 against measured img/s, with the Pareto front of all cells;
 - ``speedup_vs_ideal``: measured speed-up against the ideal one (baseline GMACs / GMACs), y = x dashed;
 - ``tokens_per_block``: the stored schedules (tokens leaving each block) at one budget.
@@ -22,8 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from harness.report import (BASELINE, MEASURED, _num, baseline_of, budget_order, current, environments, load_frame,
-                            scored_envs, speedup_of, top1_interval)
+from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _num, baseline_of, budget_order, current,
+                            environments, is_reference, load_frame, method_label, scored_envs, speedup_of,
+                            top1_interval)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,10 @@ KNOWN = {
     "evit": ("#E69F00", "s"),
     "topk": ("#009E73", "^"),
     "diffrate": ("#D55E00", "D"),
+    "resolution": ("#000000", "P"),
 }
+# a reference method's line (Method.baseline): black and dashed, whatever its marker
+REFERENCE = {"color": "#000000", "linestyle": "--"}
 # Unknown names hash into these (tab10 minus the colours above, and unused markers).
 SPARE_COLORS = ("#CC79A7", "#56B4E9", "#8c564b", "#bcbd22", "#17becf", "#9467bd", "#F0E442", "#1f3b73")
 SPARE_MARKERS = ("v", "P", "X", "<", ">", "h", "p", "d")
@@ -63,13 +69,28 @@ def method_style(name: str) -> dict:
         # sha1, not hash(): Python salts str hashes per process, and figures must agree across runs
         h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
         color, marker = SPARE_COLORS[h % len(SPARE_COLORS)], SPARE_MARKERS[(h // 7) % len(SPARE_MARKERS)]
-    return {"color": color, "marker": marker, "linestyle": "-", "markerfacecolor": color}
+    style = {"color": color, "marker": marker, "linestyle": "-", "markerfacecolor": color}
+    if name != BASELINE and is_reference(name):
+        style.update(REFERENCE, markerfacecolor=REFERENCE["color"])
+    return style
+
+
+def _method_of(label: str) -> str:
+    """The method a legend label names ("resolution (baseline)" -> "resolution")."""
+    return label[: -len(REFERENCE_SUFFIX)] if label.endswith(REFERENCE_SUFFIX) else label
 
 
 def method_order(names) -> list[str]:
-    """Legend order: the baseline, built-ins in a fixed order, then the rest by name."""
+    """Legend order: the baseline, the reference methods, built-ins in a fixed order, then the rest by name.
+
+    ``names`` may be methods or their legend labels (:func:`harness.report.method_label`)."""
     known = list(KNOWN)
-    return sorted(set(names), key=lambda n: (n != BASELINE, known.index(n) if n in known else len(known), n))
+
+    def key(n):
+        m = _method_of(n)
+        return n != BASELINE, not is_reference(m), known.index(m) if m in known else len(known), n
+
+    return sorted(set(names), key=key)
 
 
 @contextmanager
@@ -124,8 +145,9 @@ def _line(ax, pts, name: str, anchor: Optional[tuple[float, float]] = None, holl
     marked = [i for i, p in enumerate(pts) if (anchor is None or p != anchor) and p not in hollow]
     xs, ys = zip(*pts)
     extra.setdefault("markevery", marked)
-    ax.plot(xs, ys, label=name, color=style["color"], marker=style["marker"], linestyle=style["linestyle"],
-            markerfacecolor=style["markerfacecolor"], markeredgecolor=style["color"], **extra)
+    ax.plot(xs, ys, label=method_label(name), color=style["color"], marker=style["marker"],
+            linestyle=style["linestyle"], markerfacecolor=style["markerfacecolor"], markeredgecolor=style["color"],
+            **extra)
     if hollow:
         hx, hy = zip(*hollow)
         ax.plot(hx, hy, color=style["color"], marker=style["marker"], linestyle="none", markerfacecolor="white",

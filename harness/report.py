@@ -46,6 +46,8 @@ GROUP = ["model", "checkpoint_sha", "data", "limit", "eval_set_sha", "device_nam
 # the kernel settings of GROUP and the value records written before them had
 KERNEL = {"attention": "fused", "sdpa_backend": "auto", "prop_attn": "mask", "compile": False}
 BASELINE = "none"
+# how a reference method (a line every other method must beat, ``Method.baseline``) is labelled
+REFERENCE_SUFFIX = " (baseline)"
 # statuses of cells with measurements; only "ok" ones sit in the matched-budget tables
 MEASURED = ("ok", "off_target")
 # how far (relative GMACs) beyond a method's measured range "accuracy at x GMACs" may extend
@@ -150,8 +152,62 @@ def budget_order(text: str) -> tuple:
     return (kind, -(value or 0.0), key)
 
 
+@functools.lru_cache(maxsize=None)
+def is_reference(method: str) -> bool:
+    """Whether ``method`` is a reference line every other method must beat: its class sets
+    ``baseline = True`` (``resolution``, the model at a lower input resolution). False for ``none``
+    (the unpatched model, :data:`BASELINE`), for ``follower@leader`` names and for methods this
+    process cannot find (records of an uninstalled plugin).
+
+    Read from the class itself when its module is already imported, else from the module's source
+    (``baseline = True`` written in the registered class's body, as ``ls methods`` reads names and
+    knobs), so a report imports no torch.
+    """
+    import sys
+
+    from harness.registry import get_method_class, method_infos
+
+    info = next((i for i in method_infos() if i.name == method), None)
+    if info is None:
+        return False
+    if info.module in sys.modules:
+        return bool(get_method_class(method).baseline)
+    return _source_says_baseline(info.module, method)
+
+
+def _source_says_baseline(module: str, method: str) -> bool:
+    """Whether the class registered as ``method`` in ``module``'s source sets ``baseline = True``."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(Path(spec.origin).read_text())
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+        return False
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        attrs = {}
+        for stmt in cls.body:
+            single = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+            target = stmt.targets[0] if single else getattr(stmt, "target", None)
+            if not isinstance(target, ast.Name) or getattr(stmt, "value", None) is None:
+                continue
+            try:
+                attrs[target.id] = ast.literal_eval(stmt.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                pass  # a computed attribute (a Knob(...) call): not one this reads
+        if attrs.get("name") == method:
+            return attrs.get("baseline") is True
+    return False
+
+
+def method_rank(method: str) -> tuple:
+    """Sort key of methods in tables: ``none``, then the reference methods, then the rest, by name."""
+    return method != BASELINE, not is_reference(method), method
+
+
 def _cell_order(rec: dict) -> tuple:
-    return budget_order(rec["budget"]), rec["method"] != BASELINE, rec["method"]
+    return budget_order(rec["budget"]), method_rank(rec["method"])
 
 
 def _knob_text(row) -> str:
@@ -490,7 +546,18 @@ def _realised_text(row: dict, fmt: str, latex: bool) -> str:
     return _interval(fmt.format(row["realised"]), row.get("realised_low"), row.get("realised_high"), "{:.2f}", latex)
 
 
-_RENDER = {"top1": _top1_text, "d_top1": _delta_text, "speedup": _speedup_text, "realised": _realised_text,
+def method_label(method: str) -> str:
+    """A method's name as tables and legends show it: a reference method says so ("resolution (baseline)")."""
+    return f"{method}{REFERENCE_SUFFIX}" if is_reference(method) else method
+
+
+def _method_text(row: dict, fmt: Optional[str], latex: bool) -> str:
+    text = method_label(row["method"])
+    return tex_escape(text) if latex else text
+
+
+_RENDER = {"method": _method_text, "top1": _top1_text, "d_top1": _delta_text, "speedup": _speedup_text,
+           "realised": _realised_text,
            "p_mcnemar": lambda row, fmt, latex: p_text(row["p_mcnemar"], latex)}
 
 
@@ -590,7 +657,7 @@ def summary(envs: list[tuple[dict, object]], load: Optional[Callable] = None) ->
             for r in rows:
                 if r["budget"] == budget:
                     table.setdefault(r["method"], {"method": r["method"]})[col] = r
-    order = sorted(table, key=lambda m: (m != BASELINE, m))
+    order = sorted(table, key=method_rank)
     return cols, [table[m] for m in order]
 
 
@@ -607,7 +674,7 @@ def _summary_cell(v: Optional[dict], latex: bool) -> str:
 def summary_markdown(cols: list[str], rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    body = [[r["method"]] + [_summary_cell(r.get(c), False) for c in cols] for r in rows]
+    body = [[method_label(r["method"])] + [_summary_cell(r.get(c), False) for c in cols] for r in rows]
     return tabulate(body, headers=["method"] + cols, tablefmt="github", disable_numparse=True)
 
 
@@ -626,7 +693,8 @@ def summary_latex(cols: list[str], rows: list[dict]) -> str:
              rf"\begin{{tabular}}{{l{'r' * len(cols)}}}", r"\toprule", " & ".join(head1) + r" \\", "".join(rules),
              " & ".join(head2) + r" \\", r"\midrule"]
     for r in rows:
-        lines.append(" & ".join([tex_escape(r["method"])] + [_summary_cell(r.get(c), True) for c in cols]) + r" \\")
+        cells = [tex_escape(method_label(r["method"]))] + [_summary_cell(r.get(c), True) for c in cols]
+        lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
@@ -679,7 +747,7 @@ def accuracy_at_gmacs(envs: list[tuple[dict, object]]) -> tuple[list[str], list[
         and carries its interval; the methods' are interpolated and carry none.
     """
     methods = sorted({m for _, g in envs for m in current(g).loc[lambda c: c["status"].isin(MEASURED), "method"]
-                      if m != BASELINE})
+                      if m != BASELINE}, key=method_rank)
     rows = []
     for env, group in envs:
         base = baseline_of(group) or {}
@@ -712,14 +780,14 @@ def at_gmacs_markdown(methods: list[str], rows: list[dict]) -> str:
                              "{:.1f}", False)
             base = f"{top1} @ {_fmt(r['baseline_gmacs'], '{:.2f}')}"
         body.append([r["model"], f"{r['gmacs']:.2f}", base] + cells)
-    return tabulate(body, headers=["model", "GMACs", "none (top-1 [95 % CI] @ GMACs)"] + methods, tablefmt="github",
-                    disable_numparse=True)
+    headers = ["model", "GMACs", "none (top-1 [95 % CI] @ GMACs)"] + [method_label(m) for m in methods]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
     lines = [r"% needs \usepackage{booktabs}; top-1 (%) interpolated at each GMACs target (no interval), best in bold",
              rf"\begin{{tabular}}{{lr{'r' * len(methods)}}}", r"\toprule",
-             " & ".join(["Model", "GMACs"] + [tex_escape(m) for m in methods]) + r" \\", r"\midrule"]
+             " & ".join(["Model", "GMACs"] + [tex_escape(method_label(m)) for m in methods]) + r" \\", r"\midrule"]
     prev = None
     for r in rows:
         if prev is not None and r["model"] != prev:
