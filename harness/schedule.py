@@ -136,12 +136,11 @@ def arch_spec(model) -> ArchSpec:
         raise UnsupportedModel(f"{type(blocks[0]).__name__}'s attention {type(attn).__name__} has no num_heads: "
                                f"its GMACs cannot be read analytically")
     width = _attn_width(attn)
-    if getattr(embed, "backbone", None) is not None:
-        raise UnsupportedModel(f"{type(embed).__name__} is a hybrid stem ({type(embed.backbone).__name__}): its MACs are "
-                               f"not counted analytically, so GMACs budgets would solve to the wrong knob")
     proj = embed.proj
     num_patches = embed.num_patches
     stem = proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * num_patches
+    if getattr(embed, "backbone", None) is not None:
+        stem += _backbone_macs(embed)
     heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
     pool_fixed, pool_per_token = _attn_pool_macs(getattr(model, "attn_pool", None))
     return ArchSpec(
@@ -157,6 +156,27 @@ def arch_spec(model) -> ArchSpec:
         qk_macs_per_token=2 * width * _embed_dim(model, blocks[0]),
         fixed_macs=_rel_pos_macs(model),
     )
+
+
+def _backbone_macs(embed) -> int:
+    """MACs of a hybrid stem's CNN (``HybridEmbed.backbone``) on one image of the embedding's size.
+
+    A CNN's cost has no closed form here: it is counted once by fvcore (convolutions and linears, with
+    the harness's op handles), on zeros, weights untouched. It scales with the pixels, so with the
+    patches, as :func:`analytic_gmacs` scales the stem.
+    """
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    from harness.flops import MAC_OPS, op_handles
+
+    height, width = embed.img_size
+    param = next(embed.backbone.parameters())
+    x = torch.zeros(1, embed.in_chans, height, width, device=param.device, dtype=param.dtype)
+    fca = FlopCountAnalysis(embed.backbone, x).set_op_handle(**op_handles())
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with torch.no_grad():
+        return int(sum(v for k, v in fca.by_operator().items() if k in MAC_OPS))
 
 
 def _embed_dim(model, block) -> int:

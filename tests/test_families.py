@@ -68,8 +68,6 @@ def _expected_refusals(arch_id: str, cls) -> list[str]:
     own = METHOD_PREMISES.get(cls.name)
     if own is not None and family in own[0]:
         reasons.append(own[1])
-    if arch_id == "hybrid":
-        reasons.append("hybrid stem")
     if cls.needs_class_token and not class_token:
         reasons.append("no class token")
     if cls.merges and pool not in ("token", "avg"):
@@ -115,10 +113,6 @@ def test_identity_knob_is_bit_identical(arch_id, method_name):
     cls = get_method_class(method_name)
     template, x, ref = _template(arch_id)
     model = copy.deepcopy(template)
-    if arch_id == "hybrid":
-        with pytest.raises(UnsupportedModel, match="hybrid stem"):
-            arch_spec(model)
-        return
     arch = arch_spec(model)
     method = cls()
     value = None if cls.knob is None else cls.knob.identity
@@ -256,7 +250,7 @@ def test_methods_that_do_not_track_positions_are_refused_on_rope_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch_id", [a for a in ARCHS if a != "hybrid"])
+@pytest.mark.parametrize("arch_id", list(ARCHS))
 @pytest.mark.parametrize("method_name", ["none", "random", "tome"])
 def test_analytic_gmacs_match_fvcore(arch_id, method_name):
     from harness.flops import count_gmacs
