@@ -403,4 +403,7 @@ def make_method(name: str, options: Optional[dict] = None) -> Method:
         raise HarnessError(f"method {follower!r} cannot follow another method's schedule (no patch_schedule)")
     if lead.knob is None:
         raise HarnessError(f"method {leader!r} has no knob, so no schedule to follow")
+    if lead.baseline:
+        raise HarnessError(f"method {leader!r} is a baseline that changes the model's input, not the tokens inside its "
+                           f"blocks: there is no token schedule for {follower!r} to follow")
     return FollowSchedule(f, lead)

@@ -84,7 +84,7 @@ def test_schedule_monotone_in_knob(name):
     assert g[0] != g[-1]
 
 
-@pytest.mark.parametrize("leader", [m for m in SOLVABLE if m != "random"])
+@pytest.mark.parametrize("leader", [m for m in SOLVABLE if m != "random" and not get_method_class(m).baseline])
 def test_random_follows_another_methods_schedule(leader):
     from harness.registry import make_method
 
@@ -103,6 +103,14 @@ def test_random_follows_another_methods_schedule(leader):
         observed[name] = model._seam_state.observed
     # the follower's forward drops what the leader's own forward drops, block by block, as planned
     assert observed["follow"] == observed["lead"] == list(resolved.schedule.tokens_out)
+
+
+def test_a_baseline_cannot_be_followed():
+    from harness.errors import HarnessError
+    from harness.registry import make_method
+
+    with pytest.raises(HarnessError, match="baseline that changes the model's input"):
+        make_method("random@resolution")
 
 
 def test_follow_needs_a_follower_and_a_leader():
