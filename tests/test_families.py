@@ -59,6 +59,8 @@ def _template(arch_id: str):
 
 # a method's own premise beyond the seam's: method -> (families it refuses, words of its reason)
 METHOD_PREMISES = {"resolution": (POSITION_FAMILIES, "position embeddings only")}
+# ... and per architecture: method -> {architecture id: words of its reason}
+METHOD_ARCH_PREMISES = {"resolution": {"hybrid": "hybrid stem"}}  # a CNN cell is not one patch of pixels
 
 
 def _expected_refusals(arch_id: str, cls) -> list[str]:
@@ -68,6 +70,8 @@ def _expected_refusals(arch_id: str, cls) -> list[str]:
     own = METHOD_PREMISES.get(cls.name)
     if own is not None and family in own[0]:
         reasons.append(own[1])
+    if arch_id in METHOD_ARCH_PREMISES.get(cls.name, {}):
+        reasons.append(METHOD_ARCH_PREMISES[cls.name][arch_id])
     if cls.needs_class_token and not class_token:
         reasons.append("no class token")
     if cls.merges and pool not in ("token", "avg"):

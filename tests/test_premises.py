@@ -159,7 +159,9 @@ data = "synthetic"
     assert recs[("little", "evit")]["status"] == "unsupported"
     assert "no class token" in recs[("little", "evit")]["error"]
     assert {recs[("little", m)]["status"] for m in ("none", "tome", "random")} == {"ok"}
-    assert {recs[("beit", m)]["status"] for m in ("none", "evit", "tome", "random")} == {"ok"}
+    assert {recs[("beit", m)]["status"] for m in ("none", "evit", "random")} == {"ok"}
+    # ToMe's whole-token r cannot land BEiT-B within 2 % of 0.7 (r=9: +2.1 %): measured, kept, not ok
+    assert recs[("beit", "tome")]["status"] == "off_target" and "+2.1 %" in recs[("beit", "tome")]["error"]
 
 
 @pytest.mark.parametrize("name, value", [("tome", 8), ("evit", 0.7), ("topk", 0.7), ("random", 0.7), ("diffrate", 0.7)])
