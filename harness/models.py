@@ -96,7 +96,15 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
 
     if timm.is_model(name.split(".")[0]):
         return ModelSpec(name, name, "pretrained", None, None, "imagenet")
-    choices = list(configured) + (reference_names(root) if _has_root(root) else []) + timm.list_models("*vit*") + timm.list_models("deit*")
+    if not _has_root(root):  # a reference checkpoint's name with no data root: say that, not 400 timm names
+        why = "no data root"
+        try:
+            root.path() if hasattr(root, "path") else None
+        except HarnessError as exc:
+            why = str(exc)
+        raise HarnessError(f"unknown model {name!r}: not a timm model, and no reference card "
+                           f"<data root>/models/{name}.json can be looked for ({why})")
+    choices = list(configured) + reference_names(root) + timm.list_models("*vit*") + timm.list_models("deit*")
     raise did_you_mean("model", name, choices)
 
 

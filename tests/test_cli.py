@@ -174,3 +174,17 @@ def test_ls_models_shows_how_entries_resolve(capsys, tmp_path, shared):  # model
     assert code == 0
     assert "timm vit_small_patch16_224, weights checkpoint w.pth, data imagenet" in out
     assert "card deit_tiny_cifar10, weights card's, data synthetic" in out
+
+
+def test_a_reference_name_without_a_data_root_says_so(monkeypatch, tmp_path):
+    """A fresh clone placed away from the data: one line naming the missing data root, not 400 timm names."""
+    import harness.paths as paths
+    from harness.errors import HarnessError
+    from harness.models import resolve_model
+
+    monkeypatch.delenv(paths.ENV_DATA_ROOT, raising=False)
+    monkeypatch.setattr(paths, "_data_root_candidates", lambda: [tmp_path / "nowhere" / "shared"])
+    with pytest.raises(HarnessError) as info:
+        resolve_model("deit_tiny_cifar10", {}, paths.DataRoot())
+    message = str(info.value)
+    assert "no data root" in message and "deit_tiny_cifar10.json" in message and "vit_base" not in message
