@@ -39,11 +39,18 @@ KNOWN = {
     "topk": ("#009E73", "^"),
     "diffrate": ("#D55E00", "D"),
     "resolution": ("#000000", "P"),
+    "tofu": ("#56B4E9", "v"),
+    "pitome": ("#1f3b73", "<"),
+    "mctf": ("#CC79A7", "h"),
+    "ppt": ("#bcbd22", "p"),
+    "dct": ("#8c564b", "X"),
+    "atc": ("#17becf", ">"),
+    "zerotprune": ("#9467bd", "d"),
 }
 # a reference method's line (Method.baseline): black and dashed, whatever its marker
 REFERENCE = {"color": "#000000", "linestyle": "--"}
-# Unknown names hash into these (tab10 minus the colours above, and unused markers).
-SPARE_COLORS = ("#CC79A7", "#56B4E9", "#8c564b", "#bcbd22", "#17becf", "#9467bd", "#F0E442", "#1f3b73")
+# Unknown names hash into these (none of the colours above, and unused markers).
+SPARE_COLORS = ("#e41a1c", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999933", "#882255", "#44AA99")
 SPARE_MARKERS = ("v", "P", "X", "<", ">", "h", "p", "d")
 PANEL_W, PANEL_H = 3.3, 2.5
 PARETO = "Pareto front"

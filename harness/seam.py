@@ -386,6 +386,8 @@ def _seam_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = Non
     if reducer is not None and stage == "pre":
         probs = one_step_ahead_probs(self, x, state)
         x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, None, probs))
+        if state.attn_probs is None and x.shape[1] == probs.shape[-1]:
+            state.attn_probs = probs  # nothing reduced (a wrapper, a block with no work): the block's own attention
         if state.attn_probs is None:
             raise RuntimeError("a 'pre' reducer must hand the block the attention of its reduced tokens "
                                "(ctx.state.attn_probs, (B, H, N', N'))")

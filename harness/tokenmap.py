@@ -9,7 +9,9 @@ values of ``x``, and then moves whole token rows: it gathers them (pruning), ave
 carry ``S`` along: a surviving token's row of ``S`` is non-zero exactly on the patches it stands for.
 The extra channels are split off again before the MLP, so the model computes what it always does;
 :func:`trace` checks that (tracked logits == untracked logits) and refuses a reducer that breaks
-the assumption (one that reads ``x``'s values or width).
+the assumption (one that reads ``x``'s values or width: MCTF's metric, ToFu's norms) or mixes tokens
+with negative weights (DCT's low-pass filter: its tokens are not groups of patches); those methods
+are left out of the figure with a warning saying why.
 
 Each patch is then *kept* (its token stands for it alone), *merged* (its token stands for several
 patches: ToMe's merges, EViT's fused token) or *dropped* (no surviving token has it).
@@ -48,13 +50,14 @@ def _tracking_reducer(reducer, tracker: dict, num_patches: int):
             b, n = x.shape[:2]
             eye = torch.eye(num_patches, dtype=x.dtype, device=x.device).expand(b, -1, -1)
             tracker["S"] = torch.cat([x.new_zeros(b, n - num_patches, num_patches), eye], 1)
-            tracker["sources"] = []
+            tracker["sources"], tracker["S_all"] = [], []
         src = tracker["S"]
         if reducer is not None:
             c = x.shape[-1]
             out = reducer(torch.cat([x, src.to(x.dtype)], -1), ctx)
             x, src = out[..., :c], out[..., c:]
         tracker["S"] = src
+        tracker["S_all"].append(src)
         tracker["sources"].append(src > 0)
         return x
 
@@ -93,6 +96,10 @@ def trace(make_patched, images: torch.Tensor, check: bool = True) -> Trace:
     model = make_patched()
     tracker = track(model)
     logits = model(images)
+    negative = min((s.min().item() for s in tracker["S_all"]), default=0.0)
+    if negative < -1e-5:
+        raise RuntimeError(f"a reducer mixes tokens with negative weights (provenance weight {negative:.2g}): its "
+                           f"tokens are not groups of patches, so there is no token map to draw")
     if check:
         plain = make_patched()(images)
         if not torch.allclose(logits, plain, atol=1e-4, rtol=1e-4):
@@ -234,6 +241,9 @@ def _traces(spec, state_dict, methods: list[str], budget_text: str, method_optio
         if cell.skip_reason:
             log.warning("%s at %s skipped: %s", name, budget_text, cell.skip_reason)
             continue
+        if method.baseline:  # resolution: fewer, larger patches from the start, not a reduction of these
+            log.warning("no token map for %s: a baseline changes the input grid, not the tokens", name)
+            continue
 
         def make(method=method):
             return prepare_cell(spec, method, budget, state_dict=state_dict).model
@@ -257,7 +267,12 @@ def _draw(found: dict, images, labels, transform, names, depths: list[int], grid
           stem: str) -> list[Path]:
     from harness.plots import paper_style, save
 
-    traces = {name: trace(make, images) for name, (make, _) in found.items()}
+    traces = {}
+    for name, (make, _) in found.items():
+        try:
+            traces[name] = trace(make, images)
+        except RuntimeError as exc:  # a reducer the generic tracking cannot follow: say so, draw the rest
+            log.warning("no token map for %s: %s", name, exc)
     written = []
     with paper_style() as plt:
         for i in range(len(images)):

@@ -84,7 +84,7 @@ def test_follower_takes_leader_colour():
 
 
 def test_unknown_style_stable_across_processes():
-    names = ["mymethod", "pitome", "zero-tprune"]
+    names = ["mymethod", "another-method", "zero-tprune-v2"]
     here = [method_style(n) for n in names]
     code = f"from harness.plots import method_style; print([method_style(n) for n in {names!r}])"
     for seed in ("1", "2"):
