@@ -74,7 +74,7 @@ from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, current_positions, install
-from harness.methods.random import drop_blocks
+from harness.methods.random import chosen_blocks
 
 LINKAGES = ("average", "complete", "single")
 
@@ -247,13 +247,7 @@ class ATC(Method):
 
     def reduction_loc(self, depth: int) -> tuple[int, ...]:
         """0-based reduction blocks for a model of ``depth`` blocks."""
-        loc = self.options.get("reduction_loc")
-        if loc is None:
-            return drop_blocks(depth)
-        bad = [i for i in loc if not 0 <= int(i) < depth]
-        if bad:
-            raise HarnessError(f"atc reduction_loc {bad} outside blocks 0..{depth - 1}")
-        return tuple(sorted({int(i) for i in loc}))
+        return chosen_blocks(self.options.get("reduction_loc"), depth, "atc reduction_loc")
 
     def block_clusters(self, arch, value: float) -> dict[int, int]:
         """Block index -> clusters its reduction aims at (before clamping to the tokens present)."""

@@ -24,15 +24,14 @@ Modifications:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, current_positions, gather_tokens, install, keep_tokens
-from harness.methods.random import drop_blocks
+from harness.methods.random import chosen_blocks
 
 
 def num_keep(num_tokens: int, keep_rate: float) -> int:
@@ -144,13 +143,7 @@ class EViT(Method):
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that drop tokens for a model of ``depth`` blocks."""
-        loc: Optional[list] = self.options.get("drop_loc")
-        if loc is None:
-            return drop_blocks(depth)
-        bad = [i for i in loc if not 0 <= int(i) < depth]
-        if bad:
-            raise HarnessError(f"{self.name} drop_loc {bad} outside blocks 0..{depth - 1}")
-        return tuple(sorted({int(i) for i in loc}))
+        return chosen_blocks(self.options.get("drop_loc"), depth, f"{self.name} drop_loc")
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []

@@ -45,11 +45,10 @@ from typing import Callable, Optional
 
 import torch
 
-from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install
-from harness.methods.random import drop_blocks
+from harness.methods.random import drop_blocks, chosen_blocks
 from harness.methods.tome import bipartite_soft_matching, clamp_r, merge_wavg
 
 # the official scripts' variance threshold (README / eval.sh: --threshold 7e-5, DeiT-S)
@@ -166,13 +165,7 @@ class PPT(Method):
 
     def pp_blocks(self, depth: int) -> tuple[int, ...]:
         """0-based pp blocks of a model of ``depth`` blocks: the option's, or 3, 6, 9 of 12 scaled."""
-        loc: Optional[list] = self.options.get("pp_loc_list")
-        if loc is None:
-            return drop_blocks(depth)
-        bad = [i for i in loc if not 0 <= int(i) < depth]
-        if bad:
-            raise HarnessError(f"{self.name} pp_loc_list {bad} outside blocks 0..{depth - 1}")
-        return tuple(sorted({int(i) for i in loc}))
+        return chosen_blocks(self.options.get("pp_loc_list"), depth, f"{self.name} pp_loc_list")
 
     def schedule(self, arch, value: int) -> Schedule:
         return Schedule(arch.tokens_in, tokens_after(arch.tokens_in, int(value), self.pp_blocks(arch.depth),

@@ -71,6 +71,21 @@ def drop_blocks(depth: int) -> tuple[int, ...]:
     return tuple(sorted({depth // 4, depth // 2, (3 * depth) // 4}))
 
 
+def chosen_blocks(loc, depth: int, what: str) -> tuple[int, ...]:
+    """The 0-based blocks an option ``loc`` names (sorted, unique), or :func:`drop_blocks` when None.
+
+    ``what`` names the option in the error (e.g. "evit drop_loc") for blocks the model lacks.
+    """
+    if loc is None:
+        return drop_blocks(depth)
+    bad = [i for i in loc if not 0 <= int(i) < depth]
+    if bad:
+        from harness.errors import HarnessError
+
+        raise HarnessError(f"{what} {bad} outside blocks 0..{depth - 1}")
+    return tuple(sorted({int(i) for i in loc}))
+
+
 @register_method
 class RandomPruning(Method):
     """Random pruning: seeded uniform token dropping at EViT's drop blocks (or any schedule)."""

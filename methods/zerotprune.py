@@ -58,7 +58,7 @@ from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, attention_bias, gather_tokens, install
-from harness.methods.random import drop_blocks
+from harness.methods.random import chosen_blocks
 
 HEAD_AGGREGATIONS = ("rms", "mean")
 
@@ -214,13 +214,7 @@ class ZeroTPrune(Method):
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that prune, for a model of ``depth`` blocks."""
-        loc: Optional[list] = self.options.get("drop_loc")
-        if loc is None:
-            return drop_blocks(depth)
-        bad = [i for i in loc if not 0 <= int(i) < depth]
-        if bad:
-            raise HarnessError(f"{self.name} drop_loc {bad} outside blocks 0..{depth - 1}")
-        return tuple(sorted({int(i) for i in loc}))
+        return chosen_blocks(self.options.get("drop_loc"), depth, f"{self.name} drop_loc")
 
     def plan(self, arch, value: float) -> dict[int, int]:
         """Non-prefix tokens kept by each prune block at knob ``value``."""
