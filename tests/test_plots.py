@@ -142,3 +142,19 @@ def test_provenance_tracking(tiny, name, value):
     else:  # EViT: the fused (last) token holds everything dropped; an earlier fused token may survive
         assert (per_token[:, -1] > 1).all() and last.sum() == 2 * 196
         assert ((per_token > 1).sum(1) <= 3).all()  # at most one fused token per drop block
+
+
+@pytest.mark.parametrize("name,value,words", [("dct", 0.9, "negative weights"), ("mctf", 8, "changed the logits")])
+def test_methods_the_tracking_cannot_follow_are_refused(tiny, name, value, words):
+    """DCT mixes tokens with negative weights (no groups of patches); MCTF's matching reads token
+    values, so the extra channels change its choice: both refused, never drawn wrong."""
+    model, arch, x = tiny
+    method = make_method(name)
+
+    def make():
+        m = copy.deepcopy(model)
+        method.patch(m, value, arch)
+        return m
+
+    with pytest.raises(RuntimeError, match=words):
+        trace(make, x)
