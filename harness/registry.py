@@ -173,12 +173,14 @@ class MethodInfo:
         knob: the knob's name, "" for a method without one.
         description: the first line of the class docstring.
         module: the module that registers the class; imported only when the method is made.
+        baseline: the class sets ``baseline = True`` (a reference line, ``resolution``).
     """
 
     name: str
     knob: str
     description: str
     module: str
+    baseline: bool = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -236,7 +238,7 @@ _UNREAD = object()  # an attribute the source sets to something ``ast.literal_ev
 
 
 def _read_class(node: ast.ClassDef) -> dict:
-    """The class attributes ``ls`` needs, as written in the class body (``_UNREAD`` where not a literal)."""
+    """The class attributes ``ls`` and reports need, as written in the class body (``_UNREAD`` where not a literal)."""
     attrs = {"bases": [b.id for b in node.bases if isinstance(b, ast.Name)], "doc": ast.get_docstring(node) or "",
              "registered": any(isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list)}
     for stmt in node.body:
@@ -248,6 +250,8 @@ def _read_class(node: ast.ClassDef) -> dict:
             continue
         if target == "name":
             attrs["name"] = _literal(value)
+        elif target == "baseline":
+            attrs["baseline"] = _literal(value)
         elif target == "knob":
             is_knob = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Knob" and value.args
             attrs["knob"] = "" if _literal(value) is None else _literal(value.args[0]) if is_knob else _UNREAD
@@ -283,15 +287,17 @@ def _read_sources(modules: list[tuple[str, Optional[Path]]]) -> tuple[list[Metho
     for module, found in parsed:
         for attrs in (a for a in found.values() if a["registered"]):
             name, knob = attrs.get("name", _UNREAD), _inherited(classes, attrs, "knob")
-            if not isinstance(name, str) or not isinstance(knob, str):
+            baseline = _inherited(classes, attrs, "baseline")
+            if not isinstance(name, str) or not isinstance(knob, str) or baseline not in ("", True, False):
                 unreadable.append(module)
                 break
-            infos.append(MethodInfo(name, knob, attrs["doc"].strip().splitlines()[0] if attrs["doc"] else "", module))
+            infos.append(MethodInfo(name, knob, attrs["doc"].strip().splitlines()[0] if attrs["doc"] else "", module,
+                                    baseline is True))
     return infos, unreadable
 
 
 def _info_of(cls: type[Method]) -> MethodInfo:
-    return MethodInfo(cls.name, cls.knob.name if cls.knob else "", cls.description(), cls.__module__)
+    return MethodInfo(cls.name, cls.knob.name if cls.knob else "", cls.description(), cls.__module__, bool(cls.baseline))
 
 
 _catalog: dict[str, MethodInfo] = {}

@@ -157,48 +157,12 @@ def is_reference(method: str) -> bool:
     """Whether ``method`` is a reference line every other method must beat: its class sets
     ``baseline = True`` (``resolution``, the model at a lower input resolution). False for ``none``
     (the unpatched model, :data:`BASELINE`), for ``follower@leader`` names and for methods this
-    process cannot find (records of an uninstalled plugin).
-
-    Read from the class itself when its module is already imported, else from the module's source
-    (``baseline = True`` written in the registered class's body, as ``ls methods`` reads names and
-    knobs), so a report imports no torch.
+    process cannot find (records of an uninstalled plugin). Read from the registry's listing, which
+    reads the sources, so a report imports no torch.
     """
-    import sys
+    from harness.registry import method_infos
 
-    from harness.registry import get_method_class, method_infos
-
-    info = next((i for i in method_infos() if i.name == method), None)
-    if info is None:
-        return False
-    if info.module in sys.modules:
-        return bool(get_method_class(method).baseline)
-    return _source_says_baseline(info.module, method)
-
-
-def _source_says_baseline(module: str, method: str) -> bool:
-    """Whether the class registered as ``method`` in ``module``'s source sets ``baseline = True``."""
-    import ast
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-        tree = ast.parse(Path(spec.origin).read_text())
-    except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
-        return False
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        attrs = {}
-        for stmt in cls.body:
-            single = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-            target = stmt.targets[0] if single else getattr(stmt, "target", None)
-            if not isinstance(target, ast.Name) or getattr(stmt, "value", None) is None:
-                continue
-            try:
-                attrs[target.id] = ast.literal_eval(stmt.value)
-            except (ValueError, TypeError, SyntaxError, RecursionError):
-                pass  # a computed attribute (a Knob(...) call): not one this reads
-        if attrs.get("name") == method:
-            return attrs.get("baseline") is True
-    return False
+    return any(info.name == method and info.baseline for info in method_infos())
 
 
 def method_rank(method: str) -> tuple:

@@ -50,14 +50,14 @@ def _tracking_reducer(reducer, tracker: dict, num_patches: int):
             b, n = x.shape[:2]
             eye = torch.eye(num_patches, dtype=x.dtype, device=x.device).expand(b, -1, -1)
             tracker["S"] = torch.cat([x.new_zeros(b, n - num_patches, num_patches), eye], 1)
-            tracker["sources"], tracker["S_all"] = [], []
+            tracker["sources"], tracker["min_weight"] = [], 0.0
         src = tracker["S"]
         if reducer is not None:
             c = x.shape[-1]
             out = reducer(torch.cat([x, src.to(x.dtype)], -1), ctx)
             x, src = out[..., :c], out[..., c:]
         tracker["S"] = src
-        tracker["S_all"].append(src)
+        tracker["min_weight"] = min(tracker["min_weight"], src.min().item())  # eager only: a token map, not a sweep
         tracker["sources"].append(src > 0)
         return x
 
@@ -96,7 +96,7 @@ def trace(make_patched, images: torch.Tensor, check: bool = True) -> Trace:
     model = make_patched()
     tracker = track(model)
     logits = model(images)
-    negative = min((s.min().item() for s in tracker["S_all"]), default=0.0)
+    negative = tracker["min_weight"]
     if negative < -1e-5:
         raise RuntimeError(f"a reducer mixes tokens with negative weights (provenance weight {negative:.2g}): its "
                            f"tokens are not groups of patches, so there is no token map to draw")

@@ -127,12 +127,12 @@ def _sweep_with_resolution(root):
 def test_report_lists_the_reference_after_none_and_says_so(tmp_path):
     from harness.report import environments, is_reference, load_frame, markdown_table, method_rank, model_rows
 
-    from harness.report import _source_says_baseline
+    from harness.registry import _builtin_modules, _read_sources
 
     assert is_reference("resolution") and not is_reference("none") and not is_reference("random@resolution")
     # read from the source where the module is not imported yet (a report imports no torch)
-    assert _source_says_baseline("harness.methods.resolution", "resolution")
-    assert not _source_says_baseline("harness.methods.tome", "tome")
+    infos = {i.name: i for i in _read_sources(_builtin_modules())[0]}
+    assert infos["resolution"].baseline and not infos["tome"].baseline
     assert sorted(["tome", "resolution", "none", "evit"], key=method_rank) == ["none", "resolution", "evit", "tome"]
     _sweep_with_resolution(tmp_path / "r")
     env_a = environments(load_frame(tmp_path / "r"))[0][1]
