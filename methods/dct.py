@@ -148,8 +148,12 @@ def lowpass_reducer(kept: Callable[[int], int], half_tokens: bool) -> Callable[[
         k = kept(patches)
         if k >= patches and not half_tokens:
             return x  # keeping every coefficient is the identity
+        matrix = getattr(ctx.block, "_dct_lowpass", None)  # built once at patch time (DCTFilter._install)
         if half_tokens:  # the reference's arithmetic and fp16 round trip (module docstring)
             out = dct_lowpass_fft(x[:, p:], k).half()
+        elif matrix is not None and tuple(matrix.shape) == (k, patches):
+            with torch.autocast(x.device.type, enabled=False):
+                out = matrix.float() @ x[:, p:].float()
         else:
             out = dct_lowpass(x[:, p:], k)
         return torch.cat([x[:, :p], out.to(x.dtype)], 1)
@@ -187,7 +191,7 @@ class DCTFilter(Method):
         half = self.resolved_options()["half_tokens"]
         reducers = {} if value >= 1.0 else {
             i: lowpass_reducer(lambda t: tokens_kept(t, value), half) for i in range(len(model.blocks))}
-        self._install(model, reducers)
+        self._install(model, reducers, self.schedule(arch, value))
 
     def patch_schedule(self, model, schedule: Schedule) -> None:
         """Low-pass after each block whose count drops to ``schedule``'s count (rounded to whole tokens)."""
@@ -198,8 +202,15 @@ class DCTFilter(Method):
             if round(n) < prev:
                 reducers[i] = lowpass_reducer(lambda t, keep=round(n) - p: keep, half)
             prev = round(n)
-        self._install(model, reducers)
+        self._install(model, reducers, schedule)
 
-    def _install(self, model, reducers: dict) -> None:
+    def _install(self, model, reducers: dict, schedule: Schedule) -> None:
         install(model, reducers, capture_qkv=False, merges=self.merges, needs_class_token=self.needs_class_token,
                 method=self.name, stage=self.stage)
+        # each block's low-pass matrix depends only on its token counts: built once here, not in every
+        # forward; a non-persistent buffer, so it follows the model to its device and stays out of weights
+        p = model.num_prefix_tokens
+        for i in reducers:
+            patches, kept = round(schedule.tokens_entering(i)) - p, round(schedule.tokens_out[i]) - p
+            if kept < patches:
+                model.blocks[i].register_buffer("_dct_lowpass", lowpass_matrix(patches, kept), persistent=False)

@@ -138,3 +138,24 @@ def test_dct_follows_another_schedule():
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert schedule.stage == "post" and model._seam_state.observed == list(schedule.tokens_out) == [181, 165, 149]
+
+
+def test_each_blocks_lowpass_matrix_is_built_once_at_patch_time():
+    """The (kept, entering) matrix of every block is a buffer made by ``patch`` (it follows the model
+    to its device, stays out of the weights); the forward with it equals the forward building it."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", depth=3, num_classes=10).eval()
+    arch = arch_spec(model)
+    method = make_method("dct")
+    method.patch(model, 0.9, arch)
+    schedule = method.schedule(arch, 0.9)
+    shapes = [tuple(b._dct_lowpass.shape) for b in model.blocks]
+    assert shapes == [(schedule.tokens_out[i] - 1, schedule.tokens_entering(i) - 1) for i in range(3)]
+    assert not any("_dct_lowpass" in k for k in model.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        cached = model(x)
+        for blk in model.blocks:
+            del blk._dct_lowpass  # the reducer then builds the matrix in the forward
+        built = model(x)
+    torch.testing.assert_close(cached, built, rtol=0, atol=0)
