@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, current_positions, install
@@ -117,6 +118,7 @@ def _merge_closest(dist: torch.Tensor, members: torch.Tensor, rep: torch.Tensor,
     b, t, _ = dist.shape
     # argmin returns the first minimum: the pair lowest in (i, j) order, and i < j as dist is symmetric
     flat = dist.flatten(1).argmin(dim=1)
+    margins.note_lowest_pair(dist, f"atc {linkage} closest pair")
     i, j = flat // t, flat % t
     row_i, col_i = i.view(b, 1, 1).expand(b, 1, t), i.view(b, 1, 1).expand(b, t, 1)
     row_j, col_j = j.view(b, 1, 1).expand(b, 1, t), j.view(b, 1, 1).expand(b, t, 1)

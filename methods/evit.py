@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, current_positions, gather_tokens, install, keep_tokens
@@ -50,6 +51,7 @@ def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
         ``kept`` (B, keep) in descending score order and ``dropped`` (B, N - keep), ascending index.
     """
     kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
+    margins.note_boundary(scores, keep, "class-attention keep")
     # the complement of ``kept`` (not a second sort of the scores, which could split ties
     # differently): a stable sort of the kept flags puts the unkept first, in index order, in a
     # shape known without looking at the data (``nonzero`` would sync with the host)

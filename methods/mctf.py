@@ -53,6 +53,7 @@ from typing import Callable, Optional
 
 import torch
 
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, install
@@ -141,6 +142,8 @@ def bidirectional_matching(scores: torch.Tensor, r: int, num_prefix: int = 1) ->
         best, partner = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src, unm = order[:, :r1], order[:, r1:]
+        margins.note_boundary(best, r1, "mctf A->B merge rank")
+        margins.note_best(scores, src, "mctf A->B partner")
         if num_prefix:
             unm = unm.sort(dim=-1).values  # prefix A tokens first, the others in their order
         dst = partner.gather(1, src)
@@ -149,6 +152,8 @@ def bidirectional_matching(scores: torch.Tensor, r: int, num_prefix: int = 1) ->
         best2, partner2 = scores2[:, prefix_b:].max(dim=-1)
         order2 = best2.sort(dim=-1, descending=True).indices + prefix_b
         src2, kept_b = order2[:, :r2], order2[:, r2:]
+        margins.note_boundary(best2, r2, "mctf B->A merge rank")
+        margins.note_best(scores2[:, prefix_b:], src2 - prefix_b, "mctf B->A partner")
         dst2 = partner2.gather(1, src2 - prefix_b)
         if prefix_b:
             fixed = torch.arange(prefix_b, device=scores.device).expand(kept_b.shape[0], -1)

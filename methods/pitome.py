@@ -31,11 +31,12 @@ a merged token keeps its destination's (B token's) position.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install, merge_positions
@@ -59,9 +60,15 @@ def energy_scores(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, to
     return sim, F.elu(sim - margin, alpha=1.0).mean(dim=-1)
 
 
-def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities (B, T, T) of ``metric`` and the tokens by energy, highest first."""
+def energy_order(metric: torch.Tensor, margin: float, decisive: Optional[int] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities (B, T, T) of ``metric`` and the tokens by energy, highest first.
+
+    ``decisive``: how many leading ranks the merge reads in order (None: all of them, as the
+    bipartite split alternates A and B down the whole ranking); their margins are noted."""
     sim, energy = energy_scores(metric, margin)
+    ranks = energy if decisive is None else energy.topk(min(decisive + 1, energy.shape[1]), dim=1).values
+    margins.note_order(ranks, "pitome energy order")
     return sim, torch.argsort(energy, descending=True)
 
 
@@ -79,14 +86,19 @@ def pitome_match(sim: torch.Tensor, order: torch.Tensor, r: int, bipartite: bool
     kept A tokens (bipartite) or protected tokens, then B."""
     if bipartite:
         a_idx, b_idx = order[..., ::2], order[..., 1::2]
-        best, partner = _pair_scores(sim, a_idx, b_idx).max(dim=-1)
+        pair_scores = _pair_scores(sim, a_idx, b_idx)
+        best, partner = pair_scores.max(dim=-1)
         edges = best.argsort(dim=-1, descending=True)
+        margins.note_boundary(best, r, "pitome merge rank")
+        margins.note_best(pair_scores, edges[:, :r], "pitome partner")
         kept_idx = a_idx.gather(1, edges[:, r:])
         src_idx, dst = a_idx.gather(1, edges[:, :r]), partner.gather(1, edges[:, :r])
     else:
         kept_idx = order[..., 2 * r:]
         src_idx, b_idx = order[..., : 2 * r: 2], order[..., 1: 2 * r: 2]
-        dst = _pair_scores(sim, src_idx, b_idx).max(dim=-1).indices
+        pair_scores = _pair_scores(sim, src_idx, b_idx)
+        dst = pair_scores.max(dim=-1).indices
+        margins.note_best(pair_scores, None, "pitome partner")
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         prefix, x = x[:, :num_prefix], x[:, num_prefix:]
@@ -107,7 +119,7 @@ def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[to
         if r == 0:
             return x
         with torch.no_grad():
-            sim, order = energy_order(ctx.keys()[:, p:], margin)
+            sim, order = energy_order(ctx.keys()[:, p:], margin, None if bipartite else 2 * r)
         merge = pitome_match(sim, order, r, bipartite, p)
         merge_positions(ctx, merge, x)  # a merged token keeps its destination's position
         x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)

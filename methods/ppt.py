@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install
@@ -70,11 +71,14 @@ def importance(cls_attn: torch.Tensor, values: torch.Tensor, num_prefix: int) ->
 
 def pools(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B,) True where an image is pooled: the unbiased variance of its importance is below ``threshold``."""
-    return scores.var(dim=1) < threshold
+    variance = scores.var(dim=1)
+    margins.note_threshold(variance, threshold, "ppt pool or prune")
+    return variance < threshold
 
 
 def most_important(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (B, keep) of the ``keep`` highest ``scores`` (B, N), in descending score order."""
+    margins.note_boundary(scores, keep, "ppt importance keep")
     return scores.topk(keep, dim=1, largest=True, sorted=True).indices
 
 

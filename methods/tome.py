@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from harness.errors import HarnessError
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, install, merge_positions
@@ -106,6 +107,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         best, partner = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src, unmerged = order[:, :r], order[:, r:]
+        margins.note_boundary(best, r, "bipartite merge rank")
+        margins.note_best(scores, src, "bipartite partner")
         if num_prefix:
             # the official code sorts so the class token comes back first; that also keeps the
             # unmerged tokens in their original order, which the next block's A/B split sees

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
+from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, attention_bias, gather_tokens, install
@@ -103,6 +104,7 @@ def s_stage_keep(survivors: torch.Tensor, metric: torch.Tensor, num_prune: int) 
     redundancy = sim.max(dim=-1).values  # (B, M // 2): closeness to the nearest important token
     # the complement of the top ``num_prune`` by one argsort: a fixed shape, no boolean mask
     spared = redundancy.argsort(dim=-1, descending=True)[:, num_prune:]
+    margins.note_boundary(redundancy, num_prune, "zerotprune similarity prune")
     return torch.cat([important, unimportant.gather(1, spared)], dim=1)
 
 
@@ -119,6 +121,7 @@ def select_tokens(importance: torch.Tensor, metric: torch.Tensor, num_prefix: in
     """
     body = importance[:, num_prefix:]
     survivors = body.topk(body.shape[1] - num_i, dim=1, sorted=True).indices  # descending importance
+    margins.note_boundary(body, body.shape[1] - num_i, "zerotprune importance keep")
     if num_s > 0:
         survivors = s_stage_keep(survivors, metric[:, num_prefix:], num_s)
     kept = survivors.sort(dim=1).values + num_prefix

@@ -40,3 +40,20 @@ def _private_data_cache(tmp_path_factory):
         os.environ.pop("HARNESS_CACHE_DIR", None)
     else:
         os.environ["HARNESS_CACHE_DIR"] = old
+
+
+_NEAR_TIES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def near_ties(request) -> list:
+    """Near-tie images a golden-logit case accepted (tests/test_fidelity.py), printed after the run."""
+    return request.config.stash.setdefault(_NEAR_TIES, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    accepted = config.stash.get(_NEAR_TIES, [])
+    if accepted:
+        terminalreporter.section("golden logits: near-tie images accepted (harness/fidelity.py)")
+        for line in accepted:
+            terminalreporter.write_line(line)

@@ -7,7 +7,10 @@ method, knob, drop blocks, kept counts, and the tokens each block left in the of
 
 A case passes when the project's method, patched into a fresh model by :func:`harness.cell.prepare_cell`, plans
 and leaves the same tokens per block and gives the same logits to 1e-4 and the same argmax on every
-image. A golden file for another model is checked the moment it is dropped there; a case whose
+image, except for at most one image whose difference a near-tie in the project's own run explains
+(:mod:`harness.fidelity`: the rule, :mod:`harness.margins`: the decisions' margins). The near-ties
+accepted are printed at the end of the run. A mutant that applies one block's selection to the
+wrong tokens must still fail its cases: the exception is no loophole. A golden file for another model is checked the moment it is dropped there; a case whose
 method is not registered yet is skipped, and checked the moment a method of that name registers.
 """
 from __future__ import annotations
@@ -23,7 +26,9 @@ import pytest
 import torch
 
 from harness.cell import build_unpatched, prepare_cell
+from harness import margins
 from harness.errors import HarnessError
+from harness.fidelity import judge
 from harness.models import eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
 from harness.registry import Method, get_method_class, make_method, method_names
@@ -191,42 +196,94 @@ CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diff
 
 # ----------------------------------------------------------------------------- the run
 
-def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int], Optional[list]]:
-    """Logits, the tokens leaving each block (forward hooks, as the golden files count them) and, for
-    a seam-patched model, the counts the seam itself recorded."""
+def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int], Optional[list], margins.MarginLog]:
+    """Logits, the tokens leaving each block (forward hooks, as the golden files count them), for a
+    seam-patched model the counts the seam itself recorded, and the margins of every decision."""
     leaving: list[int] = []
     hooks = [blk.register_forward_hook(lambda _m, _i, out: leaving.append(out.shape[1])) for blk in model.blocks]
     state = getattr(model, "_seam_state", None)
     if state is not None:
         state.recording = True
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), margins.recording(model) as log:
             logits = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return logits, leaving, None if state is None else list(state.observed)
+    return logits, leaving, None if state is None else list(state.observed), log
 
 
-@pytest.mark.parametrize("path, case", _case_params())
-def test_method_matches_official_logits(path, case, tmp_path):
+def _case(path: Path, case: str, tmp_path: Path):
+    """The case's method, knob value and the project's patched model."""
     spec = _meta(path)["cases"][case]
     arch = arch_spec(_fresh_model(path))
     method, value = CASE_TO_METHOD.get(spec["method"], _by_knob)(spec, arch, tmp_path)
-    model = _patched_model(path, method, value)
-    expected_tokens = spec["tokens_per_block_observed"]
+    return arch, method, value, _patched_model(path, method, value)
 
-    logits, leaving, seam_observed = _run(model, _inputs(path))
+
+def _judge(path: Path, case: str, logits: torch.Tensor, log: margins.MarginLog):
+    """The per-image rule (:func:`harness.fidelity.judge`) on this case's logits, and its bound."""
+    golden = torch.from_numpy(_golden(path)[case])
+    why, atol = DEVIATIONS.get((path.stem, case), ("", ATOL))
+    deltas = (logits - golden).abs().amax(dim=1).tolist()
+    same = (logits.argmax(-1) == golden.argmax(-1)).tolist()
+    verdict = judge(deltas, same, [log.closest(i) for i in range(len(deltas))], atol)
+    return verdict, why
+
+
+@pytest.mark.parametrize("path, case", _case_params())
+def test_method_matches_official_logits(path, case, tmp_path, near_ties):
+    arch, method, value, model = _case(path, case, tmp_path)
+    expected_tokens = _meta(path)["cases"][case]["tokens_per_block_observed"]
+
+    logits, leaving, seam_observed, log = _run(model, _inputs(path))
 
     assert list(method.schedule(arch, value).tokens_out) == expected_tokens
     assert leaving == expected_tokens
     if seam_observed is not None:
         assert seam_observed == expected_tokens
-    golden = torch.from_numpy(_golden(path)[case])
-    delta = (logits - golden).abs().max().item()
-    why, atol = DEVIATIONS.get((path.stem, case), ("", ATOL))
-    assert delta <= atol, f"max |dlogit| {delta:.3g} > {atol}" + (f" (documented deviation: {why})" if why else "")
-    assert logits.argmax(-1).tolist() == golden.argmax(-1).tolist()
+    verdict, why = _judge(path, case, logits, log)
+    assert verdict.ok, "\n".join(verdict.failures) + (f"\n(documented deviation: {why})" if why else "")
+    near_ties.extend(f"{path.stem}:{case} {tie}" for tie in verdict.near_ties)
+
+
+# ----------------------------------------------------------------------------- the rule is no loophole
+
+def _mutant_params() -> list:
+    """The first reducing case of every method in every golden file (DCT has no selection to get wrong)."""
+    seen, params = set(), []
+    for param in _case_params():
+        path, case = param.values
+        if path is None or param.marks:
+            continue
+        spec = _meta(path)["cases"][case]
+        reduces = len(set(spec["tokens_per_block_observed"])) > 1
+        if spec["method"] == "dct" or not reduces or (path.stem, spec["method"]) in seen:
+            continue
+        seen.add((path.stem, spec["method"]))
+        params.append(pytest.param(path, case, id=f"{path.stem}:{case}"))
+    return params
+
+
+def _mirrored(reducer):
+    """A wrong reducer: the block's selection, made from the block's own attention and keys, applied
+    to the tokens in reverse order, so it keeps or merges the mirror images of the tokens it chose."""
+    def reduce(x: torch.Tensor, ctx):
+        p = ctx.num_prefix
+        return reducer(torch.cat([x[:, :p], x[:, p:].flip(1)], dim=1), ctx)
+    return reduce
+
+
+@pytest.mark.parametrize("path, case", _mutant_params())
+def test_a_wrong_selection_still_fails(path, case, tmp_path):
+    _, _, _, model = _case(path, case, tmp_path)
+    first = next(blk for blk in model.blocks if getattr(blk, "_seam_reducer", None) is not None)
+    first._seam_reducer = _mirrored(first._seam_reducer)
+
+    logits, _, _, log = _run(model, _inputs(path))
+
+    verdict, _ = _judge(path, case, logits, log)
+    assert not verdict.ok, f"a mirrored selection at block {first._seam_index} passed {case}"
 
 
 @pytest.mark.parametrize("path", _file_params())

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from harness import margins
 from harness.seam import BlockContext, gather_tokens
 
 
@@ -46,6 +47,7 @@ def match_similar(metric: torch.Tensor, kept: int, num_prefix: int) -> tuple[tor
         scores = metric[:, kept:] @ metric[:, :kept].transpose(1, 2)
         scores[..., :num_prefix] = -math.inf
         sim, dst = scores.max(dim=-1)
+        margins.note_best(scores, None, "diffrate merge partner")
     return dst, sim
 
 
@@ -80,6 +82,8 @@ def prune_and_merge(x: torch.Tensor, size: Optional[torch.Tensor], cls_attn: tor
     """
     order = attentive_order(cls_attn, num_prefix)
     keep = min(x.shape[1], prune)
+    margins.note_boundary(cls_attn[:, num_prefix:], keep - num_prefix, "diffrate prune rank")
+    margins.note_boundary(cls_attn[:, num_prefix:], min(keep, merge) - num_prefix, "diffrate merge rank")
     x = gather_tokens(x, order)[:, :keep]
     size = None if size is None else gather_tokens(size, order)[:, :keep]
     if merge < keep:
