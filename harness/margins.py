@@ -103,13 +103,16 @@ def note_boundary(scores: torch.Tensor, k: int, decision: str) -> None:
     _LOG.add(decision, _gap(top[:, k - 1], top[:, k]) / _scale(scores))
 
 
-def note_order(scores: torch.Tensor, decision: str) -> None:
-    """A ranking whose every position matters (e.g. PiToMe's alternate A / B split by energy):
-    the smallest gap between neighbours in the sorted ``scores`` (B, N)."""
-    if _LOG is None or scores.shape[1] < 2:
+def note_order(scores: torch.Tensor, decision: str, from_rank: int = 0, to_rank: Optional[int] = None) -> None:
+    """A ranking whose positions matter (PiToMe's alternate A / B split by energy; tokens written
+    out in score order, whose positions the next block's even / odd split reads): the smallest gap
+    between neighbours in the sorted ``scores`` (B, N) over ranks ``from_rank`` to ``to_rank - 1``
+    (default: all), with the pairs across a cut at either end included."""
+    first, last = max(from_rank - 1, 0), scores.shape[1] if to_rank is None else to_rank + 1
+    if _LOG is None or min(last, scores.shape[1]) - first < 2:
         return
     scores = scores.detach().float()
-    ranked = scores.sort(dim=1, descending=True).values
+    ranked = scores.sort(dim=1, descending=True).values[:, first:last]
     _LOG.add(decision, _gap(ranked[:, :-1], ranked[:, 1:]).amin(dim=1) / _scale(scores))
 
 

@@ -67,8 +67,7 @@ def energy_order(metric: torch.Tensor, margin: float, decisive: Optional[int] = 
     ``decisive``: how many leading ranks the merge reads in order (None: all of them, as the
     bipartite split alternates A and B down the whole ranking); their margins are noted."""
     sim, energy = energy_scores(metric, margin)
-    ranks = energy if decisive is None else energy.topk(min(decisive + 1, energy.shape[1]), dim=1).values
-    margins.note_order(ranks, "pitome energy order")
+    margins.note_order(energy, "pitome energy order", to_rank=decisive)
     return sim, torch.argsort(energy, descending=True)
 
 

@@ -78,7 +78,8 @@ def pools(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def most_important(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (B, keep) of the ``keep`` highest ``scores`` (B, N), in descending score order."""
-    margins.note_boundary(scores, keep, "ppt importance keep")
+    # kept in score order: a later pooling block's even / odd split reads the positions
+    margins.note_order(scores, "ppt importance keep and order", to_rank=keep)
     return scores.topk(keep, dim=1, largest=True, sorted=True).indices
 
 

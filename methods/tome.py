@@ -108,6 +108,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         order = best.argsort(dim=-1, descending=True)
         src, unmerged = order[:, :r], order[:, r:]
         margins.note_boundary(best, r, "bipartite merge rank")
+        if not num_prefix:  # the unmerged stay in score order: the next block's A / B split reads it
+            margins.note_order(best, "bipartite unmerged order", from_rank=r)
         margins.note_best(scores, src, "bipartite partner")
         if num_prefix:
             # the official code sorts so the class token comes back first; that also keeps the

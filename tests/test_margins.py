@@ -104,3 +104,14 @@ def test_a_tie_never_excuses_a_changed_prediction_or_a_second_image():
     many = judge([0.07] * (MAX_NEAR_TIE_IMAGES + 1), [True] * (MAX_NEAR_TIE_IMAGES + 1),
                  [TIE] * (MAX_NEAR_TIE_IMAGES + 1), atol=1e-4)
     assert not many.ok and "at most" in many.failures[-1]
+
+
+def test_an_order_can_be_noted_over_some_ranks_only():
+    scores = torch.tensor([[9.0, 8.0, 7.9, 5.0, 4.99, 1.0]])
+    whole = _entries(lambda: margins.note_order(scores, "o"))[0][1]
+    head = _entries(lambda: margins.note_order(scores, "o", to_rank=2))[0][1]  # ranks 0, 1 and the cut at 2
+    tail = _entries(lambda: margins.note_order(scores, "o", from_rank=4))[0][1]  # the cut at 4 and ranks 4, 5
+    near = dict(rel=1e-4)  # 4.99 in float32
+    assert whole == pytest.approx([0.01 / 9], **near) and tail == pytest.approx([0.01 / 9], **near)
+    assert head == pytest.approx([0.1 / 9], **near)
+    assert _entries(lambda: margins.note_order(scores, "o", from_rank=6)) == []
