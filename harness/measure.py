@@ -73,6 +73,16 @@ def set_attention(model, attention: str) -> None:
             blk.attn.fused_attn = attention == "fused"
 
 
+def attention_kernel(model) -> Optional[str]:
+    """What the blocks' attention runs: ``fused`` or ``eager`` when all agree, ``mixed`` when they do
+    not, None when no block says (no ``attn.fused_attn``)."""
+    flags = {bool(blk.attn.fused_attn) for blk in getattr(model, "blocks", ())
+             if hasattr(getattr(blk, "attn", None), "fused_attn")}
+    if not flags:
+        return None
+    return "mixed" if len(flags) > 1 else ("fused" if flags.pop() else "eager")
+
+
 def sdpa_kernel(backend: str):
     """A context pinning ``scaled_dot_product_attention`` to one kernel; ``auto`` lets PyTorch choose.
 
