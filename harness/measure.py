@@ -281,7 +281,7 @@ def _first_call(model, compiled, x: torch.Tensor, backend: str) -> tuple[object,
 @torch.inference_mode()
 def throughput(model, img_size: int, batch_size: int, device: torch.device, dtype: str, warmup: int, repeats: int,
                *, baseline=None, latency: bool = True, compile: bool = False, compile_backend: str = "inductor",
-               min_batch_size: int = 1) -> dict:
+               min_batch_size: int = 1, memory: Optional["MemoryCounter"] = None) -> dict:
     """Model-only images/s on a synthetic batch already on the device, and batch-1 latency.
 
     Timed after ``warmup`` calls, over ``repeats`` calls: median and spread (min, max, IQR). With a
@@ -289,25 +289,27 @@ def throughput(model, img_size: int, batch_size: int, device: torch.device, dtyp
     one call each (:func:`time_interleaved`), and the per-round speed-ups are recorded
     (:func:`speedup_stats`): a speed-up is never a ratio of figures taken minutes apart. On CUDA
     out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the peak GPU
-    memory of the throughput runs. With ``compile``, ``torch.compile`` is tried (the baseline
+    memory of the method's own runs: its weights, input and activations, nothing else resident
+    (:class:`PeakMemory`; ``memory`` counts the device's bytes, default CUDA's allocator). With ``compile``, ``torch.compile`` is tried (the baseline
     compiled too) and whether it worked (``compiled``, ``compile_error``, ``graph_breaks``) recorded.
     """
     model.eval()
     compiled = compile_model(model, compile_backend) if compile else None
+    memory = memory if memory is not None else cuda_memory(device)
     info: dict = {}
 
     def run(batch: int) -> dict:
         nonlocal info
+        peak_mem = PeakMemory(model, memory)
         x = torch.randn(batch, 3, img_size, img_size, device=device)
-        _reset_peak_memory(device)
         with autocast(device, dtype):
             fn, info = _first_call(model, compiled, x, compile_backend)
             if baseline is None:
                 times, extra = time_runs(lambda: fn(x), device, warmup, repeats), {}
-                peak = _peak_memory_mb(device)
+                peak = peak_mem.mb()
             else:
-                fn(x)  # the method's own peak memory, before the baseline shares the device
-                peak = _peak_memory_mb(device)
+                fn(x)  # the method's own peak memory, before the baseline's runs share the device
+                peak = peak_mem.mb()
                 base_fn = _prepared_baseline(baseline.eval(), compile and info["compiled"], compile_backend)
                 times, base_times = time_interleaved(lambda: fn(x), lambda: base_fn(x), device, warmup, repeats)
                 extra = speedup_stats(times, base_times, batch)
@@ -336,16 +338,54 @@ def _prepared_baseline(baseline, compile: bool, backend: str):
     return torch.compile(baseline, backend=backend) if compile else baseline
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
+class MemoryCounter:
+    """Bytes a device's allocator holds for tensors: now, and at most since the last reset."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
 
 
-def _peak_memory_mb(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+def cuda_memory(device: torch.device) -> Optional[MemoryCounter]:
+    """CUDA's allocator counter on a GPU; None elsewhere (no peak memory is recorded on CPU)."""
+    return MemoryCounter(device) if device.type == "cuda" else None
+
+
+class PeakMemory:
+    """Peak device memory of one model's runs from now on, as if nothing else were resident.
+
+    The allocator's peak counts every tensor on the device: other models (the unpatched baseline
+    timed beside this one), eval data, caches. Whatever was allocated when this starts is taken
+    out and the model's own weights (parameters and buffers) put back, so the figure is this
+    model's weights plus its input, activations and workspace, whatever else shares the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, counter: Optional[MemoryCounter]):
+        self.model, self.counter = model, counter
+        if counter is not None:
+            counter.reset_peak()
+            self.resident = counter.allocated()
+
+    def mb(self) -> Optional[float]:
+        """The peak so far in MiB (None without a counter)."""
+        if self.counter is None:
+            return None
+        return round((self.counter.peak() - self.resident + model_bytes(self.model)) / 2**20, 1)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (each tensor once, however often it is shared)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def sample_jpegs(evalset, n: int, quality: int = 90, src_size: Optional[int] = None) -> list[bytes]:
