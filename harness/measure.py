@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from harness import stats
 from harness.errors import HarnessError
 from harness.paths import checkout_root
 
@@ -195,12 +196,20 @@ def time_interleaved(fn: Callable[[], object], base_fn: Callable[[], object], de
 
 
 def speedup_stats(times: list[float], base_times: list[float], batch_size: int) -> dict:
-    """Per-round speed-up (the baseline's seconds over the method's) with its median and quartiles."""
+    """Per-round speed-up (the baseline's seconds over the method's) with its median and quartiles.
+
+    From fewer than ``stats.MIN_ROUNDS`` interleaved rounds there is no speed-up: median and
+    quartiles are None and ``speedup_na`` says why (the rounds themselves are kept).
+    """
     ratios = [b / t for t, b in zip(times, base_times)]
+    out = {"speedup_rounds": [round(r, 4) for r in ratios], "timing_rounds": len(ratios),
+           "baseline_img_per_s": round(statistics.median(batch_size / t for t in base_times), 2),
+           "speedup_na": stats.too_few_rounds(len(ratios), "a speed-up")}
+    if out["speedup_na"] is not None:
+        return {**out, "speedup_median": None, "speedup_q1": None, "speedup_q3": None}
     q1, q3 = _quartiles(sorted(ratios))
-    return {"speedup_rounds": [round(r, 4) for r in ratios], "speedup_median": round(statistics.median(ratios), 4),
-            "speedup_q1": round(q1, 4), "speedup_q3": round(q3, 4), "timing_rounds": len(ratios),
-            "baseline_img_per_s": round(statistics.median(batch_size / t for t in base_times), 2)}
+    return {**out, "speedup_median": round(statistics.median(ratios), 4), "speedup_q1": round(q1, 4),
+            "speedup_q3": round(q3, 4)}
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -211,11 +220,18 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def rate_stats(times: list[float], batch_size: int, prefix: str = "img_per_s") -> dict:
-    """Median, min, max and inter-quartile range of images/s over timed runs."""
+    """Median, min, max and inter-quartile range of images/s over timed runs.
+
+    From fewer than ``stats.MIN_ROUNDS`` runs the IQR is None and ``<prefix>_iqr_na`` says why.
+    """
     rates = sorted(batch_size / t for t in times)
-    q1, q3 = _quartiles(rates)
-    return {prefix: round(statistics.median(rates), 2), f"{prefix}_min": round(rates[0], 2),
-            f"{prefix}_max": round(rates[-1], 2), f"{prefix}_iqr": round(q3 - q1, 2)}
+    out = {prefix: round(statistics.median(rates), 2), f"{prefix}_min": round(rates[0], 2),
+           f"{prefix}_max": round(rates[-1], 2), f"{prefix}_iqr": None,
+           f"{prefix}_iqr_na": stats.too_few_rounds(len(rates), "an IQR")}
+    if out[f"{prefix}_iqr_na"] is None:
+        q1, q3 = _quartiles(rates)
+        out[f"{prefix}_iqr"] = round(q3 - q1, 2)
+    return out
 
 
 def latency_stats(times: list[float]) -> dict:
@@ -288,19 +304,17 @@ def throughput(model, img_size: int, batch_size: int, device: torch.device, dtyp
     ``baseline`` model (the unpatched one), the two are timed in alternation, ``repeats`` rounds of
     one call each (:func:`time_interleaved`), and the per-round speed-ups are recorded
     (:func:`speedup_stats`): a speed-up is never a ratio of figures taken minutes apart. On CUDA
-    out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the peak GPU
-    memory of the method's own runs: its weights, input and activations, nothing else resident
-    (:class:`PeakMemory`; ``memory`` counts the device's bytes, default CUDA's allocator). With ``compile``, ``torch.compile`` is tried (the baseline
+    out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the method
+    model's alone, nothing else resident counted (:class:`PeakMemory` over ``memory``). With ``compile``, ``torch.compile`` is tried (the baseline
     compiled too) and whether it worked (``compiled``, ``compile_error``, ``graph_breaks``) recorded.
     """
     model.eval()
     compiled = compile_model(model, compile_backend) if compile else None
-    memory = memory if memory is not None else cuda_memory(device)
-    info: dict = {}
+    memory, info = (memory if memory is not None else cuda_memory(device)), {}
 
     def run(batch: int) -> dict:
         nonlocal info
-        peak_mem = PeakMemory(model, memory)
+        peak_mem = PeakMemory(model, memory)  # before the input: the batch is the cell's too
         x = torch.randn(batch, 3, img_size, img_size, device=device)
         with autocast(device, dtype):
             fn, info = _first_call(model, compiled, x, compile_backend)
