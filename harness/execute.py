@@ -10,6 +10,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,10 +43,11 @@ def attention_ran(model, asked: str) -> dict:
 class Executor:
     """Runs cells on one device with one run's settings, sharing ``inputs`` between them."""
 
-    def __init__(self, run: RunConfig, settings: CellSettings, inputs: Inputs, dist: distributed.Dist, env: dict):
+    def __init__(self, run: RunConfig, settings: CellSettings, inputs: Inputs, dist: distributed.Dist, env: dict,
+                 calibration_run: Optional[str] = None):
         self.run, self.settings, self.inputs, self.dist, self.env = run, settings, inputs, dist, env
         self.calibrate = Calibrator(inputs, settings, Path(run.results_dir) / "cache", run.calib_limit,
-                                    run.recalibrate, dist)
+                                    run.recalibrate, dist, calibration_run)
 
     @property
     def throughput_batch_size(self) -> int:
