@@ -2,7 +2,7 @@
 searches each configuration once per run (ranks, cells and submitit jobs of the run alike).
 
 A counting method stands in for DiffRate (its search is one line); the process groups are real
-(gloo, two processes on CPU). The end-to-end torchrun sweep with DiffRate is in tests/test_resume.py.
+(gloo, two processes on CPU), and a torchrun sweep counts DiffRate's own searches.
 """
 from __future__ import annotations
 
@@ -156,3 +156,64 @@ def test_a_failure_on_one_rank_fails_the_cell_on_every_rank(tmp_path):
     ranks = _ranks(tmp_path, False, mode="unshared")  # rank 1 cannot see rank 0's cache: no second search
     assert [r["searches"] for r in ranks] == [1, 0]
     assert all("rank 1 found no calibration from rank 0" in r["error"] for r in ranks)
+
+
+COUNTING_RUN = """
+import sys
+from pathlib import Path
+
+from harness.cli import main
+from harness.methods.diffrate import DiffRate
+
+search = DiffRate._search
+
+
+def counted(self, *args, **kwargs):
+    with open({count!r}, "a") as fh:
+        fh.write("searched\\n")
+    return search(self, *args, **kwargs)
+
+
+DiffRate._search = counted
+sys.exit(main(sys.argv[1:]))
+"""
+
+DIFFRATE_TOML = """
+[run]
+results_dir = "{results}"
+device = "cpu"
+dtype = "fp32"
+limit = 8
+calib_limit = 4
+flops = false
+throughput_repeats = 1
+throughput_warmup = 0
+throughput_batch_size = 1
+throughput_latency = false
+[suites.default]
+models = ["deit_tiny_cifar10"]
+methods = ["diffrate"]
+budgets = ["0.7"]
+[methods.diffrate]
+epochs = 1
+batch_size = 4
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_searches_once_also_with_recalibrate(tmp_path, shared):
+    count = tmp_path / "searches.txt"
+    script = tmp_path / "counting_run.py"
+    script.write_text(COUNTING_RUN.format(count=str(count)))
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(DIFFRATE_TOML.format(results=tmp_path / "r"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                "run", "--config", str(cfg), "--no-report"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    for extra, searches in (([], 1), (["--recalibrate", "--overwrite"], 2)):
+        res = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        assert count.read_text().split() == ["searched"] * searches, f"{extra}: one search per run, not per rank"
+    recs = list((tmp_path / "r" / "records").glob("*.json"))
+    (rec,) = [json.loads(p.read_text()) for p in recs]
+    assert rec["status"] in ("ok", "off_target") and rec["search_cached"] is False and rec["eval_ranks"] == 2
