@@ -111,6 +111,8 @@ def summary_line(r: dict) -> str:
     speed = f" {r['img_per_s']:.1f} img/s" if r.get("img_per_s") is not None else ""
     if r.get("speedup_median") is not None:
         speed += f", {r['speedup_median']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}] vs none interleaved"
+    elif r.get("speedup_na"):
+        speed += f", speed-up n/a ({r['speedup_na']})"
     off = f" OFF TARGET: {r['error']}" if r.get("status") == "off_target" else ""
     return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x){speed} [{r['cell_s']:.0f} s]{off}"
 

@@ -308,3 +308,7 @@ def test_too_few_timing_rounds_read_n_a_with_the_reason(tmp_path):
     assert "needs at least 3" in csv_rows["tome"]["speedup_na"] and csv_rows["tome"]["noisy"] == ""
     assert "1 timing round:" in csv_rows["random"]["speedup_na"] and "an IQR" in csv_rows["random"]["iqr_pct_na"]
     assert csv_rows["topk"]["speedup_na"] == "" and csv_rows["topk"]["noisy"] == "False"
+    from harness.runner import summary_line
+
+    line = summary_line({**recs[1], "gmacs_ratio": 0.7, "cell_s": 1.0})  # the terminal says it too
+    assert "speed-up n/a (2 timing rounds: a speed-up needs at least 3)" in line
