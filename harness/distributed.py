@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -66,6 +66,20 @@ def broadcast(obj: Any, d: Dist) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def first_error(err: Optional[BaseException], d: Dist) -> Optional[BaseException]:
+    """The lowest rank's error, on every rank (None when no rank failed): all ranks fail a step together.
+
+    ``err`` must pickle (it travels to the other ranks).
+    """
+    if not d.active:
+        return err
+    import torch.distributed as td
+
+    errors: list = [None] * d.world
+    td.all_gather_object(errors, err)
+    return next((e for e in errors if e is not None), None)
 
 
 def barrier(d: Dist) -> None:

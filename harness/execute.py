@@ -10,6 +10,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,13 +28,26 @@ from harness.registry import Method
 log = logging.getLogger(__name__)
 
 
+def attention_ran(model, asked: str) -> dict:
+    """The record's ``attention_kernel`` (what every block's attention ran) and ``fused_attn``.
+
+    Raises:
+        UnsupportedModel: the blocks do not all run the kernel asked for (``--attention``).
+    """
+    ran = measure.attention_kernel(model)
+    if ran is not None and ran != asked:
+        raise UnsupportedModel(f"--attention {asked} asked for, but this model's blocks run {ran} attention")
+    return {"attention_kernel": ran, "fused_attn": ran == "fused"}
+
+
 class Executor:
     """Runs cells on one device with one run's settings, sharing ``inputs`` between them."""
 
-    def __init__(self, run: RunConfig, settings: CellSettings, inputs: Inputs, dist: distributed.Dist, env: dict):
+    def __init__(self, run: RunConfig, settings: CellSettings, inputs: Inputs, dist: distributed.Dist, env: dict,
+                 calibration_run: Optional[str] = None):
         self.run, self.settings, self.inputs, self.dist, self.env = run, settings, inputs, dist, env
         self.calibrate = Calibrator(inputs, settings, Path(run.results_dir) / "cache", run.calib_limit,
-                                    run.recalibrate, dist)
+                                    run.recalibrate, dist, calibration_run)
 
     @property
     def throughput_batch_size(self) -> int:
@@ -68,7 +82,7 @@ class Executor:
         evalset = self.inputs.eval_set(spec, cell.transform)
         out.update(cell.searched, **cell.described, data_name=evalset.name,
                    eval_set_sha=evalset.identity,  # which images, in which order: what pairs records
-                   fused_attn=bool(getattr(cell.model.blocks[0].attn, "fused_attn", False)))
+                   **attention_ran(cell.model, self.run.attention))
         missed = budgets.off_target(out["gmacs"], out["gmacs_target"])
         out["gmacs_off_pct"] = budgets.off_pct(out["gmacs"], out["gmacs_target"])
         baseline = None if method.name == "none" else self.inputs.baseline(spec, self.settings)

@@ -62,8 +62,19 @@ class Inputs:
         self.eval_set(spec, eval_transform(spec, build_unpatched(spec, self.state_dict(spec))))
 
     def baseline(self, spec: ModelSpec, settings: CellSettings) -> torch.nn.Module:
-        """The unpatched model on the device, timed in alternation with each method's (speed-ups);
-        built once per model and sweep (nothing patches or trains it)."""
+        """The unpatched model on the device, timed in alternation with each method's (speed-ups).
+
+        Built once per model while the sweep stays on that model (cells come model by model;
+        nothing patches or trains it); asking for another model's lets the previous one go first,
+        so no model sits on the device beside cells of another.
+        """
         if spec.name not in self._baselines:
+            self.release_baselines()
             self._baselines[spec.name] = build_unpatched(spec, self.state_dict(spec), settings)
         return self._baselines[spec.name]
+
+    def release_baselines(self) -> None:
+        """Let every baseline go (and CUDA's cache of their memory)."""
+        self._baselines.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

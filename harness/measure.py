@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from harness import stats
 from harness.errors import HarnessError
 from harness.paths import checkout_root
 
@@ -71,6 +72,16 @@ def set_attention(model, attention: str) -> None:
     for blk in getattr(model, "blocks", ()):
         if hasattr(getattr(blk, "attn", None), "fused_attn"):
             blk.attn.fused_attn = attention == "fused"
+
+
+def attention_kernel(model) -> Optional[str]:
+    """What the blocks' attention runs: ``fused`` or ``eager`` when all agree, ``mixed`` when they do
+    not, None when no block says (no ``attn.fused_attn``)."""
+    flags = {bool(blk.attn.fused_attn) for blk in getattr(model, "blocks", ())
+             if hasattr(getattr(blk, "attn", None), "fused_attn")}
+    if not flags:
+        return None
+    return "mixed" if len(flags) > 1 else ("fused" if flags.pop() else "eager")
 
 
 def sdpa_kernel(backend: str):
@@ -185,12 +196,20 @@ def time_interleaved(fn: Callable[[], object], base_fn: Callable[[], object], de
 
 
 def speedup_stats(times: list[float], base_times: list[float], batch_size: int) -> dict:
-    """Per-round speed-up (the baseline's seconds over the method's) with its median and quartiles."""
+    """Per-round speed-up (the baseline's seconds over the method's) with its median and quartiles.
+
+    From fewer than ``stats.MIN_ROUNDS`` interleaved rounds there is no speed-up: median and
+    quartiles are None and ``speedup_na`` says why (the rounds themselves are kept).
+    """
     ratios = [b / t for t, b in zip(times, base_times)]
+    out = {"speedup_rounds": [round(r, 4) for r in ratios], "timing_rounds": len(ratios),
+           "baseline_img_per_s": round(statistics.median(batch_size / t for t in base_times), 2),
+           "speedup_na": stats.too_few_rounds(len(ratios), "a speed-up")}
+    if out["speedup_na"] is not None:
+        return {**out, "speedup_median": None, "speedup_q1": None, "speedup_q3": None}
     q1, q3 = _quartiles(sorted(ratios))
-    return {"speedup_rounds": [round(r, 4) for r in ratios], "speedup_median": round(statistics.median(ratios), 4),
-            "speedup_q1": round(q1, 4), "speedup_q3": round(q3, 4), "timing_rounds": len(ratios),
-            "baseline_img_per_s": round(statistics.median(batch_size / t for t in base_times), 2)}
+    return {**out, "speedup_median": round(statistics.median(ratios), 4), "speedup_q1": round(q1, 4),
+            "speedup_q3": round(q3, 4)}
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -201,11 +220,18 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def rate_stats(times: list[float], batch_size: int, prefix: str = "img_per_s") -> dict:
-    """Median, min, max and inter-quartile range of images/s over timed runs."""
+    """Median, min, max and inter-quartile range of images/s over timed runs.
+
+    From fewer than ``stats.MIN_ROUNDS`` runs the IQR is None and ``<prefix>_iqr_na`` says why.
+    """
     rates = sorted(batch_size / t for t in times)
-    q1, q3 = _quartiles(rates)
-    return {prefix: round(statistics.median(rates), 2), f"{prefix}_min": round(rates[0], 2),
-            f"{prefix}_max": round(rates[-1], 2), f"{prefix}_iqr": round(q3 - q1, 2)}
+    out = {prefix: round(statistics.median(rates), 2), f"{prefix}_min": round(rates[0], 2),
+           f"{prefix}_max": round(rates[-1], 2), f"{prefix}_iqr": None,
+           f"{prefix}_iqr_na": stats.too_few_rounds(len(rates), "an IQR")}
+    if out[f"{prefix}_iqr_na"] is None:
+        q1, q3 = _quartiles(rates)
+        out[f"{prefix}_iqr"] = round(q3 - q1, 2)
+    return out
 
 
 def latency_stats(times: list[float]) -> dict:
@@ -271,33 +297,33 @@ def _first_call(model, compiled, x: torch.Tensor, backend: str) -> tuple[object,
 @torch.inference_mode()
 def throughput(model, img_size: int, batch_size: int, device: torch.device, dtype: str, warmup: int, repeats: int,
                *, baseline=None, latency: bool = True, compile: bool = False, compile_backend: str = "inductor",
-               min_batch_size: int = 1) -> dict:
+               min_batch_size: int = 1, memory: Optional["MemoryCounter"] = None) -> dict:
     """Model-only images/s on a synthetic batch already on the device, and batch-1 latency.
 
     Timed after ``warmup`` calls, over ``repeats`` calls: median and spread (min, max, IQR). With a
     ``baseline`` model (the unpatched one), the two are timed in alternation, ``repeats`` rounds of
     one call each (:func:`time_interleaved`), and the per-round speed-ups are recorded
     (:func:`speedup_stats`): a speed-up is never a ratio of figures taken minutes apart. On CUDA
-    out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the peak GPU
-    memory of the throughput runs. With ``compile``, ``torch.compile`` is tried (the baseline
+    out-of-memory the batch is halved and the batch used recorded; ``peak_mem_mb`` is the method
+    model's alone, nothing else resident counted (:class:`PeakMemory` over ``memory``). With ``compile``, ``torch.compile`` is tried (the baseline
     compiled too) and whether it worked (``compiled``, ``compile_error``, ``graph_breaks``) recorded.
     """
     model.eval()
     compiled = compile_model(model, compile_backend) if compile else None
-    info: dict = {}
+    memory, info = (memory if memory is not None else cuda_memory(device)), {}
 
     def run(batch: int) -> dict:
         nonlocal info
+        peak_mem = PeakMemory(model, memory)  # before the input: the batch is the cell's too
         x = torch.randn(batch, 3, img_size, img_size, device=device)
-        _reset_peak_memory(device)
         with autocast(device, dtype):
             fn, info = _first_call(model, compiled, x, compile_backend)
             if baseline is None:
                 times, extra = time_runs(lambda: fn(x), device, warmup, repeats), {}
-                peak = _peak_memory_mb(device)
+                peak = peak_mem.mb()
             else:
-                fn(x)  # the method's own peak memory, before the baseline shares the device
-                peak = _peak_memory_mb(device)
+                fn(x)  # the method's own peak memory, before the baseline's runs share the device
+                peak = peak_mem.mb()
                 base_fn = _prepared_baseline(baseline.eval(), compile and info["compiled"], compile_backend)
                 times, base_times = time_interleaved(lambda: fn(x), lambda: base_fn(x), device, warmup, repeats)
                 extra = speedup_stats(times, base_times, batch)
@@ -326,16 +352,54 @@ def _prepared_baseline(baseline, compile: bool, backend: str):
     return torch.compile(baseline, backend=backend) if compile else baseline
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
+class MemoryCounter:
+    """Bytes a device's allocator holds for tensors: now, and at most since the last reset."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
 
 
-def _peak_memory_mb(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+def cuda_memory(device: torch.device) -> Optional[MemoryCounter]:
+    """CUDA's allocator counter on a GPU; None elsewhere (no peak memory is recorded on CPU)."""
+    return MemoryCounter(device) if device.type == "cuda" else None
+
+
+class PeakMemory:
+    """Peak device memory of one model's runs from now on, as if nothing else were resident.
+
+    The allocator's peak counts every tensor on the device: other models (the unpatched baseline
+    timed beside this one), eval data, caches. Whatever was allocated when this starts is taken
+    out and the model's own weights (parameters and buffers) put back, so the figure is this
+    model's weights plus its input, activations and workspace, whatever else shares the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, counter: Optional[MemoryCounter]):
+        self.model, self.counter = model, counter
+        if counter is not None:
+            counter.reset_peak()
+            self.resident = counter.allocated()
+
+    def mb(self) -> Optional[float]:
+        """The peak so far in MiB (None without a counter)."""
+        if self.counter is None:
+            return None
+        return round((self.counter.peak() - self.resident + model_bytes(self.model)) / 2**20, 1)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (each tensor once, however often it is shared)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def sample_jpegs(evalset, n: int, quality: int = 90, src_size: Optional[int] = None) -> list[bytes]:

@@ -80,10 +80,11 @@ LEGEND = ("GMACs: analytic multiply-accumulates (the papers' convention). top-1 
           "change not significant at 5 % (no correction for multiple comparisons); `-`: no paired predictions "
           "stored (older records), no test. speed-up: median over interleaved rounds of the method's img/s over "
           "`none`'s, [first, third quartile]; `noisy`: (q3 − q1) / median above {noisy:.0%}; ‡: not interleaved "
-          "(img/s over `none`'s img/s, timed apart). ideal: `none`'s GMACs over the method's; realised: speed-up "
+          "(img/s over `none`'s img/s, timed apart); n/a: fewer than {rounds} timing rounds, too few for a "
+          "spread or a speed-up (the CSV's `speedup_na` / `iqr_pct_na` say why). ideal: `none`'s GMACs over the method's; realised: speed-up "
           "over ideal [its quartiles over ideal]. **Bold**: best top-1 of a budget. Cells off their GMACs target "
           "and superseded method versions stay out of the tables and are listed under each. How these are "
-          "computed: `docs/statistics.md`.").format(noisy=NOISY_SPREAD)
+          "computed: `docs/statistics.md`.").format(noisy=NOISY_SPREAD, rounds=stats.MIN_ROUNDS)
 # how a grouping field reads in a label or an environment line
 LABEL_FORMS = {"limit": "limit {}", "attention": "{} attention", "sdpa_backend": "sdpa {}", "prop_attn": "prop-attn {}", "torch": "torch {}",
                "timm": "timm {}", "batch_size": "eval batch {}", "throughput_batch_size_requested": "throughput batch {}",
@@ -324,6 +325,22 @@ def _accuracy(rec: dict, base: Optional[dict], load: Callable) -> dict:
     return out
 
 
+def speedup_na(rec: dict) -> Optional[str]:
+    """Why a record has no speed-up ("n/a"): timed in fewer than ``stats.MIN_ROUNDS`` interleaved rounds."""
+    if rec.get("speedup_na"):
+        return str(rec["speedup_na"])
+    rounds = rec.get("speedup_rounds")
+    return stats.too_few_rounds(len(rounds), "a speed-up") if isinstance(rounds, (list, tuple)) and rounds else None
+
+
+def iqr_na(rec: dict) -> Optional[str]:
+    """Why a record's img/s has no IQR ("n/a"): fewer than ``stats.MIN_ROUNDS`` timed runs."""
+    if rec.get("img_per_s_iqr_na"):
+        return str(rec["img_per_s_iqr_na"])
+    runs = _num(rec.get("throughput_repeats"))
+    return stats.too_few_rounds(int(runs), "an IQR") if runs else None
+
+
 def _stored_speedup(rec: dict) -> Optional[stats.RatioSummary]:
     """The interleaved speed-up of a record: its stored median and quartiles, else its rounds; None without either."""
     median = _num(rec.get("speedup_median"))
@@ -342,10 +359,13 @@ def speedup_of(rec: dict, base: Optional[dict]) -> dict:
     Returns ``speedup`` (the median of interleaved rounds; for a record without rounds, its img/s
     over the baseline's), ``speedup_q1``/``speedup_q3``, ``speedup_spread`` ((q3 - q1) / median),
     ``interleaved`` (True; False for the fallback; None for the baseline itself) and ``noisy``
-    (spread above NOISY_SPREAD).
+    (spread above NOISY_SPREAD). A record timed in too few interleaved rounds has none of them:
+    ``speedup_na`` says why (and ``noisy`` is None: no spread to judge).
     """
     out = {"speedup": None, "speedup_q1": None, "speedup_q3": None, "speedup_spread": None, "interleaved": None,
-           "noisy": False}
+           "noisy": False, "speedup_na": speedup_na(rec)}
+    if out["speedup_na"] is not None:
+        return {**out, "interleaved": True, "noisy": None}
     s = _stored_speedup(rec)
     if s is not None:
         out.update(speedup=s.median, speedup_q1=s.q1, speedup_q3=s.q3, speedup_spread=s.spread, interleaved=True,
@@ -375,7 +395,8 @@ def _row(rec: dict, base: Optional[dict], load: Callable) -> dict:
            "ideal_speedup": base_gmacs / gmacs if base_gmacs and gmacs else None}
     row.update(_realised(row))
     row.update({"gmacs_measured": _num(rec.get("gmacs_measured")), "gmacs_overhead": _num(rec.get("gmacs_overhead")),
-                "iqr_pct": 100 * iqr / speed if speed and iqr is not None else None,
+                "iqr_pct": 100 * iqr / speed if speed and iqr is not None and not iqr_na(rec) else None,
+                "iqr_pct_na": iqr_na(rec),
                 "latency_ms": _num(rec.get("latency_ms")), "peak_mem_mb": _num(rec.get("peak_mem_mb")),
                 "e2e_img_per_s": _num(rec.get("e2e_img_per_s")), "cell_id": rec.get("cell_id")})
     return row
@@ -527,6 +548,8 @@ _RENDER = {"method": _method_text, "top1": _top1_text, "d_top1": _delta_text, "s
 
 def _cell_text(key: str, row: dict, fmt: Optional[str], latex: bool) -> str:
     value = row.get(key)
+    if value is None and row.get(f"{key}_na"):  # not measurable from what was timed: the record says why
+        return "n/a"
     if value is None:
         return "--" if latex else "-"
     if key in _RENDER:

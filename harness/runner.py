@@ -33,7 +33,7 @@ Progress = Callable[[str], None]
 class Sweep:
     """A prepared sweep: the plan, its shared inputs, an executor and the store, walked cell by cell."""
 
-    def __init__(self, cfg: Config, progress: Progress = lambda s: None):
+    def __init__(self, cfg: Config, progress: Progress = lambda s: None, calibration_run: Optional[str] = None):
         self.cfg, self.run = cfg, cfg.run
         device = measure.resolve_device(self.run.device)
         self.dist = distributed.init_from_env(device)
@@ -47,7 +47,8 @@ class Sweep:
         self.store = ResultStore(Path(self.run.results_dir))
         self.store.ensure_writable()
         self.inputs = Inputs(DataRoot(self.run.data_root), self.run.limit, self.progress)
-        self.executor = Executor(self.run, self.settings, self.inputs, self.dist, measure.environment(device))
+        self.executor = Executor(self.run, self.settings, self.inputs, self.dist, measure.environment(device),
+                                 calibration_run)
         self.machine = Machine(self.settings.dtype, self.executor.env["device_name"],
                                self.executor.throughput_batch_size)
 
@@ -110,6 +111,8 @@ def summary_line(r: dict) -> str:
     speed = f" {r['img_per_s']:.1f} img/s" if r.get("img_per_s") is not None else ""
     if r.get("speedup_median") is not None:
         speed += f", {r['speedup_median']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}] vs none interleaved"
+    elif r.get("speedup_na"):
+        speed += f", speed-up n/a ({r['speedup_na']})"
     off = f" OFF TARGET: {r['error']}" if r.get("status") == "off_target" else ""
     return f"{top1}{r['gmacs']:.3f} GMACs ({r['gmacs_ratio']:.2f}x){speed} [{r['cell_s']:.0f} s]{off}"
 
@@ -130,10 +133,14 @@ def override(cfg: Config, run: dict, suite: dict) -> Config:
     return cfg
 
 
-def run_cells_job(cfg: Config, cell_ids: list[str]) -> list[str]:
-    """One submitit job: rebuild the sweep from its config, run the named cells, return their summaries."""
+def run_cells_job(cfg: Config, cell_ids: list[str], calibration_run: Optional[str] = None) -> list[str]:
+    """One submitit job: rebuild the sweep from its config, run the named cells, return their summaries.
+
+    ``calibration_run`` names the sweep the job belongs to: with ``--recalibrate`` a search another
+    job of it stored is read, not run again.
+    """
     logging.basicConfig(level=logging.INFO)
-    sweep = Sweep(cfg, progress=log.info)
+    sweep = Sweep(cfg, progress=log.info, calibration_run=calibration_run)
     summaries = []
     for cell in sweep.cells:
         if sweep.cell_id(cell) in cell_ids:
@@ -161,17 +168,18 @@ def submit(cfg: Config, executor: str, cells_per_job: int, slurm: dict, progress
     ids = [sweep.cell_id(c) for c in sweep.todo()]
     chunks = [ids[i:i + cells_per_job] for i in range(0, len(ids), max(1, cells_per_job))]
     folder = Path(cfg.run.results_dir) / "submitit"
+    run_id = sweep.executor.calibrate.run_id  # one run for every job: --recalibrate searches once
     progress(f"{len(sweep.cells)} cells, {len(ids)} to run in {len(chunks)} jobs ({executor}); logs in {folder}")
     if executor == "submitit-local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 24 * 60)))
         for n, chunk in enumerate(chunks, 1):  # one at a time: a laptop has one set of cores
-            job = ex.submit(run_cells_job, cfg, chunk)
+            job = ex.submit(run_cells_job, cfg, chunk, run_id)
             for line in job.result():
                 progress(f"[job {n}/{len(chunks)}] {line}")
         return len(chunks)
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
     ex.update_parameters(**slurm)
-    jobs = ex.map_array(run_cells_job, [cfg] * len(chunks), chunks)
+    jobs = ex.map_array(run_cells_job, [cfg] * len(chunks), chunks, [run_id] * len(chunks))
     progress(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs[:5])}{' ...' if len(jobs) > 5 else ''}")
     return len(jobs)

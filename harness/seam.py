@@ -637,7 +637,9 @@ def _patch_block(blk, index: int, state: TokenState, reducer: Optional[Reducer],
 # the bias gathered at positions x positions, (B, H, N', N'). Until a block has a reducer or a
 # reducer ran before it, it runs timm's own forward unchanged (the identity knob is bit-identical).
 # Otherwise its attention is computed here from the block's own modules, as timm's forward does,
-# with the size bias (proportional attention) added to the mask: always the "mask" implementation.
+# with the size bias (proportional attention) added to the mask: always the "mask" implementation,
+# by the kernel the block's ``attn.fused_attn`` names (SDPA, or timm's eager product for
+# ``--attention eager``), so the reduced blocks run the kernel the record says.
 
 
 def _family_qkv(attn: torch.nn.Module, x: torch.Tensor):
@@ -721,8 +723,7 @@ def _family_attention(blk, x: torch.Tensor, rope: Optional[torch.Tensor], shared
         mask = size_bias if mask is None else mask + size_bias
     if attn_mask is not None:
         mask = attn_mask if mask is None else mask + attn_mask
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal)
+    out = _family_kernel(attn, q, k, v, None if mask is None else mask.to(q.dtype), is_causal)
     out = out.transpose(1, 2).reshape(b, n, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:
@@ -731,6 +732,34 @@ def _family_attention(blk, x: torch.Tensor, rope: Optional[torch.Tensor], shared
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return out, (q, k, position_bias)
+
+
+def _family_kernel(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ scale + mask) v by the kernel the block's ``attn.fused_attn`` names, as timm's own
+    forward picks it: SDPA when fused (the default), else the explicit product (``--attention eager``)."""
+    if getattr(attn, "fused_attn", True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return eager_attention(q, k, v, mask, getattr(attn, "scale", q.shape[-1] ** -0.5), is_causal, attn.attn_drop)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, is_causal: bool = False,
+                    dropout: Callable[[torch.Tensor], torch.Tensor] = lambda p: p) -> torch.Tensor:
+    """timm's eager attention of (B, H, N, d) ``q``, ``k``, ``v``: softmax(q scale kᵀ + mask) v.
+
+    ``mask`` is additive (broadcast to (B, H, N, N)); ``is_causal`` hides later keys; ``dropout``
+    acts on the probabilities. Equal to ``scaled_dot_product_attention`` to float rounding.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if is_causal:
+        hidden = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1)  # SDPA's top-left causal
+        logits = logits.masked_fill(hidden, float("-inf"))
+    if mask is not None:
+        logits = logits + mask
+    return dropout(logits.softmax(dim=-1)) @ v
 
 
 def _family_scale(blk, branch: int, y: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ Pure functions on counts, 0/1 vectors and lists of ratios (numpy only to read pr
 - :func:`mcnemar_exact`, :func:`mcnemar`: the exact two-sided McNemar test of two classifiers scored
   on the same images, from their discordant pairs;
 - :func:`paired_test`: that test for two stored records, read from their prediction files;
-- :func:`ratio_summary`: median, quartiles and relative spread of per-round speed-ups.
+- :func:`ratio_summary`: median, quartiles and relative spread of per-round speed-ups;
+- :func:`too_few_rounds`: why a spread (IQR, ``noisy``) or a speed-up is "n/a" from so few rounds.
 
 ``docs/statistics.md`` explains how the report uses them.
 """
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 # the two-sided 95 % quantile of the standard normal
 Z95 = 1.959963984540054
 ALPHA = 0.05
+# timing rounds a spread (IQR, the report's "noisy") or a speed-up needs: with one round q1 = q3 and
+# nothing could ever look noisy; with two the quartiles are the two rounds themselves
+MIN_ROUNDS = 3
 
 
 class Paired(NamedTuple):
@@ -143,3 +147,10 @@ def ratio_summary(ratios: Sequence[float]) -> RatioSummary:
     else:
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return RatioSummary(median, q1, q3, (q3 - q1) / median if median else math.inf)
+
+
+def too_few_rounds(n: int, what: str) -> Optional[str]:
+    """Why ``what`` is "n/a" from ``n`` timing rounds (fewer than :data:`MIN_ROUNDS`); None when enough."""
+    if n >= MIN_ROUNDS:
+        return None
+    return f"{n} timing round{'s' if n != 1 else ''}: {what} needs at least {MIN_ROUNDS}"

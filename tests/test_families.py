@@ -271,3 +271,41 @@ def test_analytic_gmacs_match_fvcore(arch_id, method_name):
         return
     schedule = Schedule.full(arch) if value is None else method.schedule(arch, value)
     assert analytic_gmacs(arch, schedule) == pytest.approx(count_gmacs(model).gmacs, rel=0.005)
+
+
+# --- the kernel asked for is the kernel every block runs: ``--attention eager`` reaches the
+# position-aware families' reduced blocks too (their attention is the seam's, not timm's forward)
+
+@pytest.mark.parametrize("arch_id", ["beit", "eva02", "relpos cls"])
+def test_eager_attention_runs_no_sdpa_on_reduced_position_blocks(arch_id, monkeypatch):
+    from harness.measure import attention_kernel, set_attention
+
+    template, x, _ = _template(arch_id)
+    fused, eager = copy.deepcopy(template), copy.deepcopy(template)
+    for model in (fused, eager):
+        arch = arch_spec(model)
+        method = get_method_class("topk")()
+        method.patch(model, resolve(method, arch, parse_budget("0.7")).knob_value, arch)
+    set_attention(eager, "eager")
+    assert attention_kernel(eager) == "eager" and attention_kernel(fused) == "fused"
+    seen = _sdpa_recorder(monkeypatch)
+    with torch.no_grad():
+        want = fused(x)
+        assert len(seen) == len(fused.blocks)  # the recorder sees every fused block's call
+        got = eager(x)
+    assert len(seen) == len(fused.blocks), "an eager model called scaled_dot_product_attention"
+    assert any(b._seam_reducer is not None for b in eager.blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_equals_sdpa_with_mask_and_causal():
+    from harness.seam import eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    mask = torch.randn(2, 1, 1, 7, generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(eager_attention(q, k, v, mask), sdpa(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eager_attention(q, k, v, is_causal=True), sdpa(q, k, v, is_causal=True),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eager_attention(q, k, v, scale=0.1), sdpa(q, k, v, scale=0.1), rtol=1e-5, atol=1e-6)

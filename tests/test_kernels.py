@@ -86,6 +86,21 @@ def test_eager_and_fused_tome_give_the_same_logits():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
+def test_the_record_states_the_kernel_every_block_ran_or_refuses_the_cell():
+    from harness.errors import UnsupportedModel
+    from harness.execute import attention_ran
+
+    model = timm.create_model("deit_tiny_patch16_224", depth=3, num_classes=10, img_size=64)
+    measure.set_attention(model, "eager")
+    assert attention_ran(model, "eager") == {"attention_kernel": "eager", "fused_attn": False}
+    model.blocks[1].attn.fused_attn = True  # one block that would run another kernel than asked
+    assert measure.attention_kernel(model) == "mixed"
+    with pytest.raises(UnsupportedModel, match="asked for.*mixed"):
+        attention_ran(model, "eager")
+    measure.set_attention(model, "fused")
+    assert attention_ran(model, "fused") == {"attention_kernel": "fused", "fused_attn": True}
+
+
 @pytest.mark.slow
 def test_eager_cells_are_their_own_cells_and_the_report_compares_kernels(config, tmp_path, capsys):
     base = ["run", "--config", str(config), "--suite", "s", "--models", "tiny", "--no-report"]

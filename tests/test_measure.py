@@ -75,6 +75,62 @@ def test_throughput_record_on_cpu(method):
     assert out["compiled"] is False and out["dtype"] == "fp32"
 
 
+class FakeDeviceMemory(measure.MemoryCounter):
+    """A device's allocator counter, by hand: ``resident`` bytes held by other models from the start."""
+
+    def __init__(self, resident: int):
+        self.now = self.top = resident
+
+    def reset_peak(self):
+        self.top = self.now
+
+    def allocated(self):
+        return self.now
+
+    def peak(self):
+        return self.top
+
+    def hold(self, n: int):  # a forward's activations: allocated, then freed
+        self.now += n
+        self.top = max(self.top, self.now)
+        self.now -= n
+
+
+class Activations(nn.Module):
+    """A model with ``weights`` parameters whose forward holds ``activation`` bytes on ``memory``."""
+
+    def __init__(self, memory: FakeDeviceMemory, weights: int, activation: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(weights))
+        self.memory, self.activation = memory, activation
+
+    def forward(self, x):
+        self.memory.hold(self.activation)
+        return x.mean((1, 2, 3)) + self.w[0]
+
+
+@pytest.mark.parametrize("others_gib", [0, 3, 11])
+@pytest.mark.parametrize("with_baseline", [False, True])
+def test_peak_memory_is_the_cells_model_alone(others_gib, with_baseline):
+    mib = 2**20
+    model_weights = 1024 * 1024  # 4 MiB of fp32 parameters
+    memory = FakeDeviceMemory(0)
+    model = Activations(memory, model_weights, activation=50 * mib)
+    baseline = Activations(memory, 2 * model_weights, activation=300 * mib) if with_baseline else None
+    # every other model resident on the device (other models' baselines), plus this model and its baseline
+    memory.now = memory.top = others_gib * 2**30 + measure.model_bytes(model) + (
+        measure.model_bytes(baseline) if baseline is not None else 0)
+    out = measure.throughput(model, 8, 2, CPU, "fp32", warmup=1, repeats=3, latency=False, baseline=baseline,
+                             memory=memory)
+    assert out["peak_mem_mb"] == pytest.approx(4 + 50, abs=0.1)  # its weights and activations, nothing resident
+
+
+def test_model_bytes_counts_shared_tensors_once():
+    lin = nn.Linear(4, 4)
+    shared = nn.Sequential(lin, lin)
+    assert measure.model_bytes(shared) == measure.model_bytes(lin) == (16 + 4) * 4
+
+
 def test_bf16_autocast_runs_on_cpu():
     out = measure.throughput(tiny_vit(), 32, 2, CPU, "bf16", warmup=0, repeats=1, latency=False)
     assert out["dtype"] == "bf16" and out["img_per_s"] > 0
@@ -131,3 +187,28 @@ def test_gpu_protocol():
     out = measure.throughput(tiny_vit().to(dev), 32, 64, dev, "bf16", warmup=2, repeats=5)
     assert out["timing_clock"] == "cuda_event" and out["peak_mem_mb"] > 0
     assert out["img_per_s_min"] <= out["img_per_s"] <= out["img_per_s_max"]
+
+
+def test_only_the_current_models_baseline_stays_resident(monkeypatch):
+    import gc
+    import weakref
+
+    from harness import inputs as inputs_mod
+    from harness.cell import CellSettings
+    from harness.models import ModelSpec
+    from harness.paths import DataRoot
+
+    built = []
+    monkeypatch.setattr(inputs_mod, "build_unpatched", lambda spec, sd, settings: built.append(spec.name) or nn.Linear(2, 2))
+    inputs = inputs_mod.Inputs(DataRoot(), limit=0)
+    monkeypatch.setattr(inputs, "state_dict", lambda spec: None)
+    a, b = (ModelSpec(n, "deit_tiny_patch16_224", "random", None, 10, "synthetic") for n in ("a", "b"))
+    settings = CellSettings(CPU)
+    first = inputs.baseline(a, settings)
+    assert inputs.baseline(a, settings) is first  # the same model's cells share one
+    gone = weakref.ref(first)
+    del first
+    inputs.baseline(b, settings)
+    gc.collect()
+    assert gone() is None, "model a's baseline is still held while model b's cells run"
+    assert built == ["a", "b"]

@@ -269,3 +269,46 @@ def test_noisy_flag_when_rounds_spread_more_than_ten_percent(sweep):
     assert rows["topk"]["noisy"] == "False" and rows["topk"]["interleaved"] == "True"
     # no rounds under torch 2.5.0: img/s over none's, marked as not interleaved
     assert _md_row(_section(md, "m (torch 2.5.0)"), "0.7", "tome")[8] == "1.00x ‡"
+
+
+def test_too_few_timing_rounds_read_n_a_with_the_reason(tmp_path):
+    """A spread or a speed-up from fewer than 3 rounds is "n/a" (with why in the CSV), never a number."""
+    from harness.measure import rate_stats, speedup_stats
+
+    env = {k: v for k, v in _sweep_module()._env("2.4.0").items() if k not in ("limit", "eval_set_sha")}
+    env.update(data="synthetic")
+    common = {**env, "status": "ok", "error": None, "gmacs_baseline": 1.0, "method_version": "1", "git_sha": "x",
+              "method_options": {}, "timestamp": "2026-01-01T00:00:00+00:00"}
+    reduce = {"budget": "0.7", "gmacs": 0.7, "gmacs_target": 0.7, "knob": "r", "knob_value": 9}
+    two = {**rate_stats([0.1, 0.2], 2), **speedup_stats([0.1, 0.2], [0.2, 0.3], 2), "throughput_repeats": 2}
+    five = {**rate_stats([0.1, 0.11, 0.12, 0.1, 0.1], 2),
+            **speedup_stats([0.1] * 5, [0.14, 0.15, 0.16, 0.15, 0.15], 2), "throughput_repeats": 5}
+    assert two["img_per_s_iqr"] is None and "2 timing rounds" in two["img_per_s_iqr_na"]
+    assert two["speedup_median"] is None and "needs at least 3" in two["speedup_na"]
+    assert five["speedup_na"] is None and five["img_per_s_iqr_na"] is None and five["speedup_median"] == 1.5
+    recs = [{**common, "cell_id": "base", "method": "none", "budget": "baseline", "gmacs": 1.0,
+             **rate_stats([0.2] * 5, 2), "throughput_repeats": 5},
+            {**common, **reduce, "cell_id": "two", "method": "tome", **two},
+            {**common, **reduce, "cell_id": "five", "method": "topk", **five},
+            # an older record, timed in 1 round: its stored quartiles (q1 = q3) never showed noise
+            {**common, **reduce, "cell_id": "old", "method": "random", "img_per_s": 12.0, "img_per_s_iqr": 0.0,
+             "throughput_repeats": 1, "speedup_rounds": [1.2], "speedup_median": 1.2, "speedup_q1": 1.2,
+             "speedup_q3": 1.2, "timing_rounds": 1}]
+    (tmp_path / "records").mkdir()
+    for rec in recs:
+        (tmp_path / "records" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+    md = build_report(tmp_path, tmp_path / "rep")
+    header = next(line for line in md.splitlines() if line.startswith("| budget"))
+    col = {h: i for i, h in enumerate(_cells(header))}
+    rows = {c[1]: c for c in map(_cells, md.splitlines()) if len(c) == len(col) and c[0] == "0.7"}
+    for method in ("tome", "random"):
+        assert rows[method][col["speed-up [IQR]"]] == "n/a" and rows[method][col["IQR %"]] == "n/a"
+    assert rows["topk"][col["speed-up [IQR]"]] == "1.50x [1.50, 1.50]" and rows["topk"][col["IQR %"]] not in ("n/a", "-")
+    csv_rows = {r["method"]: r for p in (tmp_path / "rep" / "tables").glob("*.csv") for r in _csv(p)}
+    assert "needs at least 3" in csv_rows["tome"]["speedup_na"] and csv_rows["tome"]["noisy"] == ""
+    assert "1 timing round:" in csv_rows["random"]["speedup_na"] and "an IQR" in csv_rows["random"]["iqr_pct_na"]
+    assert csv_rows["topk"]["speedup_na"] == "" and csv_rows["topk"]["noisy"] == "False"
+    from harness.runner import summary_line
+
+    line = summary_line({**recs[1], "gmacs_ratio": 0.7, "cell_s": 1.0})  # the terminal says it too
+    assert "speed-up n/a (2 timing rounds: a speed-up needs at least 3)" in line
