@@ -146,6 +146,7 @@ def kernel_key(run: RunConfig) -> dict:
     """Settings that change the kernels a cell runs, named in its key only when not the default
     (so cells stored before the setting existed keep their ids)."""
     return {**({"compile": True} if run.compile else {}),
+            **({"compile_backend": run.compile_backend} if run.compile and run.compile_backend != "inductor" else {}),
             **({"attention": run.attention} if run.attention != "fused" else {}),
             **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {}),
             **({"prop_attn": run.prop_attn} if run.prop_attn != "mask" else {})}

@@ -162,3 +162,17 @@ def test_repeats_1_then_7_measures_again(tmp_path):
     records = list((tmp_path / "r" / "records").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["throughput_repeats"] == 7
     assert Sweep(_config(tmp_path, methods=["none"], repeats=3), progress=lines.append).todo() == []
+
+
+def test_the_compile_backend_is_part_of_a_compiled_cell(tmp_path):
+    def ids(extra):
+        path = tmp_path / "benchmark.toml"
+        text = TOML.format(results=tmp_path / "r", methods='["tome"]', budgets='["0.7"]', repeats=1, extra="")
+        path.write_text(text.replace("[suites.default]", extra + "\n[suites.default]"))
+        plan = Plan(load_config(path), None)
+        return {cell_id(plan.cell_key(c, None, MACHINE)) for c in plan.cells}
+
+    plain = ids("")
+    assert ids('compile_backend = "aot_eager"') == plain  # not compiled: the backend runs nothing
+    compiled = ids("compile = true")
+    assert compiled != plain and ids('compile = true\ncompile_backend = "aot_eager"') != compiled
