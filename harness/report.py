@@ -155,27 +155,32 @@ def configuration(rec: dict) -> dict:
 
 def variant_labels(records: list[dict]) -> list[str]:
     """Each record's method label: the method's name, with ``[option=value, ...]`` where the method
-    was stored in several configurations (the options that tell them apart, less those at their default)."""
-    configs = [json.dumps(configuration(r), sort_keys=True, default=str) for r in records]
-    by_method: dict[str, set] = {}
-    for rec, config in zip(records, configs):
-        by_method.setdefault(str(rec.get("method")), set()).add(config)
-    labels = {m: _labels_of(m, sorted(cs)) for m, cs in by_method.items() if len(cs) > 1}
-    return [labels[str(r.get("method"))][c] if str(r.get("method")) in labels else r.get("method")
-            for r, c in zip(records, configs)]
+    was stored in several configurations (the settings that tell them apart, less those at their default).
+
+    Options at the method's defaults count as left out, so a record that wrote a default out and
+    one that did not (``{"seed": 0}``, ``{}``) are one configuration.
+    """
+    methods = [str(r.get("method")) for r in records]
+    raw = [configuration(r) for r in records]
+    several = {m for m in set(methods) if len({_key(c) for mm, c in zip(methods, raw) if mm == m}) > 1}
+    configs = [_without_defaults(m, c) if m in several else c for m, c in zip(methods, raw)]
+    labels = {m: _labels_of(m, [c for mm, c in zip(methods, configs) if mm == m]) for m in several}
+    return [labels[m][_key(c)] if m in several else r.get("method") for m, c, r in zip(methods, configs, records)]
 
 
-def _labels_of(method: str, configs: list[str]) -> dict[str, str]:
-    """Config (JSON) -> label for one method's configurations; every setting that varies is shown
-    where labels would otherwise collide."""
-    parsed = [json.loads(c) for c in configs]
-    varying = sorted({k for c in parsed for k in c if len({json.dumps(p.get(k, "\0")) for p in parsed}) > 1})
-    defaults = _default_configuration(method)
-    labels = {c: _variant_label(method, p, [k for k in varying if k in p and (k not in defaults or p[k] != defaults[k])])
-              for c, p in zip(configs, parsed)}
-    if len(set(labels.values())) < len(configs):
-        labels = {c: _variant_label(method, p, [k for k in varying if k in p]) for c, p in zip(configs, parsed)}
-    return labels
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _labels_of(method: str, configs: list[dict]) -> dict[str, str]:
+    """Config key -> label for one method's configurations: the settings that vary among them."""
+    distinct = {_key(c): c for c in configs}
+    varying = sorted({k for c in distinct.values() for k in c
+                      if len({_key({k: d.get(k, _ABSENT)}) for d in distinct.values()}) > 1})
+    return {key: _variant_label(method, c, [k for k in varying if k in c]) for key, c in distinct.items()}
+
+
+_ABSENT = "<absent>"  # a setting one configuration names and another leaves at its default
 
 
 def _variant_label(method: str, config: dict, keys: list[str]) -> str:
@@ -190,13 +195,19 @@ def _value_text(v) -> str:
     return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
 
 
+def _without_defaults(method: str, config: dict) -> dict:
+    defaults = _default_configuration(method)
+    return {k: v for k, v in config.items() if k not in defaults or _key(defaults[k]) != _key(v)}
+
+
 @functools.lru_cache(maxsize=None)
 def _default_configuration(method: str) -> dict:
-    """The configuration of ``method`` built with no options (empty for a method this process cannot make)."""
+    """Every option of ``method`` at its default, flattened as :func:`configuration` does (empty for a
+    method this process cannot make: then every setting that varies is shown)."""
     from harness.registry import make_method
 
     try:
-        return configuration({"method": method, "method_options": make_method(method).identity_options()})
+        return configuration({"method": method, "method_options": make_method(method).resolved_options()})
     except Exception as exc:  # an uninstalled plugin's records still report, labelled by every varying option
         log.debug("no defaults for %s: %s", method, exc)
         return {}

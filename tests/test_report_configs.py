@@ -110,6 +110,13 @@ def test_labels_show_what_differs_and_not_defaults():
                                     "diffrate[calib_limit=1000]", "random@tome[random.seed=1]", "random@tome"]
 
 
+def test_a_default_written_out_is_the_same_configuration():
+    """Records from before defaults were filled in wrote some out (``{"prop_attn": true}``): still ``tome``."""
+    recs = [{"method": "tome", "method_options": {"prop_attn": True}}, {"method": "tome", "method_options": {}},
+            {"method": "tome", "method_options": {"prop_attn": False, "inflection": 0.0}}]
+    assert variant_labels(recs) == ["tome", "tome", "tome[prop_attn=False]"]
+
+
 def test_variant_styles_differ_from_their_method():
     from harness.plots import method_order, method_style
 
