@@ -2,7 +2,8 @@
 
 A cell's id is the hash of its key, its configuration canonically resolved: model, weights and data,
 the method, its version and every option with its default filled in (:meth:`Method.identity_options`),
-the budget in one spelling (:func:`harness.budget.canonical_text`), dtype, device and kernel settings.
+the budget in one spelling (:func:`harness.budget.canonical_text`), dtype, device, the eval and
+throughput batch sizes (kept from before, so stored ids stay) and kernel settings.
 Stored records are found by it (resume, the reference results), so a key changes only when a result
 would: a setting added later enters the key only when not at its default, and ``tests/test_house.py``
 pins known ids. How a cell is timed and counted (:class:`Measurement`) is not in its id: it is
