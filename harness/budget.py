@@ -22,7 +22,11 @@ TARGET_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget as the user wrote it. ``kind`` is fraction, gmacs or knob; ``knob`` names the knob."""
+    """A budget. ``kind`` is fraction, gmacs or knob; ``knob`` names the knob.
+
+    ``text`` is canonical (:func:`canonical_text`): ``0.70``, ``7e-1`` and ``0.7`` are one budget,
+    ``0.7``, which is what a cell's id hashes and its record stores.
+    """
 
     text: str
     kind: str
@@ -41,6 +45,18 @@ class Resolved:
     skip_reason: Optional[str] = None
 
 
+def number_text(value: float) -> str:
+    """The shortest text that reads back as ``value``, without a trailing ``.0`` (``0.7``, ``13``, ``2.9``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def canonical_text(kind: str, value: float, knob: Optional[str] = None) -> str:
+    """A budget's one spelling: ``0.7``, ``gmacs=2.9`` or ``r=13``, whatever zeros or exponent it was typed with."""
+    prefix = {"fraction": "", "gmacs": "gmacs="}.get(kind, f"{knob}=")
+    return prefix + number_text(value)
+
+
 def parse_budget(text: str) -> Budget:
     """Parse ``0.7``, ``gmacs=2.9`` or ``<knob>=<value>``; malformed or out-of-range input raises."""
     text = str(text).strip()
@@ -54,15 +70,15 @@ def parse_budget(text: str) -> Budget:
     if not sep:
         if not 0 < value <= 1:
             raise HarnessError(f"budget {text} out of range: a fraction of the baseline GMACs must be in (0, 1]")
-        return Budget(text, "fraction", value)
+        return Budget(canonical_text("fraction", value), "fraction", value)
     key = key.strip()
     if key == "gmacs":
         if value <= 0:
             raise HarnessError(f"budget {text!r} out of range: a GMACs target must be positive")
-        return Budget(text, "gmacs", value)
+        return Budget(canonical_text("gmacs", value), "gmacs", value)
     if not key.isidentifier():
         raise HarnessError(f"malformed budget {text!r}: {key!r} is not a knob name")
-    return Budget(text, "knob", value, knob=key)
+    return Budget(canonical_text("knob", value, key), "knob", value, knob=key)
 
 
 def _gmacs_at(method, arch: ArchSpec, value: float) -> float:

@@ -1,11 +1,17 @@
 """The plan: a sweep's cells and their ids, from the config alone.
 
-A cell's id is the hash of its key, everything that determines its result. Stored records are found
-by it (resume, the reference results), so a key changes only when a result would: a setting added
-later enters the key only when not at its default, and ``tests/test_house.py`` pins a known id.
+A cell's id is the hash of its key, its configuration canonically resolved: model, weights and data,
+the method, its version and every option with its default filled in (:meth:`Method.identity_options`),
+the budget in one spelling (:func:`harness.budget.canonical_text`), dtype, device, the eval and
+throughput batch sizes (kept from before, so stored ids stay) and kernel settings.
+Stored records are found by it (resume, the reference results), so a key changes only when a result
+would: a setting added later enters the key only when not at its default, and ``tests/test_house.py``
+pins known ids. How a cell is timed and counted (:class:`Measurement`) is not in its id: it is
+stored with the record, and a sweep asking for more than a stored record did measures it again.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,6 +44,67 @@ class Machine:
     dtype: str
     device_name: str
     throughput_batch_size: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How a cell is timed and counted: stored with its record (``measurement``), not part of its id.
+
+    Attributes:
+        warmup, repeats: untimed and timed throughput calls, resolved for the device.
+        latency: batch-1 latency asked. end_to_end, decode_threads: the end-to-end figure and its decoders.
+        flops, flops_images: fvcore's count and the images it averages over.
+    """
+
+    warmup: int
+    repeats: int
+    latency: bool
+    end_to_end: bool
+    decode_threads: int
+    flops: bool
+    flops_images: int
+
+    def as_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of_record(cls, rec: dict) -> "Measurement":
+        """What a stored record measured: its ``measurement``, else read off the fields records had before it."""
+        if isinstance(rec.get("measurement"), dict):
+            return cls(**{f.name: rec["measurement"].get(f.name) for f in dataclasses.fields(cls)})
+        return cls(warmup=rec.get("throughput_warmup") or 0, repeats=rec.get("throughput_repeats") or 0,
+                   latency=rec.get("latency_ms") is not None, end_to_end=rec.get("e2e_img_per_s") is not None,
+                   decode_threads=rec.get("e2e_decode_threads"), flops=rec.get("flops_images") is not None,
+                   flops_images=rec.get("flops_images") or 0)
+
+
+def remeasure_reasons(rec: dict, asked: Measurement) -> list[str]:
+    """Why a finished record must be measured again for ``asked`` (empty: it already has what is asked).
+
+    Fewer timing rounds or warm-up calls than asked, a figure asked but absent (latency, end-to-end,
+    fvcore's count) or one taken otherwise (decode threads, FLOPs images) all count; a record that
+    measured nothing (a skip) has nothing to measure again.
+    """
+    if rec.get("status") not in ("ok", "off_target"):
+        return []
+    had, why = Measurement.of_record(rec), []
+    for name, what in (("repeats", "timing rounds"), ("warmup", "warm-up calls")):
+        if (getattr(had, name) or 0) < getattr(asked, name):
+            why.append(f"{getattr(had, name)} {what} stored, {getattr(asked, name)} asked")
+    for name, what in (("latency", "latency"), ("end_to_end", "end-to-end throughput"), ("flops", "fvcore count")):
+        if getattr(asked, name) and not getattr(had, name):
+            why.append(f"no {what} stored")
+    if asked.end_to_end and had.end_to_end and had.decode_threads != asked.decode_threads:
+        why.append(f"end-to-end with {had.decode_threads} decode threads stored, {asked.decode_threads} asked")
+    if asked.flops and had.flops and had.flops_images != asked.flops_images and not _all_images(rec, had, asked):
+        why.append(f"fvcore count over {had.flops_images} images stored, {asked.flops_images} asked")
+    return why
+
+
+def _all_images(rec: dict, had: Measurement, asked: Measurement) -> bool:
+    """A record from before ``measurement`` stores the FLOPs images it used, at most the eval set's size."""
+    n = rec.get("n_images") or rec.get("limit")
+    return "measurement" not in rec and bool(n) and had.flops_images == min(asked.flops_images, n)
 
 
 def selected_methods(names: tuple[str, ...], options: dict) -> dict[str, Method]:
@@ -80,6 +147,7 @@ def kernel_key(run: RunConfig) -> dict:
     """Settings that change the kernels a cell runs, named in its key only when not the default
     (so cells stored before the setting existed keep their ids)."""
     return {**({"compile": True} if run.compile else {}),
+            **({"compile_backend": run.compile_backend} if run.compile and run.compile_backend != "inductor" else {}),
             **({"attention": run.attention} if run.attention != "fused" else {}),
             **({"sdpa_backend": run.sdpa_backend} if run.sdpa_backend != "auto" else {}),
             **({"prop_attn": run.prop_attn} if run.prop_attn != "mask" else {})}
@@ -97,7 +165,9 @@ class Plan:
         if unknown:
             raise HarnessError(f"budgets_by_model names models not in the suite: {', '.join(sorted(unknown))}")
         self.specs: dict[str, ModelSpec] = {name: resolve_model(name, cfg.models, root) for name in suite.models}
-        budget_lists = {name: [budgets.parse_budget(b) for b in suite.budgets_for(name)] for name in self.specs}
+        # one cell per budget however it is spelt: 0.7 and 0.70 parse to one canonical Budget
+        budget_lists = {name: list(dict.fromkeys(budgets.parse_budget(b) for b in suite.budgets_for(name)))
+                        for name in self.specs}
         self.cells = expand(budget_lists, self.methods)
 
     def cell_key(self, cell: Cell, checkpoint_sha: Optional[str], machine: Machine) -> dict:
@@ -106,7 +176,7 @@ class Plan:
         # a searching method's result also depends on the training images it searched on
         calib = {"calib_limit": run.calib_limit} if method.needs_calibration else {}
         return {"model": cell.model, "arch": spec.arch, "weights": spec.weights, "checkpoint_sha": checkpoint_sha,
-                "method": cell.method, "method_version": method.version, "method_options": method.resolved_options(),
+                "method": cell.method, "method_version": method.version, "method_options": method.identity_options(),
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": run.limit,
                 "dtype": machine.dtype, "batch_size": run.batch_size, "device_name": machine.device_name,
                 "throughput_batch_size": machine.throughput_batch_size, **calib, **kernel_key(run)}

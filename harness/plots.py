@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _num, baseline_of, budget_order, current,
-                            environments, is_reference, load_frame, method_label, scored_envs, speedup_of,
+from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _num, base_method, baseline_of, budget_order,
+                            current, environments, is_reference, load_frame, method_label, scored_envs, speedup_of,
                             top1_interval)
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,14 @@ def method_style(name: str) -> dict:
     """Colour, marker and line of ``name``: fixed for built-ins, a stable hash for any other name.
 
     ``follower@leader`` (random at another method's schedule) takes the leader's colour, the
-    follower's marker unfilled and a dashed line, so it reads as "that schedule, other tokens".
+    follower's marker unfilled and a dashed line, so it reads as "that schedule, other tokens". A
+    variant (``random[seed=1]``, one of a method's configurations) keeps its method's marker, in a
+    colour of its own and dotted, so two configurations never share a line's look.
     """
+    if base_method(name) != name:
+        h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+        return {**method_style(base_method(name)), "color": SPARE_COLORS[h % len(SPARE_COLORS)], "linestyle": ":",
+                "markerfacecolor": "white"}
     follower, sep, leader = name.partition("@")
     if sep:
         lead, fol = method_style(leader), method_style(follower)
@@ -94,7 +100,7 @@ def method_order(names) -> list[str]:
     known = list(KNOWN)
 
     def key(n):
-        m = _method_of(n)
+        m = base_method(_method_of(n))
         return n != BASELINE, not is_reference(m), known.index(m) if m in known else len(known), n
 
     return sorted(set(names), key=key)

@@ -86,17 +86,25 @@ class Method(abc.ABC):
     tracks_positions: ClassVar[bool] = False
     # a reference line every other method must beat (``resolution``): drawn and listed as such
     baseline: ClassVar[bool] = False
+    # every option a config may set, with its default: the harness fills the defaults in before the
+    # method reads ``self.options``, so an option written at its default and one left out are the same
+    option_defaults: ClassVar[dict] = {}
+    # options the cell ids stored before the harness filled defaults in left out at these values (their
+    # defaults then): hashed only when different, so those ids stay; a default later changed in code
+    # differs from these and makes new ids (:meth:`identity_options`)
+    implicit_defaults: ClassVar[dict] = {}
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_names())
         if unknown:
             raise HarnessError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.option_names()}")
-        self.options = options
+        self.given_options = dict(options)  # as the config wrote them (the calibration cache's key)
+        self.options = {**self.option_defaults, **options}
 
     @classmethod
     def option_names(cls) -> list[str]:
-        """Options a config may set for this method (``[methods.<name>]`` in benchmark.toml)."""
-        return []
+        """Options a config may set for this method (``[methods.<name>]`` in benchmark.toml): those with defaults."""
+        return list(cls.option_defaults)
 
     @abc.abstractmethod
     def schedule(self, arch, value) -> "Schedule":  # noqa: F821
@@ -107,12 +115,19 @@ class Method(abc.ABC):
         """Patch ``model`` in place so it runs the method at knob ``value``."""
 
     def resolved_options(self) -> dict:
-        """Every option that changes results, defaults filled in: part of each cell's identity.
+        """Every option that changes results, defaults filled in, each in its default's type (``1`` for
+        a float default is ``1.0``): what :meth:`identity_options` hashes.
 
-        A method with defaults (a seed, search settings) overrides this so that changing a default
-        in code makes new cells rather than silently reusing old ones.
+        A method overrides this only to leave out options that do not change its results in some mode
+        (DiffRate's search settings when it reads published schedules) or to check values.
         """
-        return dict(self.options)
+        return {k: canonical_option(self.option_defaults.get(k), v) for k, v in self.options.items()}
+
+    def identity_options(self) -> dict:
+        """The options in a cell's id: :meth:`resolved_options` less those at :attr:`implicit_defaults`."""
+        implicit = self.implicit_defaults
+        return {k: v for k, v in self.resolved_options().items()
+                if not (k in implicit and _same_value(v, canonical_option(implicit[k], implicit[k])))}
 
     def describe(self, arch, value) -> dict:
         """Record fields about how the schedule at ``value`` was obtained (its source); none by default."""
@@ -147,8 +162,11 @@ class Method(abc.ABC):
         return {}
 
     def calibration_identity(self) -> dict:
-        """What of the method makes its search's result: part of the calibration key."""
-        return {"method_version": self.version, "options": self.options}
+        """What of the method makes its search's result: part of the calibration key.
+
+        The options as written (not filled in), as caches stored before defaults were filled are keyed.
+        """
+        return {"method_version": self.version, "options": self.given_options}
 
     @property
     def cache_name(self) -> str:
@@ -159,6 +177,25 @@ class Method(abc.ABC):
     def description(cls) -> str:
         """The first line of the class docstring: what ``python -m harness ls methods`` shows."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def canonical_option(default, value):
+    """``value`` in the type of ``default`` where that loses nothing (``1`` -> ``1.0`` for a float
+    default, a tuple -> a list), so two spellings of one setting hash alike; else ``value`` as given."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _same_value(a, b) -> bool:
+    """Equal and of one kind: ``True`` is not ``1`` here, as JSON (the id's hash) tells them apart."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -360,6 +397,7 @@ class FollowSchedule(Method):
         self.version = f"{follower.version}@{leader.version}"
         self.knob = leader.knob
         self.options = {follower.name: follower.options, leader.name: leader.options}
+        self.given_options = {follower.name: follower.given_options, leader.name: leader.given_options}
 
     @property
     def needs_calibration(self) -> bool:
@@ -371,6 +409,9 @@ class FollowSchedule(Method):
 
     def resolved_options(self) -> dict:
         return {self.follower.name: self.follower.resolved_options(), self.leader.name: self.leader.resolved_options()}
+
+    def identity_options(self) -> dict:
+        return {self.follower.name: self.follower.identity_options(), self.leader.name: self.leader.identity_options()}
 
     def calibrate(self, model, value, arch, calibration) -> dict:
         return self.leader.calibrate(model, value, arch, calibration)

@@ -18,12 +18,20 @@ torch or batch size is never a baseline, and accuracies on other images are neve
 environment only each method's newest version is compared, and ``off_target`` cells (achieved GMACs
 more than 2 % from the target) stay out of the matched-budget tables; both are listed under the
 model's table. ``docs/statistics.md`` explains the intervals, tests and spreads.
+
+A row is one configuration, never two merged: records are told apart by their method's options and
+``calib_limit`` as well as by method name and budget (budgets read in one spelling, ``0.70`` as
+``0.7``). A method stored in several configurations is labelled by what tells them apart, less what
+is at its default (``random`` and ``random[seed=1]``), in tables, pairwise tests, summaries, curves
+and figures. Two records of one configuration in one environment (a re-run under another id) are
+reported once, the newest measured one, and the duplication is noted under the model's table.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import math
 import re
@@ -112,7 +120,103 @@ def load_frame(results_dir: Path):
     asked = df["throughput_batch_size_requested"]
     df["throughput_batch_size_requested"] = asked.where(asked.notna(), df["throughput_batch_size"])
     df["results_dir"] = str(store.root)  # prediction paths are relative to it
+    df["budget"] = df["budget"].map(canonical_budget)
+    df["method"] = variant_labels(records)
     return df
+
+
+def canonical_budget(text) -> str:
+    """A stored budget in its one spelling (``0.70`` -> ``0.7``, as the plan writes it); other text as it is."""
+    from harness.budget import parse_budget
+
+    if text is None or text == "baseline" or (isinstance(text, float) and text != text):
+        return str(text) if text is not None else text
+    try:
+        return parse_budget(str(text)).text
+    except HarnessError:
+        return str(text)
+
+
+# --- configurations and their labels ----------------------------------------------------------------
+
+
+def configuration(rec: dict) -> dict:
+    """What tells a record's configuration apart beyond method and budget: its options, flattened
+    (``random.seed`` under ``random@tome``), and the ``calib_limit`` of a searching method."""
+    options = rec.get("method_options") if isinstance(rec.get("method_options"), dict) else {}
+    flat = {}
+    for k, v in options.items():
+        if isinstance(v, dict) and "@" in str(rec.get("method")):  # follower@leader: options per part
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    limit = _norm(rec.get("calib_limit"))
+    return {**flat, **({"calib_limit": limit} if limit is not None else {})}
+
+
+def variant_labels(records: list[dict]) -> list[str]:
+    """Each record's method label: the method's name, with ``[option=value, ...]`` where the method
+    was stored in several configurations (the settings that tell them apart, less those at their default).
+
+    Options at the method's defaults count as left out, so a record that wrote a default out and
+    one that did not (``{"seed": 0}``, ``{}``) are one configuration.
+    """
+    methods = [str(r.get("method")) for r in records]
+    raw = [configuration(r) for r in records]
+    several = {m for m in set(methods) if len({_key(c) for mm, c in zip(methods, raw) if mm == m}) > 1}
+    configs = [_without_defaults(m, c) if m in several else c for m, c in zip(methods, raw)]
+    labels = {m: _labels_of(m, [c for mm, c in zip(methods, configs) if mm == m]) for m in several}
+    return [labels[m][_key(c)] if m in several else r.get("method") for m, c, r in zip(methods, configs, records)]
+
+
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _labels_of(method: str, configs: list[dict]) -> dict[str, str]:
+    """Config key -> label for one method's configurations: the settings that vary among them."""
+    distinct = {_key(c): c for c in configs}
+    varying = sorted({k for c in distinct.values() for k in c
+                      if len({_key({k: d.get(k, _ABSENT)}) for d in distinct.values()}) > 1})
+    return {key: _variant_label(method, c, [k for k in varying if k in c]) for key, c in distinct.items()}
+
+
+_ABSENT = "<absent>"  # a setting one configuration names and another leaves at its default
+
+
+def _variant_label(method: str, config: dict, keys: list[str]) -> str:
+    return f"{method}[{','.join(f'{k}={_value_text(config[k])}' for k in keys)}]" if keys else method
+
+
+def _value_text(v) -> str:
+    if isinstance(v, float):
+        from harness.budget import number_text
+
+        return number_text(v)
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def _without_defaults(method: str, config: dict) -> dict:
+    defaults = _default_configuration(method)
+    return {k: v for k, v in config.items() if k not in defaults or _key(defaults[k]) != _key(v)}
+
+
+@functools.lru_cache(maxsize=None)
+def _default_configuration(method: str) -> dict:
+    """Every option of ``method`` at its default, flattened as :func:`configuration` does (empty for a
+    method this process cannot make: then every setting that varies is shown)."""
+    from harness.registry import make_method
+
+    try:
+        return configuration({"method": method, "method_options": make_method(method).resolved_options()})
+    except Exception as exc:  # an uninstalled plugin's records still report, labelled by every varying option
+        log.debug("no defaults for %s: %s", method, exc)
+        return {}
+
+
+def base_method(label: str) -> str:
+    """The method a label names: ``random[seed=1]`` -> ``random``."""
+    return str(label).split("[", 1)[0]
 
 
 def _num(v) -> Optional[float]:
@@ -163,7 +267,7 @@ def is_reference(method: str) -> bool:
     """
     from harness.registry import method_infos
 
-    return any(info.name == method and info.baseline for info in method_infos())
+    return any(info.name == base_method(method) and info.baseline for info in method_infos())
 
 
 def method_rank(method: str) -> tuple:
@@ -261,8 +365,29 @@ def _superseded_mask(group):
 
 
 def current(group):
-    """The records of ``group`` at each method's newest version: the ones compared."""
-    return group[[not s for s in _superseded_mask(group)]]
+    """The records of ``group`` compared: each method's newest version, one record per configuration."""
+    superseded = _superseded_mask(group)
+    keep = {i for ids in _configurations(group, superseded).values() for i in ids[:1]}
+    return group[[not s and (i in keep or m == BASELINE) for i, (s, m) in enumerate(zip(superseded, group["method"]))]]
+
+
+def _configurations(group, superseded=None) -> dict[tuple, list[int]]:
+    """(method label, budget) -> positions of its records in ``group`` not superseded, the one
+    reported first: measured before not, then the newest (timestamp, then cell id). The baseline's
+    records are left to :func:`baseline_of`."""
+    superseded = _superseded_mask(group) if superseded is None else superseded
+    found: dict[tuple, list[tuple]] = {}
+    rows = zip(group["method"], group["budget"], group["status"], group["timestamp"], group["cell_id"], superseded)
+    for i, (method, budget, status, when, cid, old) in enumerate(rows):
+        if not old and method != BASELINE:
+            found.setdefault((method, str(budget)), []).append((status in MEASURED, _when(when), str(cid), i))
+    return {k: [i for *_, i in sorted(v, reverse=True)] for k, v in found.items()}
+
+
+def duplicates(group) -> dict[tuple, list[str]]:
+    """(method label, budget) -> the cell ids of a configuration stored more than once (a re-run), the reported one first."""
+    ids = list(group["cell_id"])
+    return {k: [str(ids[i]) for i in v] for k, v in _configurations(group).items() if len(v) > 1}
 
 
 def _baselines(group) -> list[dict]:
@@ -422,6 +547,9 @@ def model_rows(group, load: Optional[Callable] = None) -> list[dict]:
     recs = [r for r in _records(ok[ok["status"] == "ok"])
             if r["method"] != BASELINE or r.get("cell_id") == (base or {}).get("cell_id")]
     rows = [_row(r, base, load) for r in sorted(recs, key=_cell_order)]
+    twice = duplicates(group)
+    for row in rows if twice else []:  # a column only where a configuration was stored twice
+        row["records"] = len(twice.get((row["method"], row["budget"]), [None]))
     _mark_best(rows)
     return rows
 
@@ -537,7 +665,7 @@ def method_label(method: str) -> str:
 
 
 def _method_text(row: dict, fmt: Optional[str], latex: bool) -> str:
-    text = method_label(row["method"])
+    text = method_label(row["method"]) + (f" ({row['records']} records)" if (row.get("records") or 0) > 1 else "")
     return tex_escape(text) if latex else text
 
 
@@ -864,7 +992,15 @@ def _notes(group) -> list[str]:
         if used and asked and used < asked:
             lines.append(f"- {r['method']} @ {r['budget']}: timed at throughput batch {int(used)}, not {int(asked)} "
                          "(out of memory)")
-    return lines + _superseded_notes(group)
+    return lines + _duplicate_notes(group) + _superseded_notes(group)
+
+
+def _duplicate_notes(group) -> list[str]:
+    lines = []
+    for (method, budget), ids in sorted(duplicates(group).items(), key=lambda kv: (budget_order(kv[0][1]), kv[0][0])):
+        lines.append(f"- {method} @ {budget}: {len(ids)} records of one configuration (a re-run; cells {', '.join(ids)}): "
+                     f"reported once, from cell {ids[0]} (measured first, then the newest); the others are not compared")
+    return lines
 
 
 def _baseline_notes(group) -> list[str]:

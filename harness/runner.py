@@ -22,12 +22,14 @@ from harness.errors import HarnessError
 from harness.execute import Executor
 from harness.inputs import Inputs
 from harness.paths import DataRoot
-from harness.plan import Cell, Machine, Plan, cell_id
-from harness.store import ResultStore
+from harness.plan import Cell, Machine, Measurement, Plan, cell_id, remeasure_reasons
+from harness.store import DONE, ResultStore
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+# why a cell runs when its record is finished but measured less than the sweep asks
+REMEASURE = "measured again"
 
 
 class Sweep:
@@ -51,6 +53,7 @@ class Sweep:
                                  calibration_run)
         self.machine = Machine(self.settings.dtype, self.executor.env["device_name"],
                                self.executor.throughput_batch_size)
+        self.measurement = asked_measurement(self.run, device)
 
     def cell_key(self, cell: Cell) -> dict:
         """What determines a cell's result; its hash is the cell's id."""
@@ -64,15 +67,31 @@ class Sweep:
         for spec in self.plan.specs.values():
             self.inputs.check(spec)
 
+    def due(self, cid: str) -> str:
+        """Why cell ``cid`` runs now, "" when its stored record is finished and measured as asked.
+
+        A finished record measured less than :attr:`measurement` asks (fewer timing rounds, no
+        latency, ...) is measured again, under the same id, and the reason says so.
+        """
+        if self.run.overwrite:
+            return "overwrite"
+        rec = self.store.get(cid)
+        if rec is None or rec.get("status") not in DONE:
+            return "not done"
+        why = remeasure_reasons(rec, self.measurement)
+        return f"{REMEASURE}: {'; '.join(why)}" if why else ""
+
     def todo(self) -> list[Cell]:
-        """Cells without a finished record (all of them with ``overwrite``)."""
-        return [c for c in self.cells if self.run.overwrite or not self.store.is_done(self.cell_id(c))]
+        """Cells without a finished record measured as asked (all of them with ``overwrite``)."""
+        return [c for c in self.cells if self.due(self.cell_id(c))]
 
     def execute(self) -> list[dict]:
         """Run every cell not already done; return the records written now."""
         written = []
         todo = distributed.broadcast(self.todo(), self.dist)
-        self.progress(f"{len(self.cells)} cells, {len(self.cells) - len(todo)} already done, {len(todo)} to run")
+        again = sum(self.due(self.cell_id(c)).startswith(REMEASURE) for c in todo) if self.dist.is_main else 0
+        self.progress(f"{len(self.cells)} cells, {len(self.cells) - len(todo)} already done, {len(todo)} to run"
+                      + (f" ({again} of them stored with less measurement than asked: measured again)" if again else ""))
         for n, cell in enumerate(todo, 1):
             self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}")
             record = self.run_claimed(cell)
@@ -90,17 +109,28 @@ class Sweep:
         cid = self.cell_id(cell)
         claimed = self.dist.is_main and self.store.claim(cid)
         try:
-            go = claimed and (self.run.overwrite or not self.store.is_done(cid))
-            if not distributed.broadcast(go, self.dist):  # every rank runs the cell, or none
+            why = self.due(cid) if claimed else ""
+            if not distributed.broadcast(bool(why), self.dist):  # every rank runs the cell, or none
                 return None
-            record = self.executor.run_cell(self.plan.specs[cell.model], self.plan.methods[cell.method],
-                                            cell.budget, self.cell_key(cell), cid)
+            if why.startswith(REMEASURE):
+                log.info("cell %s: %s", cid, why)
+                self.progress(f"      {why}")
+            method = self.plan.methods[cell.method]
+            record = self.executor.run_cell(self.plan.specs[cell.model], method, cell.budget, self.cell_key(cell), cid)
+            record.update(measurement=self.measurement.as_record(), method_options_resolved=method.resolved_options())
             if self.dist.is_main:
                 self.store.write_cell(record)
             return record
         finally:
             if claimed:
                 self.store.release(cid)
+
+
+def asked_measurement(run, device: torch.device) -> Measurement:
+    """The measurement ``run`` asks of every cell, its device defaults resolved."""
+    warmup, repeats = measure.timing_counts(device, run.throughput_warmup, run.throughput_repeats)
+    return Measurement(warmup, repeats, run.throughput_latency, run.end_to_end, run.decode_threads, run.flops,
+                       run.flops_images)
 
 
 def summary_line(r: dict) -> str:

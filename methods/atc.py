@@ -231,9 +231,8 @@ class ATC(Method):
     version = "1"
     knob = Knob("keep_rate", float, 0.2, 1.0, identity=1.0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["linkage", "prop_attn", "reduction_loc"]
+    option_defaults = {"linkage": "average", "prop_attn": True, "reduction_loc": None}
+    implicit_defaults = {"reduction_loc": None}  # left out of ids at None since ATC's first version
 
     def resolved_options(self) -> dict:
         options = {"linkage": self.linkage, "prop_attn": self.prop_attn}

@@ -171,9 +171,7 @@ class DCTFilter(Method):
     stage = "post"
     merges = False  # mixes tokens but resamples them evenly: no unequal sizes to weigh (module docstring)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["half_tokens"]
+    option_defaults = {"half_tokens": False}
 
     def resolved_options(self) -> dict:
         return {"half_tokens": bool(self.options.get("half_tokens", False))}

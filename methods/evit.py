@@ -134,18 +134,17 @@ class EViT(Method):
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["fuse", "drop_loc"]
+    option_defaults = {"fuse": True, "drop_loc": None}
+    implicit_defaults = {"fuse": True, "drop_loc": None}  # ids stored before defaults were filled
 
     @property
     def fuse(self) -> bool:
         """Whether dropped tokens are fused into one extra token."""
-        return bool(self.options.get("fuse", True))
+        return bool(self.options["fuse"])
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that drop tokens for a model of ``depth`` blocks."""
-        return chosen_blocks(self.options.get("drop_loc"), depth, f"{self.name} drop_loc")
+        return chosen_blocks(self.options["drop_loc"], depth, f"{self.name} drop_loc")
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []

@@ -237,9 +237,7 @@ class MCTF(Method):
     merges = True
     stage = "pre"
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return list(DEFAULT_TAUS)
+    option_defaults = dict(DEFAULT_TAUS)
 
     def resolved_options(self) -> dict:
         return {k: float(self.options.get(k, v)) for k, v in DEFAULT_TAUS.items()}

@@ -155,9 +155,7 @@ class PPT(Method):
     version = "1"
     knob = Knob("r", int, 0, 98, identity=0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["threshold", "pp_loc_list"]
+    option_defaults = {"threshold": THRESHOLD, "pp_loc_list": None}
 
     def resolved_options(self) -> dict:
         loc = self.options.get("pp_loc_list")

@@ -95,9 +95,7 @@ class RandomPruning(Method):
     version = "2"  # 2: counter-based hash draws (traceable, independent of earlier forwards)
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["seed"]
+    option_defaults = {"seed": 0}
 
     def resolved_options(self) -> dict:
         return {"seed": int(self.options.get("seed", 0))}

@@ -175,14 +175,13 @@ class ToMe(Method):
     version = "1"
     knob = Knob("r", int, 0, R_MAX, identity=0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["prop_attn", "inflection", "r_list"]
+    option_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}
+    implicit_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}  # ids stored before defaults were filled
 
     def layer_r(self, depth: int, r: int) -> list[int]:
         """r for each of ``depth`` blocks at knob value ``r`` under this method's schedule options."""
-        r_list = self.options.get("r_list")
-        inflection = float(self.options.get("inflection", 0.0))
+        r_list = self.options["r_list"]
+        inflection = float(self.options["inflection"])
         if r_list is not None and len(r_list) > depth:
             raise HarnessError(f"tome r_list has {len(r_list)} entries, the model {depth} blocks")
         if not -1.0 <= inflection <= 1.0:
@@ -200,5 +199,5 @@ class ToMe(Method):
     def patch(self, model, value: int, arch) -> None:
         rs = self.layer_r(len(model.blocks), value)
         reducers = {i: tome_reducer(r) for i, r in enumerate(rs) if r > 0}
-        install(model, reducers, prop_attn=bool(self.options.get("prop_attn", True)), merges=self.merges, method=self.name,
+        install(model, reducers, prop_attn=bool(self.options["prop_attn"]), merges=self.merges, method=self.name,
                 tracks_positions=self.tracks_positions)

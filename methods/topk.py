@@ -21,9 +21,8 @@ class TopK(EViT):
     name = "topk"
     version = "1"
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["drop_loc"]
+    option_defaults = {"drop_loc": None}
+    implicit_defaults = {"drop_loc": None}  # ids stored before defaults were filled
 
     @property
     def fuse(self) -> bool:

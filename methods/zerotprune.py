@@ -186,9 +186,7 @@ class ZeroTPrune(Method):
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["drop_loc", "iters", "head_agg", "s_fraction"]
+    option_defaults = {"drop_loc": None, "iters": 5, "head_agg": "rms", "s_fraction": 0.5}
 
     def resolved_options(self) -> dict:
         return {"drop_loc": self.options.get("drop_loc"), "iters": self.iters, "head_agg": self.head_agg,

@@ -100,9 +100,8 @@ class DiffRate(Method):
     knob = Knob("gmacs_ratio", float, 0.05, 1.0, identity=1.0)
     needs_calibration = True
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return ["schedules", "model_key", *SEARCH_DEFAULTS]
+    option_defaults = {"schedules": "search", "model_key": None, **SEARCH_DEFAULTS}
+    implicit_defaults = {"model_key": None}  # left out of ids unless given since DiffRate's first version
 
     def __init__(self, **options):
         super().__init__(**options)
