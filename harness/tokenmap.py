@@ -215,14 +215,22 @@ class Search:
     cache_root: Path
     calib_limit: int
 
+    @classmethod
+    def defaults(cls) -> "Search":
+        """A sweep's defaults (:class:`harness.config.RunConfig`): its results folder and ``calib_limit``."""
+        from harness.config import RunConfig
+
+        run = RunConfig()
+        return cls(Path(run.results_dir) / "cache", run.calib_limit)
+
 
 def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: int, reports_dir: Path,
                method_options: Optional[dict] = None, configured: Optional[dict] = None, root: Optional[Path] = None,
                depths: Optional[list[int]] = None, search: Optional[Search] = None) -> list[Path]:
     """Token maps of ``methods`` at ``budget_text`` for the first ``n_images`` (class-balanced) test images.
 
-    Runs the model (CPU, fp32); a searching method searches there too (``search``, default: the
-    cache under ``results/local`` and 5000 training images), or reuses a cached search.
+    Runs the model (CPU, fp32); a searching method searches there too (``search``, default:
+    :meth:`Search.defaults`), or reuses a cached search.
     Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png`` per image and returns their
     paths (PNG only: the figure is raster images, which a PDF would only wrap at twice the size).
     """
@@ -233,7 +241,7 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     root = root or data_root()
     spec = resolve_model(model_name, configured or {}, root)
     state_dict = load_checkpoint(spec)
-    calibrate = _calibrator(root, n_images, search or Search(Path("results/local/cache"), 5000))
+    calibrate = _calibrator(root, n_images, search or Search.defaults())
     traces, arch, transform = _traces(spec, state_dict, methods, budget_text, method_options or {}, calibrate)
     images, labels = _images(spec, transform, root, n_images)
     names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
