@@ -133,6 +133,9 @@ def prepare_cell(spec: ModelSpec, method: Method, budget: Optional[budgets.Budge
     arch, transform = arch_spec(model), eval_transform(spec, model)
     searched = {}
     if method.needs_calibration and budget is not None and knob_value is None:
+        unreachable = search_skip(method, arch, budget)
+        if unreachable:  # recorded as skipped, like any method's unreachable budget: no search, no model
+            return PreparedCell(None, transform, arch, method, unreachable, unreachable.gmacs)
         if calibrate is None:
             raise HarnessError(f"{method.name} searches its schedule on data first: prepare_cell needs calibrate")
         # the search meets the target itself: the knob is the GMACs ratio, no bisection
@@ -160,7 +163,8 @@ def solve(method: Method, arch: ArchSpec, budget: Optional[budgets.Budget],
     baseline = analytic_gmacs(arch, Schedule.full(arch))
     if knob_value is not None:
         schedule = method.schedule(arch, knob_value)
-        target = None if budget is None or budget.kind == "knob" else knob_value * baseline
+        # the target asked (a calibrating method's knob may sit at the end of its range, within tolerance)
+        target = None if budget is None or budget.kind == "knob" else _target_ratio(arch, budget) * baseline
         return budgets.Resolved(knob_value, schedule, analytic_gmacs(arch, schedule), target), baseline
     if budget is None or method.knob is None:
         return budgets.Resolved(None, method.schedule(arch, None), baseline, None), baseline
@@ -173,6 +177,29 @@ def calibration_knob(method: Method, arch: ArchSpec, budget: budgets.Budget) -> 
         if budget.knob != method.knob.name:
             raise HarnessError(f"budget {budget.text!r} does not apply to {method.name!r} (its knob: {method.knob.name})")
         return method.knob.check(budget.value)
-    baseline = analytic_gmacs(arch, Schedule.full(arch))
-    ratio = budget.value if budget.kind == "fraction" else budget.value / baseline
-    return method.knob.check(round(ratio, 6))
+    ratio = _target_ratio(arch, budget)
+    # within the reach tolerance every method allows (budgets.REACH_TOLERANCE), the nearest end of the range
+    return method.knob.check(round(min(max(ratio, method.knob.low), method.knob.high), 6))
+
+
+def search_skip(method: Method, arch: ArchSpec, budget: budgets.Budget) -> Optional[budgets.Resolved]:
+    """The skipped budget of a calibrating method whose GMACs target its knob cannot reach (None: reachable).
+
+    The same rule as :func:`harness.budget.resolve` for every other method: a target further than
+    ``REACH_TOLERANCE`` outside the knob's range is a recorded skip with the reason, never an error.
+    A knob budget is checked against the knob's range when the sweep is planned.
+    """
+    if budget.kind == "knob":
+        return None
+    knob, baseline = method.knob, analytic_gmacs(arch, Schedule.full(arch))
+    ratio, tol = _target_ratio(arch, budget), budgets.REACH_TOLERANCE
+    if knob.low * (1 - tol) <= ratio <= knob.high * (1 + tol):
+        return None
+    reason = (f"target {ratio * baseline:.3f} GMACs outside what {knob.name} reaches "
+              f"({knob.low * baseline:.3f}..{knob.high * baseline:.3f})")
+    return budgets.Resolved(None, Schedule.full(arch), baseline, ratio * baseline, reason)
+
+
+def _target_ratio(arch: ArchSpec, budget: budgets.Budget) -> float:
+    """A fraction or GMACs budget as a fraction of the baseline's GMACs."""
+    return budget.value if budget.kind == "fraction" else budget.value / analytic_gmacs(arch, Schedule.full(arch))

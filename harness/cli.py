@@ -11,8 +11,15 @@ from harness.errors import HarnessError
 from harness.paths import default_config
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _csv(flag: str):
+    """``flag``'s comma-separated list; an empty item (``0.7,,0.5``, a trailing comma) is an error, never dropped."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise HarnessError(f"{flag} {text!r} has an empty item: separate the values by single commas")
+        return items
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +49,9 @@ def _add_run_selection(run) -> None:
     """What a sweep runs: config, suite, models, methods, budgets, data, weights, where results go."""
     run.add_argument("--config", type=Path, default=None, help="benchmark.toml (default: ./benchmark.toml, else the built-in defaults)")
     run.add_argument("--suite", help="suite of the config to run (default: [run] suite)")
-    run.add_argument("--models", type=_csv, help="comma-separated model names")
-    run.add_argument("--methods", type=_csv, help="comma-separated method names, or all")
-    run.add_argument("--budgets", type=_csv, help="comma-separated budgets: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
+    run.add_argument("--models", type=_csv("--models"), help="comma-separated model names")
+    run.add_argument("--methods", type=_csv("--methods"), help="comma-separated method names, or all")
+    run.add_argument("--budgets", type=_csv("--budgets"), help="comma-separated budgets: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
     run.add_argument("--limit", type=int, help="evaluate the first N images (class-balanced); 0 = all")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--dtype", help="auto, fp32, fp16, bf16")
@@ -112,12 +119,16 @@ def _add_tokenmap(sub) -> None:
     tm = sub.add_parser("tokenmap", allow_abbrev=False, help="token maps on test images: kept, merged and dropped patches (runs the model)")
     tm.add_argument("--config", type=Path, default=None)
     tm.add_argument("--model", default="deit_tiny_cifar10")
-    tm.add_argument("--methods", type=_csv, default=["tome", "evit", "topk", "random"])
+    tm.add_argument("--methods", type=_csv("--methods"), default=["tome", "evit", "topk", "random"])
     tm.add_argument("--budget", default="0.7", help="0.7, gmacs=0.9 or a knob (r=13)")
     tm.add_argument("--images", type=int, default=4, help="first N test images, class-balanced")
-    tm.add_argument("--depths", type=_csv, help="1-based blocks to show (default: 4,7,10,12 of 12)")
+    tm.add_argument("--depths", type=_csv("--depths"), help="1-based blocks to show (default: 4,7,10,12 of 12)")
     tm.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
     tm.add_argument("--data-root", help="where datasets/ and models/ live")
+    tm.add_argument("--results", dest="results_dir",
+                    help="results directory whose calibration cache a searching method (DiffRate) reads and fills")
+    tm.add_argument("--calib-limit", type=int,
+                    help="training images a searching method (DiffRate) searches on (default: [run] calib_limit)")
 
 
 def _load(args):
@@ -245,23 +256,31 @@ def cmd_plot(args) -> int:
 def cmd_tokenmap(args) -> int:
     from harness.budget import parse_budget
     from harness.paths import data_root
-    from harness.tokenmap import token_maps
+    from harness.tokenmap import Search, token_maps
 
     cfg = _load(args)
     parse_budget(args.budget)  # a malformed budget fails before the model loads
     if args.images <= 0:
         raise HarnessError("--images must be positive")
+    if args.calib_limit is not None and args.calib_limit < 0:
+        raise HarnessError("--calib-limit must be >= 0 (0: the whole training split)")
     depths = [int(d) - 1 for d in args.depths] if args.depths else None
     root = data_root(args.data_root or cfg.run.data_root)
+    search = Search(Path(args.results_dir or cfg.run.results_dir) / "cache",
+                    cfg.run.calib_limit if args.calib_limit is None else args.calib_limit)
     paths = token_maps(args.model, args.methods, args.budget, args.images, Path(args.reports_dir) if args.reports_dir else cfg.run.reports_path,
-                       cfg.method_options, cfg.models, root, depths)
+                       cfg.method_options, cfg.models, root, depths, search)
     for p in paths:
         print(p)
     return 0
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except HarnessError as exc:  # a list flag's type check: one line, as every bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from harness import progress
 

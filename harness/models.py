@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("cifar10", "imagenet", "synthetic")
 WEIGHTS = ("pretrained", "random", "checkpoint")
+# ``<timm arch>.random``: the architecture with seeded random weights on synthetic inputs, the same in a
+# config file's ``models`` as on the command line (no ``[models.X]`` entry needed)
+RANDOM_TAG = "random"
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,11 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
         return _card_spec(card)
     import timm
 
-    if timm.is_model(name.split(".")[0]):
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch):
+        if tag == RANDOM_TAG:
+            return ModelSpec(name, arch, "random", None, None, "synthetic")
+        _check_pretrained_tag(name)
         return ModelSpec(name, name, "pretrained", None, None, "imagenet")
     if not _has_root(root):  # a reference checkpoint's name with no data root: say that, not 400 timm names
         why = "no data root"
@@ -106,6 +113,20 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
                            f"<data root>/models/{name}.json can be looked for ({why})")
     choices = list(configured) + reference_names(root) + timm.list_models("*vit*") + timm.list_models("deit*")
     raise did_you_mean("model", name, choices)
+
+
+def _check_pretrained_tag(name: str) -> None:
+    """A timm ``arch.tag`` whose tag timm does not know fails here, by name, not in timm's builder."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        get_pretrained_cfg(name)
+    except RuntimeError:
+        arch, _, tag = name.partition(".")
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        raise HarnessError(f"unknown model {name!r}: timm has no pretrained tag {tag!r} for {arch} (its tags: "
+                           f"{', '.join(tags) or 'none'}; or {arch}.{RANDOM_TAG}: random weights, synthetic data)") from None
 
 
 def _has_root(root) -> bool:
@@ -195,7 +216,7 @@ def override_models(names, configured: dict[str, ModelConfig], root, weights: Op
     out = {}
     for name in names:
         resolve_model(name, configured, root)  # an unknown name fails here with its "did you mean"
-        base = configured.get(name) or (ModelConfig(card=name) if _card_path(name, root) else ModelConfig(timm=name))
+        base = configured.get(name) or (ModelConfig(card=name) if _card_path(name, root) else _timm_entry(name))
         changes = {}
         if w is not None:
             changes.update(weights=w[0], checkpoint=w[1])
@@ -203,6 +224,12 @@ def override_models(names, configured: dict[str, ModelConfig], root, weights: Op
             changes.update(data=d[0], data_path=d[1])
         out[name] = dataclasses.replace(base, **changes)
     return out
+
+
+def _timm_entry(name: str) -> ModelConfig:
+    """The ``[models.X]`` entry a timm name stands for (``arch.random``: random weights, synthetic data)."""
+    arch, _, tag = name.partition(".")
+    return ModelConfig(timm=arch, weights="random", data="synthetic") if tag == RANDOM_TAG else ModelConfig(timm=name)
 
 
 # ---------------------------------------------------------------------------------- weights --

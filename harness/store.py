@@ -1,6 +1,7 @@
 """The result store: one JSON record per cell, written atomically the moment the cell ends."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -17,8 +18,6 @@ SCHEMA_VERSION = 1
 # finished results: a rerun would measure the same (an off-target cell stays off target); errors and
 # unsupported cells are retried (a later harness may support the model)
 DONE = ("ok", "skipped", "off_target")
-# A lock taken on another host cannot be checked for a live process; after this long it is stale.
-FOREIGN_LOCK_STALE_S = 12 * 3600
 
 
 class ResultStore:
@@ -27,15 +26,21 @@ class ResultStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.records_dir = self.root / "records"
+        self._held: dict[str, int] = {}  # cell id -> the open, flocked descriptor of its lock
 
     def ensure_writable(self) -> None:
-        """Create the directory and prove it is writable before any cell runs."""
+        """Create the directory and prove it is writable, and lockable, before any cell runs."""
         try:
             self.records_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.records_dir, prefix=".probe", delete=True):
-                pass
+            probe = tempfile.NamedTemporaryFile(dir=self.records_dir, prefix=".probe", delete=True)
         except OSError as exc:
             raise HarnessError(f"results directory {self.records_dir} is not writable: {exc.strerror}") from None
+        with probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise HarnessError(f"results directory {self.records_dir} does not support file locks (flock), which "
+                                   f"keep two sweeps off one cell: {exc.strerror}") from None
 
     def path(self, cell_id: str) -> Path:
         return self.records_dir / f"{cell_id}.json"
@@ -97,29 +102,39 @@ class ResultStore:
         return self.records_dir / f"{cell_id}.lock"
 
     def claim(self, cell_id: str) -> bool:
-        """Take the cell's lock so concurrent sweeps on one directory do not run it twice.
+        """Take the cell's lock so that one process at a time runs it; False while another holds it.
 
-        Returns False while another live process holds it. A lock left by a killed process (dead pid
-        on this host, or older than FOREIGN_LOCK_STALE_S from another host) is taken over. Two sweeps
-        racing for the same stale lock can at worst both run the cell; the atomic write keeps the
-        record whole either way.
+        The lock is an exclusive ``flock`` on ``<cell_id>.lock``, held until :meth:`release`: taking
+        it and owning it are one step in the kernel, which also drops it the moment its holder dies
+        (``kill -9`` included), so a lock is taken over exactly when its owner is gone. The file's
+        text (pid, host, start) only tells a reader who holds it; nothing decides on it.
         """
         lock = self._lock(cell_id)
-        for _ in range(2):
+        for _ in range(8):  # the holder may release (unlink) between our open and our flock
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _lock_alive(lock):
-                    return False
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, fh)
-            return True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _is_path_of(fd, lock):
+                _write_owner(fd)
+                self._held[cell_id] = fd
+                return True
+            os.close(fd)  # we locked a file already released and unlinked: try the one now at the path
         return False
 
     def release(self, cell_id: str) -> None:
-        self._lock(cell_id).unlink(missing_ok=True)
+        """Remove and unlock the cell's lock if this store holds it; another process's lock is never touched."""
+        fd = self._held.pop(cell_id, None)
+        if fd is None:
+            return
+        try:
+            lock = self._lock(cell_id)
+            if _is_path_of(fd, lock):  # unlinked while still locked: a waiter then sees it gone and retries
+                lock.unlink()
+        finally:
+            os.close(fd)
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -133,20 +148,21 @@ def _atomic_write(target: Path, write) -> None:
     os.replace(tmp, target)
 
 
-def _lock_alive(lock: Path) -> bool:
+def _is_path_of(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not unlinked, not replaced)."""
     try:
-        info = json.loads(lock.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False  # half-written by a killed process
-    if info.get("host") != socket.gethostname():
-        return time.time() - float(info.get("since", 0)) < FOREIGN_LOCK_STALE_S
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
+        st = os.stat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _write_owner(fd: int) -> None:
+    """Who holds a lock, for a reader (``cat records/<cell>.lock``)."""
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner, 0)
 
 
 def upgrade(record: dict) -> dict:

@@ -203,14 +203,36 @@ def figure(plt, image, traces: dict[str, Trace], index: int, depths: list[int], 
     return fig
 
 
+@dataclass(frozen=True)
+class Search:
+    """Where a searching method (DiffRate) gets its schedule for a token map: the runner's calibration.
+
+    Attributes:
+        cache_root: ``<results>/cache``, the sweep's calibration cache (a search a sweep made is reused).
+        calib_limit: training images the search runs on (a sweep's ``calib_limit`` finds its cached search).
+    """
+
+    cache_root: Path
+    calib_limit: int
+
+    @classmethod
+    def defaults(cls) -> "Search":
+        """A sweep's defaults (:class:`harness.config.RunConfig`): its results folder and ``calib_limit``."""
+        from harness.config import RunConfig
+
+        run = RunConfig()
+        return cls(Path(run.results_dir) / "cache", run.calib_limit)
+
+
 def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: int, reports_dir: Path,
                method_options: Optional[dict] = None, configured: Optional[dict] = None, root: Optional[Path] = None,
-               depths: Optional[list[int]] = None) -> list[Path]:
+               depths: Optional[list[int]] = None, search: Optional[Search] = None) -> list[Path]:
     """Token maps of ``methods`` at ``budget_text`` for the first ``n_images`` (class-balanced) test images.
 
-    Runs the model (CPU, fp32). Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png``
-    per image and returns their paths (PNG only: the figure is raster images, which a PDF would only
-    wrap at twice the size).
+    Runs the model (CPU, fp32); a searching method searches there too (``search``, default:
+    :meth:`Search.defaults`), or reuses a cached search.
+    Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png`` per image and returns their
+    paths (PNG only: the figure is raster images, which a PDF would only wrap at twice the size).
     """
     from harness.data import CIFAR10_CLASSES
     from harness.models import load_checkpoint, resolve_model
@@ -219,7 +241,8 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     root = root or data_root()
     spec = resolve_model(model_name, configured or {}, root)
     state_dict = load_checkpoint(spec)
-    traces, arch, transform = _traces(spec, state_dict, methods, budget_text, method_options or {})
+    calibrate = _calibrator(root, n_images, search or Search.defaults())
+    traces, arch, transform = _traces(spec, state_dict, methods, budget_text, method_options or {}, calibrate)
     images, labels = _images(spec, transform, root, n_images)
     names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
     grid = int(round(arch.num_patches ** 0.5))
@@ -227,7 +250,18 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
                  Path(reports_dir), f"tokenmap_{model_name}_{budget_text}")
 
 
-def _traces(spec, state_dict, methods: list[str], budget_text: str, method_options: dict):
+def _calibrator(root: Path, n_images: int, search: Search):
+    """The runner's calibration service, on the CPU in fp32 (what a token map runs in)."""
+    from harness.calibration import Calibrator
+    from harness.cell import CellSettings
+    from harness.inputs import Inputs
+    from harness.paths import DataRoot
+
+    return Calibrator(Inputs(DataRoot(str(root)), n_images, log.info), CellSettings(), search.cache_root,
+                      search.calib_limit)
+
+
+def _traces(spec, state_dict, methods: list[str], budget_text: str, method_options: dict, calibrate=None):
     """Each method's trace on the images, and the model's arch and transform (from the first cell)."""
     from harness.budget import parse_budget
     from harness.cell import prepare_cell
@@ -236,7 +270,7 @@ def _traces(spec, state_dict, methods: list[str], budget_text: str, method_optio
     budget, found, first = parse_budget(budget_text), {}, None
     for name in methods:
         method = make_method(name, method_options)
-        cell = prepare_cell(spec, method, budget, state_dict=state_dict)
+        cell = prepare_cell(spec, method, budget, state_dict=state_dict, calibrate=calibrate)
         first = first or cell
         if cell.skip_reason:
             log.warning("%s at %s skipped: %s", name, budget_text, cell.skip_reason)
@@ -245,8 +279,8 @@ def _traces(spec, state_dict, methods: list[str], budget_text: str, method_optio
             log.warning("no token map for %s: a baseline changes the input grid, not the tokens", name)
             continue
 
-        def make(method=method):
-            return prepare_cell(spec, method, budget, state_dict=state_dict).model
+        def make(method=method, value=cell.knob_value):  # the knob as solved (or searched) once
+            return prepare_cell(spec, method, budget, knob_value=value, state_dict=state_dict).model
 
         log.info("tracing %s (knob %s)", name, cell.knob_value)
         found[name] = (make, cell)

@@ -51,6 +51,8 @@ def test_ls_methods_imports_no_method_and_no_torch():
     (["--budgets", "r=13", "--methods", "random"], "no selected method has knob 'r'"),
     (["--data-root", "/nonexistent/place"], "/nonexistent/place"),
     (["--device", "cuda:7"] , "cuda"),
+    (["--budgets", "0.7,,0.5"], "--budgets '0.7,,0.5' has an empty item"),
+    (["--methods", "none,"], "--methods 'none,' has an empty item"),
 ])
 def test_bad_input_exit_2(capsys, tmp_path, shared, argv, needle):
     stored = _store_one(tmp_path / "r")
@@ -188,3 +190,68 @@ def test_a_reference_name_without_a_data_root_says_so(monkeypatch, tmp_path):
         resolve_model("deit_tiny_cifar10", {}, paths.DataRoot())
     message = str(info.value)
     assert "no data root" in message and "deit_tiny_cifar10.json" in message and "vit_base" not in message
+
+
+RANDOM_SUITE = """
+[run]
+results_dir = "{results}"
+device = "cpu"
+[suites.default]
+models = ["{model}"]
+methods = ["none", "tome"]
+budgets = ["0.7"]
+"""
+
+
+def test_a_random_model_name_means_the_same_in_a_config_file(tmp_path):
+    """``arch.random`` in a config's models, with no [models] entry: the cells of ``--models arch.random``."""
+    from harness.config import load_config
+    from harness.paths import DEFAULT_CONFIG
+    from harness.runner import Sweep, override
+
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(RANDOM_SUITE.format(results=tmp_path / "r", model="deit_tiny_patch16_224.random"))
+    mine = Sweep(load_config(cfg))
+    mine.check_inputs()  # once a traceback: "Invalid pretrained tag (random)"
+    spec = mine.plan.specs["deit_tiny_patch16_224.random"]
+    assert (spec.arch, spec.weights, spec.data) == ("deit_tiny_patch16_224", "random", "synthetic")
+    # the command line's spelling, resolved through the shipped config's [models."deit_tiny_patch16_224.random"]
+    shipped = override(load_config(DEFAULT_CONFIG), {"results_dir": str(tmp_path / "r"), "device": "cpu"},
+                       {"models": ["deit_tiny_patch16_224.random"], "methods": ["none", "tome"], "budgets": ["0.7"]})
+    cli = Sweep(shipped)
+    assert cli.plan.specs["deit_tiny_patch16_224.random"] == spec
+    assert [mine.cell_id(c) for c in mine.cells] == [cli.cell_id(c) for c in cli.cells]
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_an_unknown_pretrained_tag_is_one_line(capsys, tmp_path, where):
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(RANDOM_SUITE.format(results=tmp_path / "r", model="deit_tiny_patch16_224.bogus"))
+    flag = ["--models", "deit_tiny_patch16_224.bogus"] if where == "flag" else []
+    code, _, err = _run(capsys, "run", "--config", str(cfg), *flag)
+    line = _one_line_error(err)
+    assert code == 2 and "no pretrained tag 'bogus' for deit_tiny_patch16_224" in line and "fb_in1k" in line
+
+
+TOKENMAP_SEARCH = """
+[run]
+results_dir = "{results}"
+calib_limit = 16
+[methods.diffrate]
+epochs = 1
+batch_size = 8
+"""
+
+
+@pytest.mark.slow
+def test_tokenmap_diffrate_searches_as_the_runner_does(capsys, caplog, tmp_path, shared):
+    """DiffRate's default (search) mode: the runner's calibration service, here on 16 training images."""
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(TOKENMAP_SEARCH.format(results=tmp_path / "results"))
+    code, out, err = _run(capsys, "tokenmap", "--config", str(cfg), "--methods", "diffrate", "--images", "1",
+                          "--out", str(tmp_path / "rep"), "--data-root", str(shared))
+    assert code == 0, err
+    assert len(list((tmp_path / "rep" / "figures").glob("tokenmap_deit_tiny_cifar10_0.7_*.png"))) == 1
+    searched = list((tmp_path / "results" / "cache" / "diffrate").glob("*.json"))
+    assert len(searched) == 1 and json.loads(searched[0].read_text())["search_images"] == 16
+    assert not [r.message for r in caplog.records if r.levelname == "WARNING" and "diffrate" in r.message]

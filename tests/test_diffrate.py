@@ -282,3 +282,53 @@ def test_default_search_lands_within_two_percent(tmp_path, ratio):
 def test_unknown_init_is_refused():
     with pytest.raises(HarnessError, match="init must be one of budget, uniform"):
         DiffRate(init="ones")
+
+
+UNREACHABLE_TOML = """
+[run]
+results_dir = "{results}"
+device = "cpu"
+limit = 4
+flops = false
+[suites.default]
+models = ["tiny"]
+methods = ["diffrate"]
+budgets = ["0.01", "gmacs=999"]
+[models.tiny]
+timm = "deit_tiny_patch16_224"
+weights = "random"
+data = "synthetic"
+"""
+
+
+def test_unreachable_search_budget_is_a_stored_skip_not_retried(tmp_path, capsys):
+    """A fraction below the knob's 0.05 and a target above the baseline: skipped with the reason, done on resume."""
+    from harness.cli import main
+    from harness.store import ResultStore
+
+    cfg = tmp_path / "benchmark.toml"
+    cfg.write_text(UNREACHABLE_TOML.format(results=tmp_path / "results"))
+    assert main(["run", "--config", str(cfg), "--no-report"]) == 0
+    first = capsys.readouterr().out
+    records = ResultStore(tmp_path / "results").load_all()
+    assert sorted(r["budget"] for r in records) == ["0.01", "gmacs=999"]
+    for r in records:
+        assert r["status"] == "skipped", r
+        assert "outside what gmacs_ratio reaches" in r["error"] and r.get("search_s") is None
+    assert "0 failed" in first
+    assert main(["run", "--config", str(cfg), "--no-report"]) == 0
+    assert "2 cells, 2 already done, 0 to run" in capsys.readouterr().out
+
+
+def test_search_reach_tolerance_matches_other_methods():
+    """Within budgets.REACH_TOLERANCE of the knob's range the search runs at the range's end; beyond, a skip."""
+    from harness.cell import calibration_knob, search_skip
+
+    arch, method = _arch("deit_tiny_patch16_224"), DiffRate()
+    base = analytic_gmacs(arch, Schedule.full(arch))
+    near = parse_budget(f"gmacs={1.01 * base:.6f}")
+    assert search_skip(method, arch, near) is None and calibration_knob(method, arch, near) == 1.0
+    assert search_skip(method, arch, parse_budget("0.049")) is None
+    assert calibration_knob(method, arch, parse_budget("0.049")) == 0.05
+    far = search_skip(method, arch, parse_budget("0.04"))
+    assert far.skip_reason.startswith("target") and far.gmacs_target == pytest.approx(0.04 * base)
