@@ -253,6 +253,13 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _block_numbers(items: list[str]) -> list[int]:
+    """``--depths`` 1-based block numbers as 0-based indices; anything else is one clear error."""
+    if not all(d.isdigit() and int(d) >= 1 for d in items):
+        raise HarnessError(f"--depths {','.join(items)!r}: give 1-based block numbers, e.g. --depths 4,7,10,12")
+    return [int(d) - 1 for d in items]
+
+
 def cmd_tokenmap(args) -> int:
     from harness.budget import parse_budget
     from harness.paths import data_root
@@ -264,7 +271,7 @@ def cmd_tokenmap(args) -> int:
         raise HarnessError("--images must be positive")
     if args.calib_limit is not None and args.calib_limit < 0:
         raise HarnessError("--calib-limit must be >= 0 (0: the whole training split)")
-    depths = [int(d) - 1 for d in args.depths] if args.depths else None
+    depths = _block_numbers(args.depths) if args.depths else None
     root = data_root(args.data_root or cfg.run.data_root)
     search = Search(Path(args.results_dir or cfg.run.results_dir) / "cache",
                     cfg.run.calib_limit if args.calib_limit is None else args.calib_limit)

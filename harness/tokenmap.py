@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from harness.errors import HarnessError
+
 log = logging.getLogger(__name__)
 
 DROPPED, KEPT, MERGED = -1, 0, 1
@@ -246,6 +248,8 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     images, labels = _images(spec, transform, root, n_images)
     names = CIFAR10_CLASSES if spec.data == "cifar10" else tuple(str(i) for i in range(10 ** 4))
     grid = int(round(arch.num_patches ** 0.5))
+    if depths and max(depths) >= arch.depth:
+        raise HarnessError(f"--depths {max(depths) + 1} is past {model_name}'s last block ({arch.depth})")
     return _draw(traces, images, labels, transform, names, depths or default_depths(arch.depth), grid,
                  Path(reports_dir), f"tokenmap_{model_name}_{budget_text}")
 

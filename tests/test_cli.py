@@ -255,3 +255,12 @@ def test_tokenmap_diffrate_searches_as_the_runner_does(capsys, caplog, tmp_path,
     searched = list((tmp_path / "results" / "cache" / "diffrate").glob("*.json"))
     assert len(searched) == 1 and json.loads(searched[0].read_text())["search_images"] == 16
     assert not [r.message for r in caplog.records if r.levelname == "WARNING" and "diffrate" in r.message]
+
+
+@pytest.mark.parametrize("depths,needle", [("a", "1-based block numbers"), ("0,4", "1-based block numbers"),
+                                           ("4,13", "past deit_tiny_cifar10's last block (12)")])
+def test_tokenmap_bad_depths_is_one_line(capsys, tmp_path, shared, depths, needle):
+    code, _, err = _run(capsys, "tokenmap", "--model", "deit_tiny_cifar10", "--methods", "tome", "--images", "1",
+                        "--depths", depths, "--out", str(tmp_path / "rep"))
+    assert code == 2
+    assert needle in _one_line_error(err)
