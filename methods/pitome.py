@@ -25,6 +25,9 @@ Modifications (as the official DeiT patch):
 
 Deviations: every prefix token is kept out of the energy and the merge (the official excludes the
 class token only); ``r`` is clamped to half the patch tokens (the official assumes ``ratio >= 0.5``);
+at ``ratio <= 0.63`` on a 12-block DeiT a late block is left with no token to merge: the official
+code raises ``IndexError`` there, here that block merges nothing (``r = 0``) and the rest run as
+planned, which is our choice where the method is undefined (the schedule shows it);
 on models whose blocks need token positions (EVA / rope, BEiT, relpos; the official code has none)
 a merged token keeps its destination's (B token's) position.
 """

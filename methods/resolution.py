@@ -31,6 +31,11 @@ Deviations from the paper and the reference code, and why:
   reference models the 32 x 32 originals are first upsampled to 224 by the eval transform and then
   downsampled here, so the reduced image is a resampling of a resampling (slightly blurrier than a
   single resize from the original; which way it moves accuracy is not known).
+- The resampling filter: VTC-Bench downsamples with PIL's bicubic filter by an integer factor;
+  here ``F.interpolate(mode="bilinear", antialias=True)`` resizes to the grid's pixel size, which is
+  rarely an integer factor of 224 (208, 192, 160 px). Antialiased bilinear was chosen because it is
+  defined for any size and differentiable; it is a different low-pass than PIL bicubic, so
+  accuracies can differ slightly from the reference's at the same grid.
 - The reference downsamples by a pixel ratio for a native-resolution encoder (Qwen2-VL); a timm
   ViT has a fixed grid, so the knob is the fraction of the native patch count, and the grid is the
   largest (h, w) with h x w <= fraction x native count, |h - w| <= 1 patch and neither side above the

@@ -20,7 +20,11 @@ Modifications (as that implementation):
 
 Deviations from the reference: every prefix token is protected (the reference protects only the
 class token, so a distillation token could be fused); ``r`` is clamped to half the non-prefix
-tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio >= 0.5``);
+tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio > 0.5``.
+At exactly 0.5 the reference removes ``floor(T / 2)`` of ``T`` tokens counted with the class token,
+so its matching at block 2 takes the class token itself, and it raises at block 8: the method is
+undefined there, and here it stays ToMe-clamped, removing half the patch tokens and never the class
+token: a choice of ours, not the reference's behaviour);
 on models whose blocks need token positions (EVA / rope, BEiT, relpos; the reference has none) a
 fused token keeps its destination's position, a pruned one leaves with its own.
 """
