@@ -5,6 +5,7 @@ import argparse
 import difflib
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from harness.config import PROP_ATTN
@@ -354,6 +355,19 @@ def cmd_tokenmap(args) -> int:
     return 0
 
 
+# (message, category, module) of third-party warnings that tell a harness user nothing they can act on
+QUIET_WARNINGS = [
+    # fvcore.nn scripts its focal loss at import (fvcore/nn/focal_loss.py); torch warns from its own module
+    (r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"),
+]
+
+
+def _quiet_third_party() -> None:
+    """Ignore :data:`QUIET_WARNINGS`, each by message, category and module: any other warning still shows."""
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -365,8 +379,10 @@ def main(argv=None) -> int:
 
     progress.to_stdout()
     try:
-        return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
-                "tokenmap": cmd_tokenmap}[args.command](args)
+        with warnings.catch_warnings():  # the filters end with the command: nothing global, even in-process
+            _quiet_third_party()
+            return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
+                    "tokenmap": cmd_tokenmap}[args.command](args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if exc.hint:
