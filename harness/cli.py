@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _unrecognized(extras: list[str], command: argparse.ArgumentParser, top: argparse.ArgumentParser) -> str:
-    """"unrecognized argument --method; did you mean --methods?" over ``command``'s own option strings."""
+    """The message "unrecognized argument --method; did you mean --methods?", over ``command``'s own option strings."""
     flags = [e.partition("=")[0] for e in extras if e.startswith("-")]
     if not flags:
         return f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"

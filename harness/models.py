@@ -111,7 +111,7 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
             why = str(exc)
         raise HarnessError(f"unknown model {name!r}: not a timm model, and no reference card "
                            f"<data root>/models/{name}.json can be looked for ({why})")
-    raise unknown_model(name, list(configured) + reference_names(root))
+    raise _unknown_model(name, list(configured) + reference_names(root))
 
 
 # timm modules whose models are built of the block families the seam patches (seam.block_family): the
@@ -120,22 +120,21 @@ VIT_MODULES = ("vision_transformer", "deit", "eva", "beit", "vision_transformer_
 
 
 def vit_names() -> list[str]:
-    """timm's ViT-family model names (:data:`VIT_MODULES`), sorted."""
+    """timm's ViT-family model names (:data:`VIT_MODULES`), sorted, without timm's own test models."""
     import timm
 
-    return sorted({n for module in VIT_MODULES for n in timm.list_models(module=module)})
+    return sorted({n for module in VIT_MODULES for n in timm.list_models(module=module) if not n.startswith("test_")})
 
 
-def unknown_model(name: str, known: list[str]) -> HarnessError:
-    """"unknown model" with at most five ViT-family names close to ``name`` and where to list them.
+def _unknown_model(name: str, known: list[str]) -> HarnessError:
+    """An "unknown model" error with at most five ViT-family names close to ``name`` and where to list them.
 
     Args:
         name: the name asked for.
         known: configured entries and reference models, offered before timm's names.
     """
     return did_you_mean("model", name, list(dict.fromkeys(known + vit_names())), n=5,
-                        listing="python -m harness ls models lists the reference and configured models; "
-                                "any timm ViT (vit_*, deit*, eva*, beit*) works too")
+                        listing="python -m harness ls models lists them; any timm ViT (vit_*, deit*, eva*, beit*) works too")
 
 
 def _check_pretrained_tag(name: str) -> None:

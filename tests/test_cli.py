@@ -306,7 +306,7 @@ def test_a_misspelt_method_is_one_line_before_torch_loads(tmp_path, methods, unk
     assert {p.name: p.read_text() for p in (tmp_path / "r/records").glob("*.json")} == stored
 
 
-VIT_FAMILY = ("vit_", "deit", "eva", "beit", "flexivit")
+VIT_FAMILY = ("vit_", "deit", "eva", "beit", "flexivit", "aimv2")  # aimv2: a timm VisionTransformer
 
 
 @pytest.mark.parametrize("name,first", [("deit_tiny_cifar", "deit_tiny_cifar10"), ("davit_tny", None),
@@ -318,7 +318,7 @@ def test_a_misspelt_model_suggests_five_vits_and_how_to_list_them(capsys, tmp_pa
     stored = _store_one(tmp_path / "r")
     code, _, err = _run(capsys, "run", "--results", str(tmp_path / "r"), "--models", name)
     assert code == 2
-    line = _error_and_hint(err, "hint: python -m harness ls models lists")
+    line = _error_and_hint(err, "hint: python -m harness ls models lists them")
     assert line.startswith(f"error: unknown model {name!r}") and len(line) < 300
     suggested = re.findall(r"'([^']+)'", line.partition("did you mean")[2])
     assert 0 < len(suggested) <= 5 and all(s.startswith(VIT_FAMILY) for s in suggested), line
