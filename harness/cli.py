@@ -212,7 +212,8 @@ def cmd_ls(args) -> int:
 def _suite_rows(cfg) -> list[tuple[str, str]]:
     rows = []
     for name, s in cfg.suites.items():
-        rows.append((name, f"models {','.join(s.models)} | methods {','.join(s.methods)} | budgets {','.join(s.budgets)}"))
+        rows.append((name, f"models {','.join(s.models)} | methods {','.join(s.methods)} "
+                           f"| budgets {','.join(s.budgets)}"))
         rows += [("", f"  {model}: budgets {','.join(b)}") for model, b in s.budgets_by_model.items()]
         rows += [("", f"  {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
                  for method, opts in s.method_options.items()]

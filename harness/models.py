@@ -134,7 +134,8 @@ def _unknown_model(name: str, known: list[str]) -> HarnessError:
         known: configured entries and reference models, offered before timm's names.
     """
     return did_you_mean("model", name, list(dict.fromkeys(known + vit_names())), n=5,
-                        listing="python -m harness ls models lists them; any timm ViT (vit_*, deit*, eva*, beit*) works too")
+                        listing="python -m harness ls models lists them; "
+                                "any timm ViT (vit_*, deit*, eva*, beit*) works too")
 
 
 def _check_pretrained_tag(name: str) -> None:

@@ -354,8 +354,8 @@ def test_a_default_small_run_prints_no_future_warning(tmp_path, shared):
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "harness", "run", "--models", "deit_tiny_cifar10", "--methods", "none",
-                           "--limit", "2", "--repeats", "1", "--device", "cpu", "--no-report", "--data-root", str(shared),
-                           "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, env=env,
+                           "--limit", "2", "--repeats", "1", "--device", "cpu", "--no-report",
+                           "--data-root", str(shared), "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "GMACs" in proc.stdout  # fvcore counted (imported): the warning's source ran
