@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from harness.config import PROP_ATTN
@@ -22,12 +24,57 @@ def _csv(flag: str):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors that guide: one line naming the nearest flag, then the command's usage in one line.
+
+    An unrecognized flag is reported by the subcommand that was given it (``run``'s usage, not the
+    top level's), with the closest of that subcommand's own option strings.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers, by name
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(ns, "command", None), self)
+            command.error(_unrecognized(extras, command, self))
+        return ns
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\nusage: {self.short_usage()}\n")
+
+    def short_usage(self) -> str:
+        """``prog [options] POSITIONALS``, and how to see every option: one line, whatever the option count."""
+        fmt = self._get_formatter()
+        positionals = "".join(f" {fmt._format_args(a, a.dest)}" for a in self._get_positional_actions())
+        return f"{self.prog} [options]{positionals}; options: {self.prog} -h"
+
+
+def _unrecognized(extras: list[str], command: argparse.ArgumentParser, top: argparse.ArgumentParser) -> str:
+    """The message "unrecognized argument --method; did you mean --methods?", over ``command``'s own option strings."""
+    flags = [e.partition("=")[0] for e in extras if e.startswith("-")]
+    if not flags:
+        return f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+    return f"unrecognized argument{'s' if len(flags) > 1 else ''} " + ", ".join(
+        _nearest_flag(f, command, top) for f in flags)
+
+
+def _nearest_flag(flag: str, command: argparse.ArgumentParser, top: argparse.ArgumentParser) -> str:
+    if command is not top and flag in top._option_string_actions:
+        return f"{flag} (an option of python -m harness itself: put it before {command.prog.split()[-1]})"
+    close = difflib.get_close_matches(flag, list(command._option_string_actions), n=1, cutoff=0.6)
+    return f"{flag}; did you mean {close[0]}?" if close else flag
+
+
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: a prefix (--data for --data-root) must never be taken for another flag
-    p = argparse.ArgumentParser(prog="python -m harness", description="Token-reduction benchmark harness for timm ViTs.",
-                                allow_abbrev=False)
+    p = _Parser(prog="python -m harness", description="Token-reduction benchmark harness for timm ViTs.",
+                allow_abbrev=False)
     p.add_argument("-v", "--verbose", action="store_true", help="log library messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.commands = sub.choices
     _add_ls(sub)
     run = sub.add_parser("run", allow_abbrev=False, help="run a sweep of models x methods x budgets")
     _add_run_selection(run)
@@ -137,43 +184,70 @@ def _load(args):
     return load_config(args.config or default_config())
 
 
-def cmd_ls(args) -> int:
-    from harness.registry import method_infos
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """``rows`` as lines, every column but the last padded to its widest entry: long names never overflow."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [" ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
 
+
+def cmd_ls(args) -> int:
     if args.what == "methods":
-        for info in method_infos():
-            print(f"{info.name:10s} knob {info.knob or '-':10s} {info.description}")
-        return 0
-    cfg = _load(args)
-    if args.what == "suites":
-        for name, s in cfg.suites.items():
-            print(f"{name:10s} models {','.join(s.models)} | methods {','.join(s.methods)} | budgets {','.join(s.budgets)}")
-            for model, b in s.budgets_by_model.items():
-                print(f"{'':10s}   {model}: budgets {','.join(b)}")
-            for method, opts in s.method_options.items():
-                print(f"{'':10s}   {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
-        return 0
+        from harness.registry import method_infos
+
+        rows = [(i.name, f"knob {i.knob or '-'}", i.description) for i in method_infos()]
+    elif args.what == "suites":
+        rows = _suite_rows(_load(args))
+    else:
+        rows = _model_rows(_load(args), args.data_root)
+    for line in _columns(rows):
+        print(line)
+    if args.what == "models":
+        print("(any timm ViT name, arch.tag: pretrained weights from the local Hugging Face / timm cache, "
+              "or run --weights random|PATH --data synthetic|imagenet:PATH)")
+    return 0
+
+
+def _suite_rows(cfg) -> list[tuple[str, str]]:
+    rows = []
+    for name, s in cfg.suites.items():
+        rows.append((name, f"models {','.join(s.models)} | methods {','.join(s.methods)} "
+                           f"| budgets {','.join(s.budgets)}"))
+        rows += [("", f"  {model}: budgets {','.join(b)}") for model, b in s.budgets_by_model.items()]
+        rows += [("", f"  {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
+                 for method, opts in s.method_options.items()]
+    return rows
+
+
+def _model_rows(cfg, data_root_flag) -> list[tuple[str, str]]:
     from harness.models import reference_names
     from harness.paths import data_root
 
-    root = data_root(args.data_root or cfg.run.data_root)
-    for name in reference_names(root):
-        print(f"{name:28s} reference checkpoint ({root / 'models'})")
+    root = data_root(data_root_flag or cfg.run.data_root)
+    rows = [(name, f"reference checkpoint ({root / 'models'})") for name in reference_names(root)]
     for name, m in cfg.models.items():
         what = f"card {m.card}" if m.card else f"timm {m.timm}"
         weights = m.weights or ("checkpoint" if m.checkpoint else "card's" if m.card else "pretrained")
         data = m.data or ("cifar10" if m.card else "imagenet")
-        print(f"{name:28s} {what}, weights {weights}{' ' + m.checkpoint if m.checkpoint else ''}, data {data}")
-    print("(any timm ViT name, arch.tag: pretrained weights from the local Hugging Face / timm cache, "
-          "or run --weights random|PATH --data synthetic|imagenet:PATH)")
-    return 0
+        rows.append((name, f"{what}, weights {weights}{' ' + m.checkpoint if m.checkpoint else ''}, data {data}"))
+    return rows
+
+
+def _check_methods(args, cfg) -> None:
+    """A misspelt method in ``--methods`` (or the suite's) is one line before torch is imported."""
+    from harness.registry import check_method_names
+
+    suite = cfg.suites.get(args.suite or cfg.run.suite)  # an unknown suite is said later, with its own hint
+    check_method_names(args.methods or (suite.methods if suite else ()))
 
 
 def cmd_run(args) -> int:
+    cfg = _load(args)
+    _check_methods(args, cfg)
     from harness.report import build_report
     from harness.runner import Sweep, override, submit
 
-    cfg = _load(args)
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
                                               "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend", "prop_attn",
@@ -282,6 +356,19 @@ def cmd_tokenmap(args) -> int:
     return 0
 
 
+# (message, category, module) of third-party warnings that tell a harness user nothing they can act on
+QUIET_WARNINGS = [
+    # fvcore.nn scripts its focal loss at import (fvcore/nn/focal_loss.py); torch warns from its own module
+    (r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"),
+]
+
+
+def _quiet_third_party() -> None:
+    """Ignore :data:`QUIET_WARNINGS`, each by message, category and module: any other warning still shows."""
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -293,10 +380,14 @@ def main(argv=None) -> int:
 
     progress.to_stdout()
     try:
-        return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
-                "tokenmap": cmd_tokenmap}[args.command](args)
+        with warnings.catch_warnings():  # the filters end with the command: nothing global, even in-process
+            _quiet_third_party()
+            return {"ls": cmd_ls, "run": cmd_run, "report": cmd_report, "plot": cmd_plot,
+                    "tokenmap": cmd_tokenmap}[args.command](args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished cells are stored; run the same command again to resume", file=sys.stderr)

@@ -111,8 +111,31 @@ def resolve_model(name: str, configured: dict[str, ModelConfig], root: Path) -> 
             why = str(exc)
         raise HarnessError(f"unknown model {name!r}: not a timm model, and no reference card "
                            f"<data root>/models/{name}.json can be looked for ({why})")
-    choices = list(configured) + reference_names(root) + timm.list_models("*vit*") + timm.list_models("deit*")
-    raise did_you_mean("model", name, choices)
+    raise _unknown_model(name, list(configured) + reference_names(root))
+
+
+# timm modules whose models are built of the block families the seam patches (seam.block_family): the
+# names an unknown model is compared with, never levit / mobilevit / maxvit / davit (no such blocks)
+VIT_MODULES = ("vision_transformer", "deit", "eva", "beit", "vision_transformer_relpos")
+
+
+def vit_names() -> list[str]:
+    """timm's ViT-family model names (:data:`VIT_MODULES`), sorted, without timm's own test models."""
+    import timm
+
+    return sorted({n for module in VIT_MODULES for n in timm.list_models(module=module) if not n.startswith("test_")})
+
+
+def _unknown_model(name: str, known: list[str]) -> HarnessError:
+    """An "unknown model" error with at most five ViT-family names close to ``name`` and where to list them.
+
+    Args:
+        name: the name asked for.
+        known: configured entries and reference models, offered before timm's names.
+    """
+    return did_you_mean("model", name, list(dict.fromkeys(known + vit_names())), n=5,
+                        listing="python -m harness ls models lists them; "
+                                "any timm ViT (vit_*, deit*, eva*, beit*) works too")
 
 
 def _check_pretrained_tag(name: str) -> None:

@@ -373,6 +373,19 @@ def method_names() -> list[str]:
     return sorted(set(_discover()) | set(_REGISTRY))
 
 
+def check_method_names(names) -> None:
+    """Raise "unknown method ...; did you mean" for a name no method has, importing none (no torch).
+
+    ``all`` and both sides of ``follower@leader`` are accepted; whether a follower can follow is
+    checked when the method is built (:func:`make_method`).
+    """
+    known = method_names()
+    for name in names:
+        for part in name.split("@") if name != "all" else ():
+            if part not in known:
+                raise did_you_mean("method", part, known)
+
+
 def get_method_class(name: str) -> type[Method]:
     """The registered class for ``name``, importing its module now; an unknown name raises with "did you mean"."""
     if name not in _REGISTRY and name in _discover():

@@ -45,7 +45,6 @@ def test_ls_methods_imports_no_method_and_no_torch():
 
 @pytest.mark.parametrize("argv,needle", [
     (["--methods", "randon"], "did you mean 'random'"),
-    (["--models", "deit_tiny_cifar1"], "did you mean"),
     (["--budgets", "1.5"], "out of range"),
     (["--budgets", "-1"], "out of range"),
     (["--budgets", "r=13", "--methods", "random"], "no selected method has knob 'r'"),
@@ -264,3 +263,134 @@ def test_tokenmap_bad_depths_is_one_line(capsys, tmp_path, shared, depths, needl
                         "--depths", depths, "--out", str(tmp_path / "rep"))
     assert code == 2
     assert needle in _one_line_error(err)
+
+
+def _error_and_hint(err: str, hint: str) -> str:
+    """The error line of a two-line message: ``error: ...`` and a second line starting with ``hint``."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith(hint), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,nearest,usage", [
+    (["run", "--method", "tome"], "unrecognized argument --method; did you mean --methods?", "python -m harness run "),
+    (["run", "--model=deit_tiny_cifar10"], "--model; did you mean --models?", "python -m harness run "),
+    (["tokenmap", "--depth", "4"], "--depth; did you mean --depths?", "python -m harness tokenmap "),
+    (["ls", "methods", "--data-rot", "x"], "--data-rot; did you mean --data-root?",
+     "python -m harness ls [options] {methods,models,suites}"),
+    (["run", "-v"], "-v (an option of python -m harness itself: put it before run)", "python -m harness run "),
+])
+def test_a_wrong_flag_names_the_nearest_with_its_commands_usage(capsys, tmp_path, argv, nearest, usage):
+    """The subcommand's own usage in one line (not the top level's) and its closest option string."""
+    stored = _store_one(tmp_path / "r")
+    with pytest.raises(SystemExit) as exc:
+        main([argv[0], "--results", str(tmp_path / "r")] + argv[1:] if argv[0] == "run" else argv)
+    assert exc.value.code == 2
+    line = _error_and_hint(capsys.readouterr().err, f"usage: {usage}")
+    assert nearest in line and "{ls,run" not in line
+    assert {p.name: p.read_text() for p in (tmp_path / "r/records").glob("*.json")} == stored
+
+
+@pytest.mark.parametrize("methods,unknown", [("none,tomee", "tomee"), ("random@tomee", "tomee"), ("rand@tome", "rand")])
+def test_a_misspelt_method_is_one_line_before_torch_loads(tmp_path, methods, unknown):
+    import subprocess
+    import sys
+
+    stored = _store_one(tmp_path / "r")
+    code = (f"import sys; from harness.cli import main; code = main(['run', '--methods', {methods!r}, '--results', "
+            f"{str(tmp_path / 'r')!r}]); print('TORCH', 'torch' in sys.modules, 'CODE', code)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "TORCH False CODE 2" in proc.stdout, (proc.stdout, proc.stderr)
+    line = _one_line_error(proc.stderr)
+    assert f"unknown method {unknown!r}; did you mean" in line
+    assert {p.name: p.read_text() for p in (tmp_path / "r/records").glob("*.json")} == stored
+
+
+VIT_FAMILY = ("vit_", "deit", "eva", "beit", "flexivit", "aimv2")  # aimv2: a timm VisionTransformer
+
+
+@pytest.mark.parametrize("name,first", [("deit_tiny_cifar", "deit_tiny_cifar10"), ("davit_tny", None),
+                                        ("vit_smal_patch16_224", "vit_small_patch16_224")])
+def test_a_misspelt_model_suggests_five_vits_and_how_to_list_them(capsys, tmp_path, shared, name, first):
+    """At most five names, each of a ViT family the seam patches (never levit, mobilevit, maxvit, davit)."""
+    import re
+
+    stored = _store_one(tmp_path / "r")
+    code, _, err = _run(capsys, "run", "--results", str(tmp_path / "r"), "--models", name)
+    assert code == 2
+    line = _error_and_hint(err, "hint: python -m harness ls models lists them")
+    assert line.startswith(f"error: unknown model {name!r}") and len(line) < 300
+    suggested = re.findall(r"'([^']+)'", line.partition("did you mean")[2])
+    assert 0 < len(suggested) <= 5 and all(s.startswith(VIT_FAMILY) for s in suggested), line
+    assert first is None or suggested[0] == first
+    assert {p.name: p.read_text() for p in (tmp_path / "r/records").glob("*.json")} == stored
+
+
+def test_only_the_named_third_party_warnings_are_quiet_and_only_inside_main():
+    import warnings
+
+    from harness.cli import _quiet_third_party
+
+    before = list(warnings.filters)
+    main(["ls", "methods"])
+    assert warnings.filters == before  # nothing global, even in-process
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_third_party()
+        warnings.warn_explicit("`torch.jit.script` is deprecated. Please switch", FutureWarning, "_script.py", 1,
+                               module="torch.jit._script")
+        warnings.warn("`torch.jit.script` is deprecated. Please switch", FutureWarning)  # another module: shown
+        warnings.warn_explicit("something else", FutureWarning, "_script.py", 1, module="torch.jit._script")
+    assert [(str(w.message), w.filename) for w in seen] == [
+        ("`torch.jit.script` is deprecated. Please switch", __file__), ("something else", "_script.py")]
+
+
+def test_a_default_small_run_prints_no_future_warning(tmp_path, shared):
+    """fvcore's ``torch.jit.script is deprecated`` once landed in every run's progress output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--models", "deit_tiny_cifar10", "--methods", "none",
+                           "--limit", "2", "--repeats", "1", "--device", "cpu", "--no-report",
+                           "--data-root", str(shared), "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "GMACs" in proc.stdout  # fvcore counted (imported): the warning's source ran
+    assert "Warning" not in proc.stderr + proc.stdout, proc.stderr
+
+
+def _starts(lines: list[str], word: str) -> set[int]:
+    return {l.index(word) for l in lines if word in l}
+
+
+def test_ls_methods_columns_fit_a_long_name(capsys, monkeypatch):
+    from harness import registry
+
+    infos = [registry.MethodInfo("random@zerotprune_extra_long", "keep_rate", "DESC long.", "m", False),
+             registry.MethodInfo("tome", "r", "DESC short.", "m", False),
+             registry.MethodInfo("none", "", "DESC none.", "m", True)]
+    monkeypatch.setattr(registry, "method_infos", lambda: infos)
+    code, out, _ = _run(capsys, "ls", "methods")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3
+    assert len(_starts(lines, "knob")) == 1 and len(_starts(lines, "DESC")) == 1, out
+    assert lines[0].startswith("random@zerotprune_extra_long knob keep_rate DESC")  # one space: no wasted width
+
+
+def test_ls_models_and_suites_columns_fit_a_long_name(capsys, tmp_path, shared):
+    long = "vit_small_patch16_224.a_tag_longer_than_the_old_column"
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(f'[models."{long}"]\ntimm = "vit_small_patch16_224"\nweights = "random"\ndata = "synthetic"\n'
+                   f'[suites.a_suite_name_past_ten]\nmodels = ["{long}"]\nmethods = ["tome"]\nbudgets = ["0.7"]\n'
+                   f'[suites.a_suite_name_past_ten.budgets_by_model]\n"{long}" = ["0.5"]\n'
+                   '[suites.s]\nmodels = ["deit_tiny_cifar10"]\nmethods = ["tome"]\nbudgets = ["0.7"]\n')
+    code, out, _ = _run(capsys, "ls", "models", "--config", str(cfg), "--data-root", str(shared))
+    rows = out.splitlines()[:-1]
+    assert code == 0 and any(l.startswith(long + " timm") for l in rows)
+    assert len({len(l) - len(l.split(maxsplit=1)[1]) for l in rows}) == 1, out  # descriptions in one column
+    code, out, _ = _run(capsys, "ls", "suites", "--config", str(cfg))
+    assert code == 0 and len(_starts(out.splitlines(), "models ")) == 1, out
+    assert f"\n{'':21s}   {long}: budgets 0.5\n" in out
