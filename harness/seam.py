@@ -78,6 +78,9 @@ class TokenState:
             :func:`keep_tokens` / :func:`merge_positions`) only on models whose blocks need it.
         needs_positions: the model's blocks need each token's position (rotary embeddings,
             relative-position bias): reducers must keep ``positions`` in sync.
+        class_token, pool: the model's prefix layout (:func:`prefix_layout`), which the seam checks
+            where a premise is used, whatever the method declared.
+        method: the method's name, for those refusals.
     """
 
     prop_attn: bool = False
@@ -88,6 +91,9 @@ class TokenState:
     attn_probs: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
     needs_positions: bool = False
+    class_token: bool = True
+    pool: str = "token"
+    method: str = "this method"
 
     def reset(self) -> None:
         self.size = None
@@ -104,7 +110,7 @@ class BlockContext:
     num_prefix: int
     state: TokenState
     block: torch.nn.Module
-    qkv: Optional[torch.Tensor]
+    captured_qkv: Optional[torch.Tensor]  # timm Block's fused qkv projection output (B, N, 3 x H x d): ``qkv``
     attn_probs: Optional[torch.Tensor] = None  # stage "pre": the block's attention on the entering tokens
     # position-aware families (EVA / rope, BEiT, relpos): the block's own q and k (B, H, N, d), after
     # q/k-norm and rotary embedding, and the positional bias its attention added, (1 or B, H, N, N)
@@ -112,10 +118,22 @@ class BlockContext:
     k: Optional[torch.Tensor] = None
     position_bias: Optional[torch.Tensor] = None
 
+    @property
+    def qkv(self) -> torch.Tensor:
+        """The block's fused qkv projection output (B, N, 3 x H x d), where the block has one.
+
+        EVA / rope, BEiT and relpos blocks expose q and k through ``keys()`` / ``cls_attn()`` instead
+        (their projections differ): reading ``qkv`` there refuses the cell, declared or not.
+        """
+        if self.captured_qkv is None and self.q is not None:
+            raise UnsupportedModel(f"{self.state.method} reads the block's fused qkv projection (ctx.qkv), which this "
+                                   f"model's blocks do not expose (use ctx.keys() or ctx.cls_attn())")
+        return self.captured_qkv
+
     def _split_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q is not None:
             return self.q, self.k
-        if self.qkv is None:
+        if self.captured_qkv is None:
             raise RuntimeError("this block did not capture its qkv projection")
         attn = self.block.attn
         b, n, _ = self.qkv.shape
@@ -132,6 +150,9 @@ class BlockContext:
         Computed from the class query alone (B x H x 1 x N), with the same size bias the block's
         attention used, so it equals row 0 of the block's softmax attention.
         """
+        if not self.state.class_token:  # the premise checked where it is used, declared or not
+            raise UnsupportedModel(f"{self.state.method} reads the class token's attention (ctx.cls_attn()) and this "
+                                   f"model has no class token: row 0 is another token's")
         q, k = self._split_qk()
         logits = (q[:, :, :1] * self.block.attn.scale) @ k.transpose(-2, -1)
         if self.position_bias is not None:
@@ -546,7 +567,11 @@ def _size_weighted_forward_head(self, x: torch.Tensor, pre_logits: bool = False)
     Module-level and reaching the head through ``self`` (no closure over a bound method), so a
     deep copy of a patched model runs its own head.
     """
-    size = self._seam_state.size
+    state = self._seam_state
+    size = state.size
+    if size is not None and state.pool not in SIZE_AWARE_POOLS:  # merged tokens reach a head that ignores sizes
+        raise UnsupportedModel(f"{state.method} merges tokens (they carry sizes) and the head's {state.pool!r} pooling "
+                               f"counts a merged token once (size-aware pooling: {', '.join(SIZE_AWARE_POOLS)})")
     if size is not None and self.global_pool == "avg" and getattr(self, "attn_pool", None) is None:
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         w = size[:, start:]
@@ -599,8 +624,9 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
         check_premises(model, method, needs_class_token, merges, tracks_positions)
     _check_impl(prop_attn_impl)
     _check_request(reducers, len(model.blocks), stage, family, method)
-    state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl,
-                       needs_positions=family in POSITION_FAMILIES)
+    layout = prefix_layout(model)
+    state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl, needs_positions=family in POSITION_FAMILIES,
+                       class_token=layout.class_token, pool=layout.pool, method=method)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
         if family == "vit":
@@ -795,12 +821,23 @@ def _seam_forward_positions(self, x: torch.Tensor, rope: Optional[torch.Tensor] 
         ctx = BlockContext(self._seam_index, self._seam_num_prefix, state, self, None,
                            q=q, k=k, position_bias=position_bias)
         if reducer is not None and stage == "mid":
-            x = reducer(x, ctx)
+            x = _checked_positions(state, x.shape[1], reducer(x, ctx))
         x = x + self.drop_path2(_family_scale(self, 2, self.mlp(self.norm2(x))))
         if reducer is not None and stage == "post":
-            x = reducer(x, ctx)
+            x = _checked_positions(state, x.shape[1], reducer(x, ctx))
     if state.recording:
         state.observed.append(x.shape[1])
+    return x
+
+
+def _checked_positions(state: TokenState, entering: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a reducer left it (``entering`` tokens came in), refused if its token count and
+    ``state.positions`` disagree: the next block would take rotary embeddings or relative bias at the
+    wrong tokens' positions. No positions yet means none was reduced: the count must not change."""
+    known = entering if state.positions is None else state.positions.shape[1]
+    if known != x.shape[1]:
+        raise UnsupportedModel(f"{state.method} changed the token count without keeping token positions in sync "
+                               f"(keep_tokens / merge_positions), and this model's blocks need each token's position")
     return x
 
 

@@ -29,8 +29,10 @@ def test_identity_reducers_give_unpatched_logits(name, kw, size):
     ref_model, model = _fresh(name, kw), _fresh(name, kw)
     with torch.no_grad():
         ref = ref_model(x)
-    # reducers that read keys and the class attention but keep every token
-    state = install(model, {0: lambda t, ctx: t, 1: lambda t, ctx: (ctx.keys(), ctx.cls_attn(), t)[-1]}, prop_attn=True)
+    # reducers that read keys and the class attention (where there is a class token) but keep every token
+    has_cls = model.cls_token is not None
+    state = install(model, {0: lambda t, ctx: t, 1: lambda t, ctx: (ctx.keys(), has_cls and ctx.cls_attn(), t)[-1]},
+                    prop_attn=True)
     state.recording = True
     with torch.no_grad():
         out = model(x)
