@@ -42,6 +42,9 @@ def _overlaps(a: dict, b: dict) -> bool:
 def best_text(rows: list[dict]) -> str:
     """One budget's best reducing method(s) by top-1 with the interval, and how it stands against the runner-up.
 
+    "not significant" means the two 95 % Wilson intervals overlap: a cautious reading (the report's
+    exact McNemar test on paired predictions can separate two overlapping intervals).
+
     Args:
         rows: the table rows of one budget (:func:`harness.report.model_rows`), ``none`` excluded.
     """
@@ -56,8 +59,8 @@ def best_text(rows: list[dict]) -> str:
         return text
     runner = rest[0]
     if _overlaps(top[0], runner):
-        return f"{text} (interval overlaps {runner['method']}'s {runner['top1']:.1f}: not significant)"
-    return f"{text} (above {runner['method']}'s {_interval(runner)})"
+        return f"{text} (not significant vs {runner['method']} {runner['top1']:.1f})"
+    return f"{text} (above {runner['method']} {_interval(runner)})"
 
 
 def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
@@ -74,8 +77,17 @@ def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
                 by_budget.setdefault(row["budget"], []).append(row)
         lines += [_fit(f"  {env['label']} @ {budget}: {best_text(rows)}") for budget, rows in by_budget.items()]
     if lines:
-        lines.insert(0, "highest top-1 % [95 % Wilson interval] per model and budget (ok cells):")
+        lines.insert(0, "highest top-1 % [95 % interval] per model and budget; not significant: the "
+                        "runner-up's overlaps")
     return lines
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (shorter), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _fit(line: str) -> str:
@@ -97,11 +109,9 @@ def run_summary(records: list[Optional[dict]], results_dir: Path, reports_dir: O
     lines = [_fit("done: " + status_counts(records))]
     if reports_dir is not None and any(records):
         lines += best_lines(results_dir, cell_ids)
-    # paths are never cut: a cut path names nothing
+    # a path stands alone on its line, never cut (a cut path names nothing)
     if reports_dir is not None:
-        lines.append(f"full report: {Path(reports_dir) / 'results.md'}")
-        lines.append("  (beside it: results.csv, tables/, summary.*, pairwise.csv, accuracy_at_gmacs.*)")
-    if figures:
-        lines.append(f"figures: {Path(reports_dir) / 'figures'} ({figures} files)")
-    lines.append(f"records: {Path(results_dir) / 'records'}")
+        figs = f", figures/ ({figures} files)" if figures else ""
+        lines += [f"full report: results.md, with results.csv, tables/, summary.*{figs}, in", f"  {_shown(reports_dir)}"]
+    lines += ["records in", f"  {_shown(Path(results_dir) / 'records')}"]
     return lines
