@@ -7,8 +7,9 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
-from harness.config import PROP_ATTN
+from harness.config import PROP_ATTN, QUICK_METHODS, QUICK_RUN
 from harness.errors import HarnessError
 from harness.paths import default_config
 
@@ -100,6 +101,12 @@ def _add_run_selection(run) -> None:
     run.add_argument("--methods", type=_csv("--methods"), help="comma-separated method names, or all")
     run.add_argument("--budgets", type=_csv("--budgets"), help="comma-separated budgets: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
     run.add_argument("--limit", type=int, help="evaluate the first N images (class-balanced); 0 = all")
+    run.add_argument("--quick", action="store_true",
+                     help=f"a quick look (about 5 min on 2 CPU cores): --methods all at the suite's models and "
+                          f"budgets, --limit {QUICK_RUN['limit']} --calib-limit {QUICK_RUN['calib_limit']} "
+                          f"(DiffRate's search shrinks with it) --repeats "
+                          f"{QUICK_RUN['throughput_repeats']}, one warm-up call, no batch-1 latency; flags given "
+                          f"override these. Intervals are wide (+-15 points or more): a look, not a result")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     run.add_argument("--dtype", help="auto, fp32, fp16, bf16")
     run.add_argument("--batch-size", type=int)
@@ -140,7 +147,8 @@ def _add_run_measurement(run) -> None:
 
 def _add_run_executor(run) -> None:
     """Where cells run (this process, submitit, Slurm) and what is printed at the end."""
-    run.add_argument("--no-report", action="store_true", help="do not print the report at the end")
+    run.add_argument("--no-report", action="store_true",
+                     help="write no report and no figures at the end (the summary: status counts only)")
     run.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local",
                      help="local: this process (or torchrun ranks); submitit-local / slurm: one submitit job per --cells-per-job cells")
     run.add_argument("--cells-per-job", type=int, default=1, help="cells per submitit job")
@@ -245,14 +253,14 @@ def _check_methods(args, cfg) -> None:
 def cmd_run(args) -> int:
     cfg = _load(args)
     _check_methods(args, cfg)
-    from harness.report import build_report
     from harness.runner import Sweep, override, submit
 
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
                                               "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend", "prop_attn",
                                               "throughput_repeats", "reports_dir")}
-    cfg = override(cfg, run_over, {"models": args.models, "methods": args.methods, "budgets": args.budgets})
+    run_over, methods = quick_overrides(args.quick, run_over, args.methods)
+    cfg = override(cfg, run_over, {"models": args.models, "methods": methods, "budgets": args.budgets})
     cfg = _override_models(cfg, args.weights, args.data)
     if args.executor != "local":
         n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))
@@ -263,11 +271,32 @@ def cmd_run(args) -> int:
     records = sweep.execute()
     if not sweep.dist.is_main:
         return 0
-    failed = [r for r in records if r["status"] == "error"]
-    print(f"done: {len(records)} cells run, {len(failed)} failed; records in {sweep.store.records_dir}")
-    if not args.no_report:
-        print(build_report(Path(cfg.run.results_dir), cfg.run.reports_path))
-    return 1 if failed else 0
+    for line in _finish(sweep, cfg, args.no_report):
+        print(line)
+    return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+def _finish(sweep, cfg, no_report: bool) -> list[str]:
+    """Write the report and its figures (unless ``no_report``); the short summary to print."""
+    from harness.run_summary import run_summary
+
+    results, reports, figures = Path(cfg.run.results_dir), cfg.run.reports_path, 0
+    ids = [sweep.cell_id(c) for c in sweep.cells]
+    if not no_report:
+        from harness.plots import write_plots
+        from harness.report import build_report
+
+        build_report(results, reports)  # the full tables go to files only
+        figures = len(write_plots(results, reports))
+    return run_summary([sweep.store.get(i) for i in ids], results, None if no_report else reports, figures, set(ids))
+
+
+def quick_overrides(quick: bool, run_over: dict, methods: Optional[list[str]]) -> tuple[dict, Optional[list[str]]]:
+    """``--quick``'s run settings and methods under the flags given (a flag given wins); unchanged without it."""
+    if not quick:
+        return run_over, methods
+    given = {k: v for k, v in run_over.items() if v is not None}
+    return {**QUICK_RUN, **given}, methods or list(QUICK_METHODS)
 
 
 def _override_models(cfg, weights, data):

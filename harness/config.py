@@ -69,6 +69,17 @@ class RunConfig:
             raise HarnessError("throughput_warmup must be >= 0 and throughput_repeats >= 1 (-1: the device's default)")
 
 
+# ``run --quick``: the main job (``--methods all``, the suite's models and budgets) at a size that
+# ends in about five minutes on a 2-core CPU. Evaluation (2 images a class), DiffRate's search (its
+# steps are calib_limit / batch_size x epochs: 10 here, 100 at the default 400) and the timing
+# (the most of a small cell: 3 interleaved rounds, the minimum for a spread, and no batch-1 latency)
+# shrink together; a flag given on the command line wins over its value here. limit and calib_limit
+# are in a cell's id and limit in the report's environment, so a quick cell is never taken for a full one.
+QUICK_RUN = {"limit": 20, "calib_limit": 40, "throughput_warmup": 1, "throughput_repeats": 3,
+             "throughput_latency": False}
+QUICK_METHODS = ("all",)
+
+
 @dataclass(frozen=True)
 class SuiteConfig:
     """Models x methods x budgets; ``budgets_by_model`` replaces ``budgets`` for the models it names."""

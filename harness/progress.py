@@ -29,6 +29,28 @@ class Throttle:
         return False
 
 
+def duration_text(seconds: float) -> str:
+    """``seconds`` as a short duration: ``45 s``, ``3 min 20 s``, ``1 h 05 min``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def eta_text(cell_s: list[float], left: int) -> str:
+    """The overall progress of a sweep: cells done, cells left and, once a cell has finished, an ETA.
+
+    The ETA is the mean time of the finished cells times the cells left (a DiffRate search or a
+    slow method moves it; it settles as cells finish).
+    """
+    text = f"{len(cell_s)} done, {left} left"
+    if cell_s and left:
+        text += f", ETA ~{duration_text(sum(cell_s) / len(cell_s) * left)}"
+    return text
+
+
 def report(message: str, *args) -> None:
     log.info(message, *args)
 

@@ -82,17 +82,23 @@ SPEED_TABLE = [_COL["budget"], _COL["method"], _COL["knob"], _COL["gmacs"], _COL
                ("iqr_pct", "IQR %", r"IQR (\%)", "{:.1f}"), _COL["speedup"], _COL["ideal_speedup"], _COL["realised"],
                ("latency_ms", "latency ms (b=1)", "Latency (ms)", "{:.2f}"), ("peak_mem_mb", "peak MiB", "Peak MiB", "{:.0f}"),
                ("e2e_img_per_s", "e2e img/s", "E2E img/s", "{:.1f}")]
-LEGEND = ("GMACs: analytic multiply-accumulates (the papers' convention). top-1 % [95 % CI]: Wilson score "
-          "interval over the images evaluated. Δ top-1: change against `none`, in points (↑ better, ↓ worse). "
-          "p vs none: exact McNemar test on the two cells' paired per-image predictions; † marks p ≥ 0.05, a "
-          "change not significant at 5 % (no correction for multiple comparisons); `-`: no paired predictions "
-          "stored (older records), no test. speed-up: median over interleaved rounds of the method's img/s over "
-          "`none`'s, [first, third quartile]; `noisy`: (q3 − q1) / median above {noisy:.0%}; ‡: not interleaved "
-          "(img/s over `none`'s img/s, timed apart); n/a: fewer than {rounds} timing rounds, too few for a "
-          "spread or a speed-up (the CSV's `speedup_na` / `iqr_pct_na` say why). ideal: `none`'s GMACs over the method's; realised: speed-up "
-          "over ideal [its quartiles over ideal]. **Bold**: best top-1 of a budget. Cells off their GMACs target "
-          "and superseded method versions stay out of the tables and are listed under each. How these are "
-          "computed: `docs/statistics.md`.").format(noisy=NOISY_SPREAD, rounds=stats.MIN_ROUNDS)
+# The legend under the report's title: one short line per column group.
+LEGEND = "\n".join([
+    "- GMACs: analytic multiply-accumulates (the papers' convention); GMACs (fvcore): fvcore's count.",
+    "- top-1 % [95 % CI]: Wilson score interval over the images evaluated. **Bold**: best top-1 of a budget.",
+    "- Δ top-1: change against `none`, in points (↑ better, ↓ worse); it needs a `none` cell in the run.",
+    "- p vs none: exact McNemar test on the paired per-image predictions; † p ≥ 0.05, not significant at 5 % "
+    "(no correction for multiple comparisons); `-`: no paired predictions stored, no test.",
+    "- img/s and speed-up come from different timings. A method's img/s and its speed-up share its cell's "
+    "interleaved rounds (the method and the unpatched model called in alternation); `none`'s img/s is its own "
+    "cell's, timed minutes apart. So a row's img/s over `none`'s need not equal its speed-up.",
+    "- speed-up [IQR]: median of the per-round ratios [first, third quartile]; `noisy`: (q3 − q1) / median "
+    "above {noisy:.0%}; ‡: not interleaved (img/s over `none`'s img/s); n/a: fewer than {rounds} rounds "
+    "(the CSV's `speedup_na` / `iqr_pct_na` say why).",
+    "- ideal: `none`'s GMACs over the method's; realised: speed-up over ideal [its quartiles over ideal].",
+    "- Off-target cells and superseded method versions stay out of the tables and are listed under each.",
+    "- How these are computed: `docs/statistics.md`.",
+]).format(noisy=NOISY_SPREAD, rounds=stats.MIN_ROUNDS)
 # how a grouping field reads in a label or an environment line
 LABEL_FORMS = {"limit": "limit {}", "attention": "{} attention", "sdpa_backend": "sdpa {}", "prop_attn": "prop-attn {}", "torch": "torch {}",
                "timm": "timm {}", "batch_size": "eval batch {}", "throughput_batch_size_requested": "throughput batch {}",
@@ -1006,12 +1012,23 @@ def _duplicate_notes(group) -> list[str]:
 def _baseline_notes(group) -> list[str]:
     bases = _baselines(group)
     if not bases:
-        return ["- no `none` record ended ok here: no Δ top-1, no speed-up"] if len(group) else []
+        return [_missing_baseline_note(group)] if len(group) else []
     if len(bases) == 1:
         return []
     b = bases[0]
     return [f"- baseline: the newest of {len(bases)} ok `none` records (cell {b.get('cell_id')}, "
             f"{b.get('timestamp') or 'no timestamp'}); the others are not compared"]
+
+
+def _missing_baseline_note(group) -> str:
+    """Why the table has no Δ top-1, and what the speed-ups it shows rest on."""
+    cur = current(group)
+    timed = any(_stored_speedup(r) is not None for r in _records(cur[cur["status"] == "ok"]))
+    speed = ("the speed-ups are interleaved with the unpatched model inside each cell and need no `none`" if timed
+             else "no speed-up either: none was timed interleaved")
+    if (cur["method"] == BASELINE).any():
+        return f"- `none` did not end ok here (its line below says why): no Δ top-1; {speed}"
+    return f"- no `none` cell in this run: add none to --methods for Δ top-1; {speed}"
 
 
 def _off_target_note(r: dict) -> str:
@@ -1087,7 +1104,7 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
     reports_dir = Path(reports_dir)
     envs = environments(df)
     load = _loader()
-    parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`. " + LEGEND, ""]
+    parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`.", "", LEGEND, ""]
     scored = {id(g) for _, g in scored_envs(envs)}
     pair_rows = []
     for env, group in envs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +24,7 @@ from harness.execute import Executor
 from harness.inputs import Inputs
 from harness.paths import DataRoot
 from harness.plan import Cell, Machine, Measurement, Plan, cell_id, remeasure_reasons
+from harness.progress import eta_text
 from harness.store import DONE, ResultStore
 
 log = logging.getLogger(__name__)
@@ -92,12 +94,16 @@ class Sweep:
         again = sum(self.due(self.cell_id(c)).startswith(REMEASURE) for c in todo) if self.dist.is_main else 0
         self.progress(f"{len(self.cells)} cells, {len(self.cells) - len(todo)} already done, {len(todo)} to run"
                       + (f" ({again} of them stored with less measurement than asked: measured again)" if again else ""))
+        cell_s: list[float] = []  # the wall time of each cell run here: the ETA's mean
         for n, cell in enumerate(todo, 1):
-            self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}")
+            self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}"
+                          f"  ({eta_text(cell_s, len(todo) - n + 1)})")
+            start = time.perf_counter()
             record = self.run_claimed(cell)
-            if record is None:
+            if record is None:  # instant: kept out of the ETA's mean
                 self.progress("      -> skipped: another sweep holds or finished this cell")
                 continue
+            cell_s.append(time.perf_counter() - start)
             written.append(record)
             if self.dist.is_main:
                 self.progress(f"      -> {summary_line(record)}")

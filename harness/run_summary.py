@@ -1,0 +1,117 @@
+"""The short summary ``run`` ends with: what the sweep's cells came to, and where the full report is.
+
+Everything here fits a 100-column terminal (:data:`WIDTH`); the full tables stay in the files
+:func:`harness.report.build_report` writes. From stored records only, like the report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from harness.report import BASELINE, environments, load_frame, model_rows
+
+WIDTH = 100
+# the statuses counted, in the order printed; "failed" is the store's "error"
+STATUSES = (("ok", "ok"), ("off_target", "off_target"), ("unsupported", "unsupported"), ("skipped", "skipped"),
+            ("error", "failed"))
+
+
+def status_counts(records: list[Optional[dict]]) -> str:
+    """``80 cells: 76 ok, 4 off_target, 0 unsupported, 0 skipped, 0 failed`` (a None record: not stored)."""
+    statuses = [r.get("status") if r else None for r in records]
+    parts = [f"{statuses.count(s)} {name}" for s, name in STATUSES]
+    known = {s for s, _ in STATUSES}
+    missing = sum(s not in known for s in statuses)
+    if missing:  # held by another sweep, or a status this summary does not know
+        parts.append(f"{missing} not stored")
+    return f"{len(records)} cells: " + ", ".join(parts)
+
+
+def _interval(row: dict) -> str:
+    low, high = row.get("top1_ci_low"), row.get("top1_ci_high")
+    return f"{row['top1']:.1f}" + (f" [{low:.1f}, {high:.1f}]" if low is not None and high is not None else "")
+
+
+def _overlaps(a: dict, b: dict) -> bool:
+    """Whether two rows' 95 % intervals overlap (either missing: treated as overlapping)."""
+    if None in (a.get("top1_ci_low"), a.get("top1_ci_high"), b.get("top1_ci_low"), b.get("top1_ci_high")):
+        return True
+    return a["top1_ci_low"] <= b["top1_ci_high"] and b["top1_ci_low"] <= a["top1_ci_high"]
+
+
+def best_text(rows: list[dict]) -> str:
+    """One budget's best reducing method(s) by top-1 with the interval, and how it stands against the runner-up.
+
+    "not significant" means the two 95 % Wilson intervals overlap: a cautious reading (the report's
+    exact McNemar test on paired predictions can separate two overlapping intervals).
+
+    Args:
+        rows: the table rows of one budget (:func:`harness.report.model_rows`), ``none`` excluded.
+    """
+    scored = sorted((r for r in rows if r.get("top1") is not None), key=lambda r: -r["top1"])
+    if not scored:
+        return "no top-1"
+    top = [r for r in scored if abs(r["top1"] - scored[0]["top1"]) < 1e-9]
+    names = ", ".join(r["method"] for r in top[:2]) + (f" +{len(top) - 2}" if len(top) > 2 else "")
+    text = f"{names} {_interval(top[0])}" + (" (tied)" if len(top) > 1 else "")
+    rest = scored[len(top):]
+    if not rest:
+        return text
+    runner = rest[0]
+    if _overlaps(top[0], runner):
+        return f"{text} (not significant vs {runner['method']} {runner['top1']:.1f})"
+    return f"{text} (above {runner['method']} {_interval(runner)})"
+
+
+def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
+    """Per model (environment) and budget of the sweep's cells: the highest top-1 and its runner-up."""
+    df = load_frame(results_dir)
+    df = df[df["cell_id"].isin(cell_ids)]
+    if not len(df):
+        return []
+    lines = []
+    for env, group in environments(df):
+        by_budget: dict[str, list[dict]] = {}
+        for row in model_rows(group):
+            if row["method"] != BASELINE:
+                by_budget.setdefault(row["budget"], []).append(row)
+        lines += [_fit(f"  {env['label']} @ {budget}: {best_text(rows)}") for budget, rows in by_budget.items()]
+    if lines:
+        lines.insert(0, "highest top-1 % [95 % interval] per model and budget; not significant: the "
+                        "runner-up's overlaps")
+    return lines
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (shorter), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _fit(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 3] + "..."
+
+
+def run_summary(records: list[Optional[dict]], results_dir: Path, reports_dir: Optional[Path], figures: int,
+                cell_ids: set[str]) -> list[str]:
+    """The lines ``run`` ends with: status counts, the best method per model and budget, where the files are.
+
+    Args:
+        records: the stored record of each of the sweep's cells (None: not stored).
+        results_dir: where the records are.
+        reports_dir: where the report and (``figures`` > 0) its figures were written; None: no report
+            (``--no-report``), no best lines either.
+        figures: how many figure files were written.
+        cell_ids: the sweep's cell ids (the best lines read only these).
+    """
+    lines = [_fit("done: " + status_counts(records))]
+    if reports_dir is not None and any(records):
+        lines += best_lines(results_dir, cell_ids)
+    # a path stands alone on its line, never cut (a cut path names nothing)
+    if reports_dir is not None:
+        figs = f", figures/ ({figures} files)" if figures else ""
+        lines += [f"full report: results.md, with results.csv, tables/, summary.*{figs}, in", f"  {_shown(reports_dir)}"]
+    lines += ["records in", f"  {_shown(Path(results_dir) / 'records')}"]
+    return lines
