@@ -154,7 +154,7 @@ def bidirectional_matching(scores: torch.Tensor, r: int, num_prefix: int = 1) ->
         src2, kept_b = order2[:, :r2], order2[:, r2:]
         # the kept B tokens are written out in this order: the next block's even / odd split reads it
         margins.note_order(best2, "mctf B->A rank and B order", from_rank=r2)
-        margins.note_best(scores2[:, prefix_b:], src2 - prefix_b, "mctf B->A partner")
+        margins.note_best(scores2, src2, "mctf B->A partner")
         dst2 = partner2.gather(1, src2 - prefix_b)
         if prefix_b:
             fixed = torch.arange(prefix_b, device=scores.device).expand(kept_b.shape[0], -1)
