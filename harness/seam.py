@@ -117,6 +117,9 @@ class BlockContext:
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     position_bias: Optional[torch.Tensor] = None
+    # the tokens that entered the block, (B, N, C) (before any reduction of this block): what a
+    # reducer needs to score a token by how much the block changed it, ||x_out - x_in||
+    block_input: Optional[torch.Tensor] = None
 
     @property
     def qkv(self) -> torch.Tensor:
@@ -404,9 +407,11 @@ def _seam_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = Non
     if self._seam_index == 0:
         state.reset()
     reducer, stage = self._seam_reducer, self._seam_stage
+    x_in = x
     if reducer is not None and stage == "pre":
         probs = one_step_ahead_probs(self, x, state)
-        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, None, probs))
+        ctx = BlockContext(self._seam_index, self._seam_num_prefix, state, self, None, probs, block_input=x_in)
+        x = reducer(x, ctx)
         if state.attn_probs is None and x.shape[1] == probs.shape[-1]:
             state.attn_probs = probs  # nothing reduced (a wrapper, a block with no work): the block's own attention
         if state.attn_probs is None:
@@ -416,10 +421,10 @@ def _seam_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = Non
     qkv = self.attn.qkv._seam_output
     self.attn.qkv._seam_output = None  # let go here, whether a reducer reads it or not
     if reducer is not None and stage == "mid":
-        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
+        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv, block_input=x_in))
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     if reducer is not None and stage == "post":
-        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv))
+        x = reducer(x, BlockContext(self._seam_index, self._seam_num_prefix, state, self, qkv, block_input=x_in))
     if state.recording:
         state.observed.append(x.shape[1])
     return x
@@ -816,10 +821,11 @@ def _seam_forward_positions(self, x: torch.Tensor, rope: Optional[torch.Tensor] 
         else:
             x = type(self).forward(self, x, shared_rel_pos=shared)
     else:
+        x_in = x
         out, (q, k, position_bias) = _family_attention(self, self.norm1(x), rope, shared, attn_mask, is_causal)
         x = x + self.drop_path1(_family_scale(self, 1, out))
         ctx = BlockContext(self._seam_index, self._seam_num_prefix, state, self, None,
-                           q=q, k=k, position_bias=position_bias)
+                           q=q, k=k, position_bias=position_bias, block_input=x_in)
         if reducer is not None and stage == "mid":
             x = _checked_positions(state, x.shape[1], reducer(x, ctx))
         x = x + self.drop_path2(_family_scale(self, 2, self.mlp(self.norm2(x))))
