@@ -1,8 +1,10 @@
 """Representation Shift: keep the tokens the block changed most.
 
 Choi, Lee, Ko, Kim, Kil and Kim, "Representation Shift: Unifying Token Compression with
-FlashAttention", ICCV 2025, arXiv 2508.00367; reference repository
-https://github.com/mlvlab/Representation-Shift (not reachable here: built from the paper's text).
+FlashAttention", ICCV 2025, arXiv 2508.00367, https://github.com/mlvlab/Representation-Shift. The
+repository's code is not reachable here: built from the paper's text and the repository README's
+evaluation command (``main.py --model deit_base --use_flash True --drop_r
+[0.2,0,0,0.2,0,0,0.2,0,0,0,0,0]``).
 
 The paper scores a token by how much a layer ``F`` moved it, Δx = D(F(x), x), and prunes the tokens
 that moved least. The score needs only a layer's input and output, never an attention map, so the
@@ -12,9 +14,11 @@ Modifications (seam stage ``"post"``: after the MLP residual of each prune block
  - score: ``||x_out - x_in||_2`` per token, in fp32, where ``x_in`` is the token entering the block
    (``ctx.block_input``) and ``x_out`` the token leaving it (attention and MLP residual branches
    both applied);
- - prune blocks: 0-based 3, 6, 9 of 12 (EViT's drop locations, scaled to other depths; option
-   ``drop_loc`` overrides); each keeps ceil(keep_rate x non-prefix tokens entering) non-prefix
-   tokens with the largest shift (EViT's per-block rate), the rest are dropped (no fusion);
+ - prune blocks: 0-based 0, 3, 6 of 12, where the README's ``--drop_r`` list is non-zero (scaled to
+   other depths as 0, depth // 4, depth // 2; option ``drop_loc`` overrides), each with the same
+   rate, the knob ``drop_r`` (the README's 0.2 is ``drop_r=0.2``);
+ - a prune block that receives T non-prefix tokens drops ``int(drop_r x T)`` of them, those with the
+   smallest shift (no fusion, no merging);
  - kept tokens stay in their original order; prefix tokens (class, distillation, registers) are
    never candidates and stay first; sizes and positions follow the kept tokens
    (``harness.seam.keep_tokens``), so rope / relpos models are supported;
@@ -28,14 +32,13 @@ Choices, against the paper:
    block (attention + MLP residual branches): the MLP-only shift would need the tokens between
    the two branches, which a stage-"post" reducer does not see. A deviation from the paper's figure;
    on a pre-norm block the two differ by the attention branch's update;
- - prune blocks, keep schedule and token order: not specified in the paper text we could read; the
-   choices above are ours, EViT's schedule so that ``reprshift`` compares with ``topk`` (the
-   class-attention score at the same drop blocks and rate) on the score alone. Pruning comes after
-   the MLP (the score needs the block's output), where ``topk`` prunes before it.
+ - prune blocks and rate: the README's command (blocks 0, 3, 6, one rate); that the rate is a
+   fraction of the tokens the block receives, its rounding (``int``), where in the block the tokens
+   leave (after the MLP, which the score needs) and the token order are not in the text we could
+   read: those are our choices.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -59,9 +62,14 @@ def largest_shift(shift: torch.Tensor, keep: int) -> torch.Tensor:
     return kept.sort(dim=1).values
 
 
-def num_keep(num_tokens: int, keep_rate: float) -> int:
-    """Non-prefix tokens a prune block keeps of ``num_tokens``: ceil(keep_rate x num_tokens)."""
-    return math.ceil(keep_rate * num_tokens)
+def num_keep(num_tokens: int, drop_r: float) -> int:
+    """Non-prefix tokens a prune block keeps of ``num_tokens``: all but int(drop_r x num_tokens)."""
+    return num_tokens - int(drop_r * num_tokens)
+
+
+def prune_blocks(depth: int) -> tuple[int, ...]:
+    """The README's prune blocks (0, 3, 6 of 12, 0-based), scaled to ``depth``."""
+    return tuple(sorted({0, depth // 4, depth // 2}))
 
 
 def reprshift_reducer(target: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
@@ -85,13 +93,14 @@ class RepresentationShift(Method):
     version = "1"
     stage = "post"
     tracks_positions = True
-    knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
+    knob = Knob("drop_r", float, 0.0, 0.99, identity=0.0)
 
     option_defaults = {"drop_loc": None}
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that prune, for a model of ``depth`` blocks."""
-        return chosen_blocks(self.options["drop_loc"], depth, f"{self.name} drop_loc")
+        loc = self.options["drop_loc"]
+        return prune_blocks(depth) if loc is None else chosen_blocks(loc, depth, f"{self.name} drop_loc")
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []

@@ -20,7 +20,14 @@ def test_shift_is_the_l2_norm_of_the_change():
 def test_largest_shift_keeps_the_most_moved_in_original_order():
     shift = torch.tensor([[0.5, 3.0, 0.1, 2.0, 1.0]])
     assert largest_shift(shift, 3).tolist() == [[1, 3, 4]]
-    assert num_keep(196, 0.7) == 138  # ceil(137.2)
+    assert num_keep(196, 0.3) == 138  # 196 - int(58.8)
+
+
+def test_the_readme_setting_prunes_a_fifth_at_blocks_0_3_6():
+    arch = arch_spec(timm.create_model("deit_tiny_patch16_224"))
+    schedule = make_method("reprshift").schedule(arch, 0.2)  # --drop_r [0.2,0,0,0.2,0,0,0.2,0,0,0,0,0]
+    assert schedule.stage == "post"
+    assert schedule.tokens_out == (158,) * 3 + (127,) * 3 + (102,) * 6  # 196-39, 157-31, 126-25 (+1 class token)
 
 
 def test_reprshift_scores_what_the_block_changed(monkeypatch):
