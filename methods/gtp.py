@@ -11,7 +11,8 @@ Modifications (the official ``models_v3.py`` with ``--selection MixedAttnMax --p
    position embedding; ``ctx.block_input`` of block 0): a semantic graph linking each token to the
    tokens of highest cosine similarity (every entry at or above the row's k-th smallest similarity,
    ``torch.kthvalue`` with k = P - 1 - num_neighbours + [class token], P the patch tokens: the
-   official arithmetic, which on a model without a class token keeps one neighbour more), self
+   official arithmetic, which on a model without a class token keeps one neighbour more; any prefix
+   token counts as the class token does), self
    removed, OR-ed with the spatial graph of the 8 grid neighbours (``graph_type="Mixed"``; also
    ``"Spatial"`` or ``"Semantic"`` alone), then normalised symmetrically, D^-1/2 A D^-1/2;
  - in every block, between attention and MLP, ``num_prop`` patch tokens are removed: tokens are
@@ -39,7 +40,10 @@ Deviations and choices:
    also has attention-mean, class-attention, random selections and "None" / "Mean" propagation);
  - on average-pooling models with ``token_scale`` the seam's head averages the tokens weighted by
    their scales, where the official ``forward_head`` averages them unweighted;
- - the official graph assumes a square patch grid (sqrt(N)); we take the model's grid (rows x columns).
+ - the official graph assumes a square patch grid (sqrt(N)); we take the model's grid (rows x columns);
+ - the graph, the recomputed attention map and the propagation are the reducer's work: not in the
+   analytic GMACs (the official code computes the attention map anyway, in its eager attention),
+   measured by fvcore as the cell's ``gmacs_overhead``.
 """
 from __future__ import annotations
 
