@@ -1232,8 +1232,12 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def build_report(results_dir: Path, reports_dir: Path) -> str:
-    """Write every table (see the module docstring) under ``reports_dir``; return the Markdown."""
+def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str:
+    """Write every table (see the module docstring) under ``reports_dir``; return the Markdown.
+
+    With ``html``, also ``report.html`` (:mod:`harness.html_report`), with the figures already in
+    ``<reports_dir>/figures`` inlined: write the figures first to have them there.
+    """
     import pandas as pd
 
     df = load_frame(results_dir)
@@ -1258,11 +1262,40 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
                   "compile setting stored; the last columns: the default (fused SDPA) over the others.", "",
                   kernel_markdown(settings, krows), ""]
         pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
+    parts += _unmeasured_parts(envs)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
+    if html:
+        from harness.html_report import write_html
+
+        write_html(text, reports_dir)
     df.drop(columns=[c for c in ("traceback", "results_dir") if c in df]).to_csv(reports_dir / "results.csv", index=False)
     log.info("report written to %s", reports_dir)
     return text
+
+
+def unmeasured(envs: list[tuple[dict, object]]) -> list[dict]:
+    """Every compared cell that is not in the matched-budget tables (``unsupported``, ``off_target``,
+    ``skipped``, ``error``), with its reason: model, budget, method, status, reason."""
+    rows = []
+    for env, group in envs:
+        cur = current(group)
+        for r in sorted(_records(cur[cur["status"] != "ok"]), key=_cell_order):
+            reason = _off_target_note(r).split(": ", 1)[1] if r["status"] == "off_target" else r.get("error")
+            rows.append({"model": env["label"], "budget": str(r["budget"]), "method": r["method"], "status": r["status"],
+                         "reason": str(reason or "-").replace("|", "/").replace("\n", " ")})
+    return rows
+
+
+def _unmeasured_parts(envs) -> list[str]:
+    from tabulate import tabulate
+
+    rows = unmeasured(envs)
+    if not rows:
+        return []
+    return ["## Cells not in the tables", "", "Every cell without a matched-budget measurement, with its reason.", "",
+            tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="github",
+                     disable_numparse=True), ""]
 
 
 def _control_parts(envs, reports_dir: Path, load: Callable) -> list[str]:
