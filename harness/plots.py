@@ -17,7 +17,7 @@ under ``<reports>/figures/``:
 - ``matched_budget``: a forest plot, one panel per model and budget: each method's top-1 with its
   95 % interval, ``none``'s top-1 as a line with its interval shaded; ``*``: the change against
   ``none`` is significant (exact McNemar, Holm-adjusted within the model and budget);
-- ``controls``: each method minus its paired control (``random@method``: random tokens at the
+- ``controls`` (where a control is stored): each method minus its paired control (``random@method``: random tokens at the
   method's own schedule), points, with Newcombe's 95 % interval for paired proportions; ``*``:
   significant after Holm adjustment over all the control tests;
 - ``speedup_vs_ideal``: measured speed-up (the median of rounds interleaved with the unpatched model
@@ -323,7 +323,7 @@ def _dot_figure(plt, panels: list[tuple[str, list[tuple], Optional[tuple]]], xla
     show on the first panel of each row only when every panel lists the same methods."""
     cols = 2 if width < 5 else 3
     rows_max = max((len(items) for _, items, _ in panels), default=1)
-    fig, axes = _grid(plt, len(panels), width, cols, 0.5 + 0.16 * rows_max)
+    fig, axes = _grid(plt, len(panels), width, cols, max(1.3, 0.5 + 0.16 * rows_max))
     for ax, (title, items, ref) in zip(axes, panels):
         _dot_panel(ax, items, ref)
         _title(ax, title, width / cols)
@@ -356,7 +356,8 @@ def matched_budget(plt, envs, load: Optional[Callable] = None, width: float = ST
 
 def controls_figure(plt, envs, load: Optional[Callable] = None, width: float = STYLES["paper"]["double"]):
     """Each method minus its random control per model and budget, Newcombe's paired 95 % interval,
-    ``*`` where significant after Holm adjustment over all control tests; 0 dotted."""
+    ``*`` where significant after Holm adjustment over all control tests; 0 dotted. None when no
+    method has its control stored."""
     rows = controls(envs, load)
     titles = {e["label"]: env_title(e, g) for e, g in envs}
     panels = []
@@ -366,8 +367,9 @@ def controls_figure(plt, envs, load: Optional[Callable] = None, width: float = S
             items = [(m, here[m]["d_top1"], here[m]["d_ci_low"], here[m]["d_ci_high"], bool(here[m]["significant"]))
                      for m in method_order(here)]
             panels.append((f"{titles.get(model, model)}\nbudget {budget}", items, (0.0, None, None)))
-    return _dot_figure(plt, panels or [("no method has a random@method control stored", [], None)],
-                       "top-1 minus random@method (points), 95 % Newcombe", width)
+    if not panels:
+        return None
+    return _dot_figure(plt, panels, "top-1 minus random@method (points), 95 % Newcombe", width)
 
 
 def _speedup_points(group, method: str, base: Optional[dict]) -> list[tuple]:
@@ -526,7 +528,8 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
                      ("speedup_vs_ideal", envs, lambda: speedup_vs_ideal(plt, envs, methods, inches)),
                      ("tokens_per_block", envs, lambda: tokens_per_block(plt, envs, budget, inches))]
             for name, shown, draw in drawn:
-                if shown:
-                    written += save(draw(), out, name + WIDTHS[w])
+                fig = draw() if shown else None
+                if fig is not None:
+                    written += save(fig, out, name + WIDTHS[w])
     log.info("wrote %d figure files to %s", len(written), out)
     return written
