@@ -86,14 +86,14 @@ SPEED_TABLE = [_COL["budget"], _COL["method"], _COL["knob"], _COL["gmacs"], _COL
 # The legend under the report's title: one short line per column group.
 LEGEND = "\n".join([
     "- GMACs: analytic multiply-accumulates (the papers' convention); GMACs (fvcore): fvcore's count.",
-    "- top-1 % [95 % CI]: Wilson score interval over the images evaluated. **Bold**: the highest top-1 of a "
-    "budget, only when significantly above every other method of the budget; ≈: no such best, and this top-1 is "
-    "not significantly below the highest (a tie).",
+    "- top-1 % [95 % CI]: Wilson score interval over the images evaluated.",
+    "- **Bold**: the highest top-1 of a budget, only when significantly above every other method there (pairwise, "
+    "Holm); ≈: no such best, and this top-1 is not significantly below the highest (a tie).",
     "- Δ top-1: change against `none`, in points (↑ better, ↓ worse); it needs a `none` cell in the run.",
-    "- p vs none: exact McNemar test on the paired per-image predictions, raw; p Holm / q BH: adjusted within the "
-    "family of one model and budget (Holm: family-wise error; Benjamini-Hochberg: false discovery rate). "
-    "Significant always means Holm-adjusted p < 0.05: † marks a change that is not; `-`: no paired predictions "
-    "stored, no test.",
+    "- p vs none: exact McNemar test on the paired per-image predictions, raw; `-`: no paired predictions stored, "
+    "no test.",
+    "- p Holm / q BH: adjusted within the family of one model and budget (Holm: family-wise error; "
+    "Benjamini-Hochberg: false discovery rate). Significant always means Holm p < 0.05; † marks a change that is not.",
     "- img/s and speed-up come from different timings. A method's img/s and its speed-up share its cell's "
     "interleaved rounds (the method and the unpatched model called in alternation); `none`'s img/s is its own "
     "cell's, timed minutes apart. So a row's img/s over `none`'s need not equal its speed-up.",
