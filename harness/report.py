@@ -3,15 +3,24 @@
 Layout written by :func:`build_report` (``reports_dir``):
 
 - ``results.md``: every table below, in Markdown (tabulate), with each model's environment, notes
-  (failures, off-target cells, superseded method versions) and pairwise tests;
+  (failures, off-target cells, superseded method versions), pairwise tests and every cell not in the
+  tables with its reason; ``report.html``: the same as one self-contained page, tables sortable and
+  filterable, figures inline (:mod:`harness.html_report`);
 - ``results.csv``: the stored records themselves, one tidy row per cell;
 - ``tables/<env>.csv`` / ``.tex``: per model (environment), budgets x methods with top-1 and its 95 %
-  Wilson interval, its change against ``none`` with the exact McNemar p-value, GMACs, ideal and
-  measured speed-up (interleaved median [quartiles]) and their ratio; ``best`` marks the top top-1 of a budget;
+  Wilson interval, its change against ``none`` with the exact McNemar p-value (raw, Holm, BH), GMACs,
+  ideal and measured speed-up (interleaved median [quartiles]) and their ratio; ``best`` marks the top
+  top-1 of a budget only when significantly above every other, ``tie`` the ones it is tied with;
 - ``pairwise.csv``: every two reducing methods of one budget, McNemar on their paired predictions;
+- ``controls.csv`` / ``.tex``: each method against its random control (``random@method``), the
+  difference with Newcombe's paired interval and the McNemar p, Holm- and BH-adjusted over the report;
 - ``summary.csv`` / ``.tex``: top-1 (change) of every method across models at matched budgets;
 - ``accuracy_at_gmacs.csv`` / ``.tex``: paper-style rows, each method's top-1 read off its
-  accuracy-vs-GMACs curve at each budget's GMACs target (linear interpolation, no extrapolation).
+  accuracy-vs-GMACs curve at each budget's GMACs target (linear interpolation, no extrapolation),
+  with an interval interpolated alike and no best.
+
+"Significant" always means Holm-adjusted p < 0.05 within a stated family (:func:`adjust`): one model
+and budget against ``none``; one model and budget pairwise; all the control tests of the report.
 
 Records are compared only within one environment (:data:`GROUP`): throughput from another GPU, dtype,
 torch or batch size is never a baseline, and accuracies on other images are never paired. Within an
@@ -559,8 +568,8 @@ def model_rows(group, load: Optional[Callable] = None) -> list[dict]:
     Each row: budget, method, knob, gmacs; top1 with ``top1_ci_low``/``top1_ci_high`` (95 % Wilson,
     percent), d_top1 (points against ``none``) with ``p_mcnemar`` and ``significant`` (None where the
     cells are not paired); img_per_s; the speed-up of :func:`speedup_of`; ideal_speedup (baseline
-    GMACs / GMACs); ``realised`` = speed-up / ideal with ``realised_low``/``realised_high``; and
-    ``best`` (the highest top-1 among the reducing methods of its budget; ties all count).
+    GMACs / GMACs); ``realised`` = speed-up / ideal with ``realised_low``/``realised_high``;
+    ``p_holm``/``q_bh`` (adjusted within the budget) and ``best``/``tie`` (:func:`mark_best`).
 
     Args:
         group: one environment's records (:func:`environments`).
