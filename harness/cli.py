@@ -295,7 +295,8 @@ def _finish(sweep, cfg, no_report: bool) -> list[str]:
         from harness.plots import write_plots
         from harness.report import build_report
 
-        figures = len(write_plots(results, reports))  # first: report.html inlines them
+        # first: report.html inlines them; double column only (`harness report` writes both widths)
+        figures = len(write_plots(results, reports, widths=("double",)))
         build_report(results, reports)  # the full tables go to files only
     return run_summary([sweep.store.get(i) for i in ids], results, None if no_report else reports, figures, set(ids))
 

@@ -104,6 +104,7 @@ def run_summary(records: list[Optional[dict]], results_dir: Path, reports_dir: O
     # a path stands alone on its line, never cut (a cut path names nothing)
     if reports_dir is not None:
         figs = f", figures/ ({figures} files)" if figures else ""
-        lines += [f"full report: results.md, with results.csv, tables/, summary.*{figs}, in", f"  {_shown(reports_dir)}"]
+        lines += [f"full report: results.md and report.html, with results.csv, tables/, summary.*{figs}, in",
+                  f"  {_shown(reports_dir)}"]
     lines += ["records in", f"  {_shown(Path(results_dir) / 'records')}"]
     return lines
