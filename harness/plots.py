@@ -238,6 +238,11 @@ def _legend(fig, axes, ncol: int) -> None:
                    frameon=False, bbox_to_anchor=(0.5, 0.0), handlelength=2.4, columnspacing=1.0)
 
 
+def _panel_columns(width: float, panels: int) -> int:
+    """One panel per model side by side at double-column width (two at most), stacked at single."""
+    return max(1, min(panels, 1 if width < 5 else 2))
+
+
 def _legend_columns(width: float) -> int:
     return max(2, int(width / 1.4))
 
@@ -262,8 +267,8 @@ def _baseline_point(group) -> Optional[tuple]:
 
 def accuracy_vs_gmacs(plt, envs, methods: Optional[Sequence[str]] = None, width: float = STYLES["paper"]["double"]):
     """Top-1 against GMACs, one panel per model (see the module docstring)."""
-    shown = shown_methods(envs, methods)
-    fig, axes = _grid(plt, len(envs), width, 1 if width < 5 else 2, 2.3 if width < 5 else 2.6)
+    shown, cols = shown_methods(envs, methods), _panel_columns(width, len(envs))
+    fig, axes = _grid(plt, len(envs), width, cols, 2.3 if width < 5 else 2.6)
     for ax, (env, group) in zip(axes, envs):
         base = _baseline_point(group)
         drawn = [m for m in shown if m in _methods(group)]
@@ -280,8 +285,9 @@ def accuracy_vs_gmacs(plt, envs, methods: Optional[Sequence[str]] = None, width:
             _baseline_marker(ax, *base)
         # dodged artists do not move the data limits: the points and interval ends set them
         ax.update_datalim(extent)
+        ax.margins(x=0.05)  # room for the outermost dodged series
         ax.autoscale_view()
-        _title(ax, env_title(env, group), width / min(len(envs), 2))
+        _title(ax, env_title(env, group), width / cols)
         ax.set_ylabel("top-1 (%)")
         ax.set_xlabel("GMACs")
         ax.grid(True)
@@ -385,8 +391,8 @@ def _speedup_points(group, method: str, base: Optional[dict]) -> list[tuple]:
 
 def speedup_vs_ideal(plt, envs, methods: Optional[Sequence[str]] = None, width: float = STYLES["paper"]["double"]):
     """Interleaved speed-up [quartiles] against the ideal one, y = x dashed, one panel per environment."""
-    shown = shown_methods(envs, methods)
-    fig, axes = _grid(plt, len(envs), width, 1 if width < 5 else 2, 2.3 if width < 5 else 2.6)
+    shown, cols = shown_methods(envs, methods), _panel_columns(width, len(envs))
+    fig, axes = _grid(plt, len(envs), width, cols, 2.3 if width < 5 else 2.6)
     for ax, (env, group) in zip(axes, envs):
         base, top = baseline_of(group), 1.0
         for m in [m for m in shown if m in _methods(group)]:
@@ -398,7 +404,7 @@ def speedup_vs_ideal(plt, envs, methods: Optional[Sequence[str]] = None, width: 
             _baseline_marker(ax, 1.0, None)
         end = 1 + (top - 1) * 1.08
         ax.plot([1, end], [1, end], color="#444444", linestyle="--", linewidth=0.7, zorder=0, label=IDEAL)
-        _title(ax, f"{env_title(env, group)} · {env['device_short']}, {env['dtype']}", width / min(len(envs), 2))
+        _title(ax, f"{env_title(env, group)} · {env['device_short']}, {env['dtype']}", width / cols)
         ax.set_xlabel("ideal speed-up (GMACs ratio)")
         ax.set_ylabel("speed-up, interleaved")
         ax.grid(True)
