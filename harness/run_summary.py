@@ -69,8 +69,7 @@ def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
                 by_budget.setdefault(row["budget"], []).append(row)
         lines += [_fit(f"  {env['label']} @ {budget}: {best_text(rows)}") for budget, rows in by_budget.items()]
     if lines:
-        lines.insert(0, "highest top-1 % [95 % interval] per model and budget; a best only when significantly "
-                        "above every other (Holm)")
+        lines.insert(0, "highest top-1 % [95 % interval] per model and budget (best: significantly above all, Holm)")
     return lines
 
 
@@ -104,7 +103,7 @@ def run_summary(records: list[Optional[dict]], results_dir: Path, reports_dir: O
     # a path stands alone on its line, never cut (a cut path names nothing)
     if reports_dir is not None:
         figs = f", figures/ ({figures} files)" if figures else ""
-        lines += [f"full report: results.md and report.html, with results.csv, tables/, summary.*{figs}, in",
+        lines += [f"full report: results.md, report.html, results.csv, tables/, summary.*{figs}, in",
                   f"  {_shown(reports_dir)}"]
     lines += ["records in", f"  {_shown(Path(results_dir) / 'records')}"]
     return lines
