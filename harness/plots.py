@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from harness import style as st
+from harness.errors import HarnessError
 from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _loader, _num, baseline_of, budget_order, controls,
                             current, environments, is_reference, load_frame, method_label, model_rows, scored_envs,
                             speedup_of, top1_interval)
@@ -327,7 +328,10 @@ def _dot_figure(plt, panels: list[tuple[str, list[tuple], Optional[tuple]]], xla
                 reference_label: str = ""):
     """A forest of panels ``(title, items, reference)`` sharing one legend; a panel's method names
     show on the first panel of each row only when every panel lists the same methods."""
-    cols = 2 if width < 5 else 3
+    import matplotlib
+
+    # labels and titles take their width at any size: fewer columns for larger (slides) type
+    cols = (2 if width < 5 else 3) - (matplotlib.rcParams["font.size"] > 10)
     rows_max = max((len(items) for _, items, _ in panels), default=1)
     fig, axes = _grid(plt, len(panels), width, cols, max(1.3, 0.5 + 0.16 * rows_max))
     for ax, (title, items, ref) in zip(axes, panels):
@@ -337,9 +341,16 @@ def _dot_figure(plt, panels: list[tuple[str, list[tuple], Optional[tuple]]], xla
         axes[0].plot([], [], linestyle="none", marker="$*$", color="black", label=SIGNIFICANT)
     if reference_label:
         axes[0].fill_between([], [], color="#000000", alpha=0.07, linewidth=0, label=reference_label)
+    for ax in axes[-cols:]:
+        ax.set_xlabel(xlabel)
     _legend(fig, axes, _legend_columns(width))
-    fig.supxlabel(xlabel, y=0.0, va="top")
     return fig
+
+
+def _panel_title(title: str, budget: str) -> str:
+    """``DeiT-S · budget 0.7`` over ``CIFAR-10 · 200 images``: two short lines for a narrow panel."""
+    model, _, rest = title.partition(" · ")
+    return f"{model} · budget {budget}" + (f"\n{rest}" if rest else "")
 
 
 def matched_budget(plt, envs, load: Optional[Callable] = None, width: float = STYLES["paper"]["double"]):
@@ -355,8 +366,8 @@ def matched_budget(plt, envs, load: Optional[Callable] = None, width: float = ST
             here = {r["method"]: r for r in rows if r["budget"] == budget and r["top1"] is not None}
             items = [(m, here[m]["top1"], here[m]["top1_ci_low"], here[m]["top1_ci_high"], bool(here[m]["significant"]))
                      for m in method_order(here) if not st.is_control(m)]
-            panels.append((f"{env_title(env, group)}\nbudget {budget}", items, ref))
-    return _dot_figure(plt, panels, "top-1 (%), 95 % Wilson interval", width,
+            panels.append((_panel_title(env_title(env, group), budget), items, ref))
+    return _dot_figure(plt, panels, "top-1 (%)\n[95 % Wilson]", width,
                        f"{BASELINE}: top-1 (dotted), 95 % interval (band)")
 
 
@@ -372,10 +383,10 @@ def controls_figure(plt, envs, load: Optional[Callable] = None, width: float = S
             here = {r["method"]: r for r in rows if (r["model"], r["budget"]) == (model, budget) and r["d_top1"] is not None}
             items = [(m, here[m]["d_top1"], here[m]["d_ci_low"], here[m]["d_ci_high"], bool(here[m]["significant"]))
                      for m in method_order(here)]
-            panels.append((f"{titles.get(model, model)}\nbudget {budget}", items, (0.0, None, None)))
+            panels.append((_panel_title(titles.get(model, model), budget), items, (0.0, None, None)))
     if not panels:
         return None
-    return _dot_figure(plt, panels, "top-1 minus random@method (points), 95 % Newcombe", width)
+    return _dot_figure(plt, panels, "top-1 − random@method\n(points, 95 % Newcombe)", width)
 
 
 def _speedup_points(group, method: str, base: Optional[dict]) -> list[tuple]:
@@ -505,6 +516,14 @@ def save(fig, out_dir: Path, name: str, formats: tuple[str, ...] = FORMATS) -> l
     return paths
 
 
+def _check_methods(envs, methods: Optional[Sequence[str]]) -> None:
+    """A ``methods`` name no stored record has is one clear error, naming the ones there are."""
+    stored = sorted({m for _, g in envs for m in _methods(g)})
+    missing = [m for m in methods or () if m not in stored]
+    if missing:
+        raise HarnessError(f"--methods {','.join(missing)}: not among the stored methods ({', '.join(stored)})")
+
+
 def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = None,
                 methods: Optional[Sequence[str]] = None, style: str = "paper",
                 widths: Sequence[str] = tuple(WIDTHS)) -> list[Path]:
@@ -524,6 +543,7 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
     if style not in STYLES:
         raise ValueError(f"unknown figure style {style!r}: choose from {', '.join(STYLES)}")
     envs = environments(load_frame(results_dir))
+    _check_methods(envs, methods)
     scored, load, out, written = scored_envs(envs), _loader(), Path(reports_dir) / "figures", []
     with paper_style(style) as plt:
         for w in widths:
