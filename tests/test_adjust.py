@@ -114,3 +114,14 @@ def test_committed_readme_block_is_the_generated_one():
         text = page.read_text()
         committed = text[text.index(START_KEY):text.index(END) + len(END)]
         assert committed == results_block(envs, root / "reports", page), page
+
+
+def test_readme_flag_refuses_a_page_without_the_block(capsys, tmp_path):
+    from harness.cli import main
+
+    page = tmp_path / "plain.md"
+    page.write_text("no block here\n")
+    code = main(["report", "--results", str(REFERENCE), "--out", str(tmp_path / "rep"), "--no-plots",
+                 "--readme", str(page)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no results block" in err[0] and page.read_text() == "no block here\n"
