@@ -333,7 +333,8 @@ def _dot_figure(plt, panels: list[tuple[str, list[tuple], Optional[tuple]]], xla
     # labels and titles take their width at any size: fewer columns for larger (slides) type
     cols = (2 if width < 5 else 3) - (matplotlib.rcParams["font.size"] > 10)
     rows_max = max((len(items) for _, items, _ in panels), default=1)
-    fig, axes = _grid(plt, len(panels), width, cols, max(1.3, 0.5 + 0.16 * rows_max))
+    # a panel: two title lines and a two-line axis label, then a row per method
+    fig, axes = _grid(plt, len(panels), width, cols, max(1.6, 0.8 + 0.16 * rows_max))
     for ax, (title, items, ref) in zip(axes, panels):
         _dot_panel(ax, items, ref)
         _title(ax, title, width / cols)
