@@ -222,3 +222,29 @@ def test_ddp_on_two_gloo_ranks_follows_one_process_with_the_same_global_batch(tm
     assert len(a["losses"]) == len(b["losses"]) == 8
     assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
     assert _max_diff(a["state"], b["state"]) <= 1e-4
+
+
+def _record(tmp_path: Path, cell: str, protocol: str, correct: list[int], **extra) -> dict:
+    import numpy as np
+
+    (tmp_path / "predictions").mkdir(exist_ok=True)
+    label = np.arange(len(correct)) % 10
+    np.savez(tmp_path / "predictions" / f"{cell}.npz", pred=np.where(correct, label, (label + 1) % 10), label=label)
+    return {"cell_id": cell, "model": "m", "method": "tome", "budget": "0.7", "status": "ok", "protocol": protocol,
+            "eval_set_sha": "e", "top1": sum(correct) / len(correct), "n_images": len(correct),
+            "predictions": f"predictions/{cell}.npz", **extra}
+
+
+def test_the_report_pairs_each_fine_tune_with_its_off_the_shelf_cell(tmp_path):
+    from harness.protocol_report import pairs_markdown, protocol_pairs
+
+    shelf = _record(tmp_path, "a", OFF_THE_SHELF, [1] * 10 + [0] * 10)
+    tuned = _record(tmp_path, "b", "finetune:smoke", [1] * 10 + [1] * 8 + [0] * 2, train_steps=62)
+    other = _record(tmp_path, "c", "finetune:smoke", [1] * 20, budget="0.5")  # no partner at 0.5
+    old = {**shelf, "protocol": None, "cell_id": "d"}  # a record from before protocols: off the shelf
+    rows = protocol_pairs([shelf, tuned, other], tmp_path)
+    assert len(rows) == 1 and rows[0]["cells"] == ("a", "b")
+    assert (rows[0]["b"], rows[0]["c"]) == (0, 8) and rows[0]["p"] == pytest.approx(2 / 2 ** 8)
+    assert rows[0]["delta_top1"] == pytest.approx(0.4)
+    assert protocol_pairs([old, tuned], tmp_path)[0]["cells"] == ("d", "b")
+    assert "| +40.00 | 0 | 8 | 0.00781 | 62 |" in pairs_markdown(rows)
