@@ -116,7 +116,7 @@ class Executor:
                                self.settings.dtype, self.dist)
         fields = finetune.finetune(finetune.Trainee(cell.model, cell.method, cell.knob_value, teacher), train,
                                    recipe, where)
-        return {"recipe_name": protocol.recipe_name, "recipe_resolved": recipe.identity(),
+        return {"recipe_name": protocol.recipe_name, "recipe_resolved": recipe.identity(), "train_seed": recipe.seed,
                 "finetune_dir": str(Path("finetune") / cell_id), **fields}
 
     def evaluate(self, cell: PreparedCell, evalset: EvalSet) -> dict:
