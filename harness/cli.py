@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_ls(sub) -> None:
-    ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models or suites")
-    ls.add_argument("what", choices=["methods", "models", "suites"])
+    ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models, suites or fine-tuning recipes")
+    ls.add_argument("what", choices=["methods", "models", "suites", "recipes"])
     ls.add_argument("--config", type=Path, default=None)
     ls.add_argument("--data-root", default=None)
 
@@ -211,6 +211,8 @@ def cmd_ls(args) -> int:
         rows = [(i.name, f"knob {i.knob or '-'}", i.description) for i in method_infos()]
     elif args.what == "suites":
         rows = _suite_rows(_load(args))
+    elif args.what == "recipes":
+        rows = _recipe_rows(_load(args))
     else:
         rows = _model_rows(_load(args), args.data_root)
     for line in _columns(rows):
@@ -231,6 +233,14 @@ def _suite_rows(cfg) -> list[tuple[str, str]]:
         rows += [("", f"  {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
                  for method, opts in s.method_options.items()]
     return rows
+
+
+def _recipe_rows(cfg) -> list[tuple[str, str]]:
+    """One line per ``[recipes.<name>]``: what ``--protocol finetune:<name>`` trains with."""
+    return [(f"finetune:{name}", f"{r.epochs} epoch(s){f' (at most {r.steps} steps)' if r.steps else ''} over "
+                                 f"{r.train_limit or 'all'} training images, batch {r.batch_size}, {r.opt} lr {r.lr:g}, "
+                                 f"distill {r.distill}{f' | {r.where}' if r.where else ''}")
+            for name, r in cfg.recipes.items()]
 
 
 def _model_rows(cfg, data_root_flag) -> list[tuple[str, str]]:

@@ -245,3 +245,11 @@ def test_the_report_pairs_each_fine_tune_with_its_off_the_shelf_cell(tmp_path):
     assert rows[0]["delta_top1"] == pytest.approx(0.4)
     assert protocol_pairs([old, tuned], tmp_path)[0]["cells"] == ("d", "b")
     assert "| +40.00 | 0 | 8 | 0.00781 | 62 |" in pairs_markdown(rows)
+
+
+def test_ls_recipes_lists_both_shipped_recipes(capsys):
+    from harness.cli import main
+
+    assert main(["ls", "recipes", "--config", str(ROOT / "benchmark.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "finetune:cpu-smoke 1 epoch(s) over 1000 training images" in out and "finetune:paper" in out
