@@ -113,11 +113,9 @@ def finetune(trainee: Trainee, train_set, recipe: Recipe, where: Where) -> dict:
         load_final(trainee.model, where.workdir)
         return {**done, "finetune_reused": True}
     where.workdir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     with _drop_path(trainee.model, recipe.drop_path):
         fields = _train(trainee, train_set, recipe, where)
-    fields.update(train_s=round(time.perf_counter() - start, 3), train_set=train_set.name,
-                  train_set_sha=train_set.identity, train_images=len(train_set))
+    fields.update(train_set=train_set.name, train_set_sha=train_set.identity, train_images=len(train_set))
     if where.dist.is_main:
         fields["finetuned_sha"] = save_final(trainee.model, where.workdir)
         write_done(where.workdir, recipe, fields)
@@ -131,10 +129,10 @@ def _train(trainee: Trainee, train_set, recipe: Recipe, where: Where) -> dict:
     model = trainee.model
     _select_params(model, recipe.train_params)
     parts = build_parts(model, recipe, len(train_set), where)
-    first = resume(model, parts, recipe, where)
+    first, before_s = resume(model, parts, recipe, where)
     net = _wrap(model, where)
     model.train()
-    loss, meter = float("nan"), _Meter(first, parts.total_steps)
+    loss, meter = float("nan"), _Meter(first, parts.total_steps, before_s)
     # rank 0 logs the global batch's loss; the others' rows would repeat it
     with open(where.workdir / "log.csv" if where.dist.is_main else os.devnull, "a", newline="") as fh:
         writer = csv.DictWriter(fh, LOG_FIELDS)
@@ -146,11 +144,13 @@ def _train(trainee: Trainee, train_set, recipe: Recipe, where: Where) -> dict:
             if where.on_step:
                 where.on_step(step, loss)
             if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < parts.total_steps:
-                save_checkpoint(model, parts, step + 1, recipe, where)
+                save_checkpoint(model, parts, step + 1, recipe, where, meter.elapsed_s())
     _set_train_knob(trainee, None)
     model.eval()
+    # train_s: the training's wall time over every run that had a part in it (resumed runs add up)
     return {"train_steps": parts.total_steps, "train_epochs": parts.total_steps / parts.steps_per_epoch,
-            "train_loss_final": loss, "train_resumed_at": first or None, "train_log": "log.csv"}
+            "train_loss_final": loss, "train_resumed_at": first or None, "train_log": "log.csv",
+            "train_s": round(meter.elapsed_s(), 3)}
 
 
 def build_parts(model: torch.nn.Module, recipe: Recipe, n_images: int, where: Where) -> Parts:
@@ -237,9 +237,13 @@ def _distilled(net, teacher, x, target, parts: Parts, recipe: Recipe) -> torch.T
 class _Meter:
     """The log row and the throttled progress line of each step: loss, learning rate, img/s, ETA."""
 
-    def __init__(self, first: int, total: int):
+    def __init__(self, first: int, total: int, before_s: float = 0.0):
         self.first, self.total, self.start, self.due = first, total, time.perf_counter(), progress.Throttle()
-        self.last = self.start
+        self.last, self.before_s = self.start, before_s
+
+    def elapsed_s(self) -> float:
+        """Training time so far, the runs before a resume included."""
+        return self.before_s + time.perf_counter() - self.start
 
     def row(self, step: int, parts: Parts, loss: float, knob, batch: int) -> dict:
         now = time.perf_counter()
@@ -250,7 +254,7 @@ class _Meter:
             progress.report("fine-tune step %d/%d (%d %%) loss %.4f lr %.2e %.1f img/s, %s left", step + 1,
                             self.total, 100 * (step + 1) // self.total, loss, lr, img_per_s, progress.duration_text(left))
         return {"step": step + 1, "epoch": round((step + 1) / parts.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                "img_per_s": round(img_per_s, 2), "knob": knob, "elapsed_s": round(now - self.start, 3)}
+                "img_per_s": round(img_per_s, 2), "knob": knob, "elapsed_s": round(self.before_s + now - self.start, 3)}
 
 
 def _set_train_knob(trainee: Trainee, done: Optional[float]):
@@ -320,19 +324,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(model: torch.nn.Module, parts: Parts, step: int, recipe: Recipe, where: Where) -> None:
+def save_checkpoint(model: torch.nn.Module, parts: Parts, step: int, recipe: Recipe, where: Where,
+                    elapsed_s: float = 0.0) -> None:
     """The state after ``step`` updates: the shared state by rank 0, each rank's RNG by itself."""
     _atomic_save(rng_state(), where.workdir / f"rng-{where.dist.rank}.pt")
     distributed.barrier(where.dist)  # every rank's RNG is down before the checkpoint names the step
     if where.dist.is_main:
-        _atomic_save({"step": step, "recipe": recipe.identity(), "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        _atomic_save({"step": step, "recipe": recipe.identity(), "elapsed_s": elapsed_s, "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                       "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict()},
                      where.workdir / "checkpoint.pt")
     distributed.barrier(where.dist)
 
 
-def resume(model: torch.nn.Module, parts: Parts, recipe: Recipe, where: Where) -> int:
-    """Load the last checkpoint of ``recipe``, if any; the step to start at. Log rows past it are dropped."""
+def resume(model: torch.nn.Module, parts: Parts, recipe: Recipe, where: Where) -> tuple[int, float]:
+    """Load the last checkpoint of ``recipe``, if any; the step to start at and the training seconds
+    before it. Log rows past it are dropped."""
     path = where.workdir / "checkpoint.pt"
     # our own file: RNG states are not tensors
     state = torch.load(path, map_location=where.device, weights_only=False) if path.is_file() else None
@@ -341,7 +347,7 @@ def resume(model: torch.nn.Module, parts: Parts, recipe: Recipe, where: Where) -
             log.warning("%s is another recipe's checkpoint: training from the start", path)
         if where.dist.is_main:
             _trim_log(where.workdir / "log.csv", 0)
-        return 0
+        return 0, 0.0
     model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
@@ -351,7 +357,7 @@ def resume(model: torch.nn.Module, parts: Parts, recipe: Recipe, where: Where) -
         _trim_log(where.workdir / "log.csv", state["step"])
     log.info("fine-tune resumed at step %d from %s", state["step"], path)
     progress.report("fine-tune resumed at step %d (checkpoint in %s)", state["step"], where.workdir)
-    return state["step"]
+    return state["step"], state.get("elapsed_s", 0.0)
 
 
 def _remove_checkpoints(where: Where) -> None:

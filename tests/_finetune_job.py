@@ -56,8 +56,13 @@ def train(workdir: Path, steps: int, recipe: Recipe = RECIPE, method=None, dist=
             on_step(step, loss)
 
     where = finetune.Where(Path(workdir), dist=dist or distributed.Dist(), on_step=record)
-    fields = finetune.finetune(finetune.Trainee(model, method, knob), toy_set(),
-                               dataclasses.replace(recipe, steps=steps), where)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from more, and a loaded CPU loses a lot
+    try:
+        fields = finetune.finetune(finetune.Trainee(model, method, knob), toy_set(),
+                                   dataclasses.replace(recipe, steps=steps), where)
+    finally:
+        torch.set_num_threads(threads)
     return model, fields, losses
 
 
