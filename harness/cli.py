@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_ls(sub) -> None:
-    ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models or suites")
-    ls.add_argument("what", choices=["methods", "models", "suites"])
+    ls = sub.add_parser("ls", allow_abbrev=False, help="list methods, models, suites or fine-tuning recipes")
+    ls.add_argument("what", choices=["methods", "models", "suites", "recipes"])
     ls.add_argument("--config", type=Path, default=None)
     ls.add_argument("--data-root", default=None)
 
@@ -101,6 +101,10 @@ def _add_run_selection(run) -> None:
     run.add_argument("--methods", type=_csv("--methods"), help="comma-separated method names, or all")
     run.add_argument("--budgets", type=_csv("--budgets"), help="comma-separated budgets: 0.7, gmacs=2.9, r=13, keep_rate=0.7")
     run.add_argument("--limit", type=int, help="evaluate the first N images (class-balanced); 0 = all")
+    run.add_argument("--protocol", dest="protocols", type=_csv("--protocol"), metavar="off-the-shelf|finetune:RECIPE",
+                     help="measure the patched model as given (off-the-shelf, the default) or after fine-tuning it "
+                          "with a [recipes.RECIPE] of the config (finetune:cpu-smoke); a fine-tune also runs its "
+                          "off-the-shelf partner cell, for the paired comparison. Comma-separated for several")
     run.add_argument("--quick", action="store_true",
                      help=f"a quick look (about 5 min on 2 CPU cores): --methods all at the suite's models and "
                           f"budgets, --limit {QUICK_RUN['limit']} --calib-limit {QUICK_RUN['calib_limit']} "
@@ -216,6 +220,8 @@ def cmd_ls(args) -> int:
         rows = [(i.name, f"knob {i.knob or '-'}", i.description) for i in method_infos()]
     elif args.what == "suites":
         rows = _suite_rows(_load(args))
+    elif args.what == "recipes":
+        rows = _recipe_rows(_load(args))
     else:
         rows = _model_rows(_load(args), args.data_root)
     for line in _columns(rows):
@@ -230,11 +236,20 @@ def _suite_rows(cfg) -> list[tuple[str, str]]:
     rows = []
     for name, s in cfg.suites.items():
         rows.append((name, f"models {','.join(s.models)} | methods {','.join(s.methods)} "
-                           f"| budgets {','.join(s.budgets)}"))
+                           f"| budgets {','.join(s.budgets)}"
+                           + (f" | protocols {','.join(s.protocols)}" if s.protocols != ("off-the-shelf",) else "")))
         rows += [("", f"  {model}: budgets {','.join(b)}") for model, b in s.budgets_by_model.items()]
         rows += [("", f"  {method}: {', '.join(f'{k}={v}' for k, v in opts.items())}")
                  for method, opts in s.method_options.items()]
     return rows
+
+
+def _recipe_rows(cfg) -> list[tuple[str, str]]:
+    """One line per ``[recipes.<name>]``: what ``--protocol finetune:<name>`` trains with."""
+    return [(f"finetune:{name}", f"{r.epochs} epoch(s){f' (at most {r.steps} steps)' if r.steps else ''} over "
+                                 f"{r.train_limit or 'all'} training images, batch {r.batch_size}, {r.opt} lr {r.lr:g}, "
+                                 f"distill {r.distill}{f' | {r.where}' if r.where else ''}")
+            for name, r in cfg.recipes.items()]
 
 
 def _model_rows(cfg, data_root_flag) -> list[tuple[str, str]]:
@@ -269,7 +284,8 @@ def cmd_run(args) -> int:
                                               "throughput_batch_size", "end_to_end", "flops", "attention", "sdpa_backend", "prop_attn",
                                               "throughput_repeats", "reports_dir")}
     run_over, methods = quick_overrides(args.quick, run_over, args.methods)
-    cfg = override(cfg, run_over, {"models": args.models, "methods": methods, "budgets": args.budgets})
+    cfg = override(cfg, run_over, {"models": args.models, "methods": methods, "budgets": args.budgets,
+                                   "protocols": args.protocols})
     cfg = _override_models(cfg, args.weights, args.data)
     if args.executor != "local":
         n = submit(cfg, args.executor, args.cells_per_job, _slurm_params(args.slurm), lambda s: print(s, flush=True))

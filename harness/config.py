@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import HarnessError
+from harness.recipes import Recipe
 
 
 ATTENTION = ("fused", "eager")
@@ -89,6 +90,8 @@ class SuiteConfig:
     budgets: tuple[str, ...] = ("0.7",)
     budgets_by_model: dict = field(default_factory=dict)
     method_options: dict = field(default_factory=dict)  # method -> options over [methods.<name>] for this suite
+    # off-the-shelf and/or finetune:<recipe> ([recipes.<recipe>]); a fine-tune also plans its off-the-shelf partner
+    protocols: tuple[str, ...] = ("off-the-shelf",)
 
     def budgets_for(self, model: str) -> tuple[str, ...]:
         return self.budgets_by_model.get(model, self.budgets)
@@ -126,6 +129,7 @@ class Config:
     suites: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)
     method_options: dict = field(default_factory=dict)
+    recipes: dict = field(default_factory=dict)  # name -> Recipe ([recipes.<name>])
     path: Optional[Path] = None
 
     @property
@@ -159,6 +163,8 @@ def _build(cls, table: Any, where: str):
             if not isinstance(value, list):
                 raise HarnessError(f"{where}.{key}: expected a list, got {value!r}")
             table = {**table, key: tuple(str(v) for v in value)}
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            table = {**table, key: float(value)}  # TOML's 5 for a float setting (warmup_epochs = 5)
         elif expected is not None and not isinstance(value, expected) or isinstance(value, bool) and expected is int:
             raise HarnessError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
     try:
@@ -190,7 +196,7 @@ def load_config(path: Path) -> Config:
         raise HarnessError(f"{path}: malformed TOML: {exc}") from None
     except UnicodeDecodeError:
         raise HarnessError(f"{path}: not a UTF-8 text file") from None
-    known = {"run", "suites", "models", "methods"}
+    known = {"run", "suites", "models", "methods", "recipes"}
     for key in data:
         if key not in known:
             raise HarnessError(f"{path}: unknown section [{key}]; known: {', '.join(sorted(known))}")
@@ -201,4 +207,5 @@ def load_config(path: Path) -> Config:
     for name, opts in methods.items():
         if not isinstance(opts, dict):
             raise HarnessError(f"{path.name} [methods.{name}]: expected a table of options")
-    return Config(run=run, suites=suites, models=models, method_options=methods, path=path)
+    recipes = {k: _build(Recipe, v, f"{path.name} [recipes.{k}]") for k, v in data.get("recipes", {}).items()}
+    return Config(run=run, suites=suites, models=models, method_options=methods, recipes=recipes, path=path)

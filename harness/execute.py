@@ -23,6 +23,7 @@ from harness.data import EvalSet
 from harness.errors import UnsupportedModel
 from harness.inputs import Inputs
 from harness.models import ModelSpec
+from harness.recipes import Protocol
 from harness.registry import Method
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,16 @@ class Executor:
     def throughput_batch_size(self) -> int:
         return self.run.throughput_batch_size or (256 if self.settings.device.type == "cuda" else 8)
 
-    def run_cell(self, spec: ModelSpec, method: Method, budget, key: dict, cell_id: str) -> dict:
-        """Run one cell and return its record; failures become the record's status and error."""
-        record = {"cell_id": cell_id, **key, **self.env, "knob": None, "knob_value": None,
+    def run_cell(self, spec: ModelSpec, method: Method, budget, key: dict, cell_id: str,
+                 protocol: Protocol = Protocol()) -> dict:
+        """Run one cell (fine-tuned first under a ``finetune`` protocol) and return its record; failures
+        become the record's status and error."""
+        record = {"cell_id": cell_id, **key, **self.env, "protocol": protocol.name, "knob": None, "knob_value": None,
                   "attention": self.run.attention, "sdpa_backend": self.run.sdpa_backend,
                   "prop_attn": self.run.prop_attn, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         start = time.perf_counter()
         try:
-            record.update(self.measure_cell(spec, method, budget))
+            record.update(self.measure_cell(spec, method, budget, protocol, cell_id))
         except UnsupportedModel as exc:
             record.update(status="unsupported", error=str(exc))
         except torch.cuda.OutOfMemoryError as exc:
@@ -72,13 +75,18 @@ class Executor:
         record["cell_s"] = round(time.perf_counter() - start, 3)
         return record
 
-    def measure_cell(self, spec: ModelSpec, method: Method, budget) -> dict:
-        """Prepare, evaluate and time one cell: the record's measured fields."""
+    def measure_cell(self, spec: ModelSpec, method: Method, budget, protocol: Protocol = Protocol(),
+                     cell_id: str = "") -> dict:
+        """Prepare (and fine-tune), evaluate and time one cell: the record's measured fields."""
+        if protocol.trains and method.cannot_train:
+            raise UnsupportedModel(f"{method.name} cannot be fine-tuned: {method.cannot_train}")
         cell = prepare_cell(spec, method, budget, self.settings, state_dict=self.inputs.state_dict(spec),
                             calibrate=self.calibrate)
         out = cell.budget_fields()
         if cell.skip_reason:
             return out
+        if protocol.trains:
+            out.update(self.finetune(spec, cell, protocol, cell_id))
         evalset = self.inputs.eval_set(spec, cell.transform)
         out.update(cell.searched, **cell.described, data_name=evalset.name,
                    eval_set_sha=evalset.identity,  # which images, in which order: what pairs records
@@ -91,6 +99,25 @@ class Executor:
         distributed.barrier(self.dist)
         # measured all the same (kept as data, drawn at its achieved GMACs), never ok under its budget
         return {**out, "status": "off_target" if missed else "ok", "error": missed}
+
+    def finetune(self, spec: ModelSpec, cell: PreparedCell, protocol: Protocol, cell_id: str) -> dict:
+        """Train the cell's patched model in place with the protocol's recipe; the record's fields about it.
+
+        Its checkpoints and log live in ``<results>/finetune/<cell id>``; a finished one is read back.
+        """
+        from harness import finetune
+
+        recipe = protocol.recipe
+        train = self.inputs.calibration_set(spec, cell.transform, recipe.train_limit)
+        if not train.has_labels:
+            raise UnsupportedModel(f"fine-tuning needs labelled training images; {spec.data} data has none")
+        teacher = self.inputs.baseline(spec, self.settings) if recipe.distill != "none" else None
+        where = finetune.Where(Path(self.run.results_dir) / "finetune" / cell_id, self.settings.device,
+                               self.settings.dtype, self.dist)
+        fields = finetune.finetune(finetune.Trainee(cell.model, cell.method, cell.knob_value, teacher), train,
+                                   recipe, where)
+        return {"recipe_name": protocol.recipe_name, "recipe_resolved": recipe.identity(), "train_seed": recipe.seed,
+                "finetune_dir": str(Path("finetune") / cell_id), **fields}
 
     def evaluate(self, cell: PreparedCell, evalset: EvalSet) -> dict:
         """Accuracy, sharded over ranks (none without labels)."""

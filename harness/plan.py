@@ -21,16 +21,19 @@ from harness import budget as budgets
 from harness.config import Config, RunConfig
 from harness.errors import HarnessError
 from harness.models import ModelSpec, resolve_model
+from harness.recipes import OFF_THE_SHELF, Protocol, parse_protocol, with_partners
 from harness.registry import Method, make_method, method_names
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One measurement: a model, a method and a budget (None for methods without a knob)."""
+    """One measurement: a model, a method and a budget (None for methods without a knob), off the shelf
+    or fine-tuned (``protocol``)."""
 
     model: str
     method: str
     budget: Optional[budgets.Budget]
+    protocol: str = OFF_THE_SHELF
 
     @property
     def budget_text(self) -> str:
@@ -126,8 +129,9 @@ def _check_knob_budgets(models: dict[str, list[budgets.Budget]], knobs: dict) ->
                 knobs[m].check(b.value)
 
 
-def expand(models: dict[str, list[budgets.Budget]], methods: dict[str, Method]) -> list[Cell]:
-    """All cells of a sweep, for each model its own budgets.
+def expand(models: dict[str, list[budgets.Budget]], methods: dict[str, Method],
+           protocols: tuple[str, ...] = (OFF_THE_SHELF,)) -> list[Cell]:
+    """All cells of a sweep, for each model its own budgets, each under every protocol.
 
     A knob budget applies to the methods with that knob, and must fit one of them.
     """
@@ -136,11 +140,18 @@ def expand(models: dict[str, list[budgets.Budget]], methods: dict[str, Method]) 
     cells = []
     for model, budget_list in models.items():
         for m in methods:
-            if knobs[m] is None:
-                cells.append(Cell(model, m, None))
-                continue
-            cells += [Cell(model, m, b) for b in budget_list if b.kind != "knob" or b.knob == knobs[m].name]
+            mine = [None] if knobs[m] is None else [b for b in budget_list if b.kind != "knob" or b.knob == knobs[m].name]
+            cells += [Cell(model, m, b, p) for b in mine for p in protocols]
     return cells
+
+
+def protocol_key(protocol: Protocol, method: Method) -> dict:
+    """A fine-tune cell's protocol, resolved recipe and the method's training, in its key; nothing for
+    the default ``off-the-shelf`` (so every id stored before protocols existed stays)."""
+    if not protocol.trains:
+        return {}
+    return {"protocol": protocol.name, "recipe": protocol.recipe.identity(),
+            **({"method_training": method.training_identity()} if method.training_identity() else {})}
 
 
 def kernel_key(run: RunConfig) -> dict:
@@ -168,7 +179,9 @@ class Plan:
         # one cell per budget however it is spelt: 0.7 and 0.70 parse to one canonical Budget
         budget_lists = {name: list(dict.fromkeys(budgets.parse_budget(b) for b in suite.budgets_for(name)))
                         for name in self.specs}
-        self.cells = expand(budget_lists, self.methods)
+        names = with_partners(suite.protocols) if suite.protocols != (OFF_THE_SHELF,) else suite.protocols
+        self.protocols: dict[str, Protocol] = {p.name: p for p in (parse_protocol(t, cfg.recipes) for t in names)}
+        self.cells = expand(budget_lists, self.methods, tuple(self.protocols))
 
     def cell_key(self, cell: Cell, checkpoint_sha: Optional[str], machine: Machine) -> dict:
         """What determines a cell's result; its hash is the cell's id."""
@@ -179,7 +192,8 @@ class Plan:
                 "method": cell.method, "method_version": method.version, "method_options": method.identity_options(),
                 "budget": cell.budget_text, "data": spec.data, "data_path": spec.data_path, "limit": run.limit,
                 "dtype": machine.dtype, "batch_size": run.batch_size, "device_name": machine.device_name,
-                "throughput_batch_size": machine.throughput_batch_size, **calib, **kernel_key(run)}
+                "throughput_batch_size": machine.throughput_batch_size, **calib, **kernel_key(run),
+                **protocol_key(self.protocols[cell.protocol], method)}
 
 
 def cell_id(key: dict) -> str:

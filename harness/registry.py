@@ -93,6 +93,10 @@ class Method(abc.ABC):
     # defaults then): hashed only when different, so those ids stay; a default later changed in code
     # differs from these and makes new ids (:meth:`identity_options`)
     implicit_defaults: ClassVar[dict] = {}
+    # fine-tuning (the ``finetune:<recipe>`` protocol, :mod:`harness.finetune`): None when the method's
+    # reducers train as they run (its paper fine-tunes with them in place); else why it cannot be
+    # fine-tuned here, and its fine-tune cells are ``unsupported`` with that reason
+    cannot_train: ClassVar[Optional[str]] = "it declares no fine-tuning (Method.cannot_train is not set to None)"
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_names())
@@ -131,6 +135,19 @@ class Method(abc.ABC):
 
     def describe(self, arch, value) -> dict:
         """Record fields about how the schedule at ``value`` was obtained (its source); none by default."""
+        return {}
+
+    def train_knob(self, value, done: float):
+        """The knob while the fraction ``done`` (0..1) of a fine-tune has run: ``value`` throughout by
+        default; EViT warms its keep rate up from 1 (:meth:`set_train_knob` then sets it)."""
+        return value
+
+    def set_train_knob(self, model, value) -> None:
+        """Set a patched model's knob during training; only a method whose :meth:`train_knob` varies needs it."""
+        raise HarnessError(f"method {self.name!r} cannot change its knob while training (no set_train_knob)")
+
+    def training_identity(self) -> dict:
+        """What of the method's training (beyond its options) enters a fine-tune cell's id; none by default."""
         return {}
 
     def patch_schedule(self, model, schedule: "Schedule") -> None:  # noqa: F821
@@ -419,6 +436,10 @@ class FollowSchedule(Method):
     @property
     def cache_name(self) -> str:
         return self.leader.cache_name
+
+    @property
+    def cannot_train(self) -> Optional[str]:
+        return self.follower.cannot_train  # the follower's selection trains at the leader's fixed schedule
 
     def resolved_options(self) -> dict:
         return {self.follower.name: self.follower.resolved_options(), self.leader.name: self.leader.resolved_options()}

@@ -25,6 +25,7 @@ from harness.inputs import Inputs
 from harness.paths import DataRoot
 from harness.plan import Cell, Machine, Measurement, Plan, cell_id, remeasure_reasons
 from harness.progress import eta_text
+from harness.recipes import OFF_THE_SHELF
 from harness.store import DONE, ResultStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Sweep:
                       + (f" ({again} of them stored with less measurement than asked: measured again)" if again else ""))
         cell_s: list[float] = []  # the wall time of each cell run here: the ETA's mean
         for n, cell in enumerate(todo, 1):
-            self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}"
+            self.progress(f"[{n}/{len(todo)}] {cell.model} | {cell.method} | {cell.budget_text}{protocol_text(cell)}"
                           f"  ({eta_text(cell_s, len(todo) - n + 1)})")
             start = time.perf_counter()
             record = self.run_claimed(cell)
@@ -122,7 +123,8 @@ class Sweep:
                 log.info("cell %s: %s", cid, why)
                 self.progress(f"      {why}")
             method = self.plan.methods[cell.method]
-            record = self.executor.run_cell(self.plan.specs[cell.model], method, cell.budget, self.cell_key(cell), cid)
+            record = self.executor.run_cell(self.plan.specs[cell.model], method, cell.budget, self.cell_key(cell), cid,
+                                            self.plan.protocols[cell.protocol])
             record.update(measurement=self.measurement.as_record(), method_options_resolved=method.resolved_options())
             if self.dist.is_main:
                 self.store.write_cell(record)
@@ -130,6 +132,11 @@ class Sweep:
         finally:
             if claimed:
                 self.store.release(cid)
+
+
+def protocol_text(cell: Cell) -> str:
+    """`` | finetune:<recipe>`` for a fine-tune cell; nothing off the shelf (the default)."""
+    return "" if cell.protocol == OFF_THE_SHELF else f" | {cell.protocol}"
 
 
 def asked_measurement(run, device: torch.device) -> Measurement:
@@ -181,7 +188,7 @@ def run_cells_job(cfg: Config, cell_ids: list[str], calibration_run: Optional[st
     for cell in sweep.cells:
         if sweep.cell_id(cell) in cell_ids:
             record = sweep.run_claimed(cell)
-            summaries.append(f"{cell.model} | {cell.method} | {cell.budget_text}: "
+            summaries.append(f"{cell.model} | {cell.method} | {cell.budget_text}{protocol_text(cell)}: "
                              + (summary_line(record) if record else "held or finished by another sweep"))
     return summaries
 

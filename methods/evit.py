@@ -99,7 +99,14 @@ def fused_position(scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return dropped.gather(1, scores.gather(1, dropped).argmax(dim=1, keepdim=True))
 
 
-def evit_reducer(keep_rate: float, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+class KeepRate:
+    """The keep rate a patched model's drop blocks read: fixed when measured, warmed up in training."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+
+def evit_reducer(keep_rate: KeepRate, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
     """The seam reducer for one drop block: :func:`select_tokens`, with token positions kept in sync
     (the kept tokens keep theirs; the fused token takes its most attended source's)."""
 
@@ -108,7 +115,7 @@ def evit_reducer(keep_rate: float, fuse: bool) -> Callable[[torch.Tensor, BlockC
             raise RuntimeError("EViT does not carry token sizes; another reducer merged tokens first")
         p = ctx.num_prefix
         scores = ctx.cls_attn()[:, p:]
-        keep = num_keep(scores.shape[1], keep_rate)
+        keep = num_keep(scores.shape[1], keep_rate.value)
         if keep >= scores.shape[1]:
             return x
         kept, dropped = top_attentive(scores, keep)
@@ -133,6 +140,11 @@ class EViT(Method):
     tracks_positions = True
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
+    # the paper trains with the reorganisation in place (Sec. 3.3), the keep rate warmed up from 1
+    cannot_train = None
+    # official main.py: keep rate 1 until --shrink_start_epoch 10, then a cosine down to the target over
+    # --shrink_epochs 100, of 300 epochs: as fractions of a fine-tune's steps (train_knob)
+    keep_rate_warmup = (10 / 300, 110 / 300)
 
     option_defaults = {"fuse": True, "drop_loc": None}
     implicit_defaults = {"fuse": True, "drop_loc": None}  # ids stored before defaults were filled
@@ -155,9 +167,27 @@ class EViT(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
+    def train_knob(self, value: float, done: float) -> float:
+        """EViT's keep-rate warm-up (official ``adjust_keep_rate``): 1, then a cosine down to ``value``."""
+        start, end = self.keep_rate_warmup
+        if value >= 1.0 or done >= end:
+            return value
+        if done < start:
+            return 1.0
+        return value + (1.0 - value) * (math.cos((done - start) / (end - start) * math.pi) + 1) * 0.5
+
+    def set_train_knob(self, model, value: float) -> None:
+        model._evit_keep_rate.value = value
+
+    def training_identity(self) -> dict:
+        return {"keep_rate_warmup": list(self.keep_rate_warmup)}
+
     def patch(self, model, value: float, arch) -> None:
         reducers = {}
+        # every drop block reads the model's one keep rate (the warm-up changes it while training);
+        # at the identity the blocks are patched without reducers, so the warm-up cannot start from 1
+        model._evit_keep_rate = KeepRate(value)
         if value < 1.0:
-            reducers = {i: evit_reducer(value, self.fuse) for i in self.drop_loc(len(model.blocks))}
+            reducers = {i: evit_reducer(model._evit_keep_rate, self.fuse) for i in self.drop_loc(len(model.blocks))}
         install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
                 tracks_positions=self.tracks_positions)

@@ -233,6 +233,8 @@ class MCTF(Method):
 
     name = "mctf"
     version = "1"
+    cannot_train = ("MCTF's training (token-reduction consistency loss with a full-token pass) is not implemented "
+                    "here: only its off-the-shelf inference step")
     knob = Knob("r", int, 0, R_MAX, identity=0)
     merges = True
     stage = "pre"

@@ -15,6 +15,7 @@ class NoReduction(Method):
 
     name = "none"
     version = "1"
+    cannot_train = None  # the plain fine-tune: what every reducing method's fine-tune is compared with
 
     def schedule(self, arch, value=None) -> Schedule:
         return Schedule.full(arch)

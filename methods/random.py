@@ -94,6 +94,9 @@ class RandomPruning(Method):
     tracks_positions = True
     version = "2"  # 2: counter-based hash draws (traceable, independent of earlier forwards)
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
+    # trained as EViT's random-keep control (its official main.py --random): the draws depend on the
+    # block and image, not on training, so the pruning trains as it evaluates
+    cannot_train = None
 
     option_defaults = {"seed": 0}
 

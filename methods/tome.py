@@ -174,6 +174,9 @@ class ToMe(Method):
     tracks_positions = True
     version = "1"
     knob = Knob("r", int, 0, R_MAX, identity=0)
+    # the paper trains with merging in place (Sec. 4, "with training"): gradients flow through the
+    # size-weighted merge, the matching itself is not differentiated (no_grad, as the official code)
+    cannot_train = None
 
     option_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}
     implicit_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}  # ids stored before defaults were filled

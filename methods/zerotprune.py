@@ -184,6 +184,7 @@ class ZeroTPrune(Method):
 
     name = "zerotprune"
     version = "1"
+    cannot_train = "Zero-TPrune is zero-shot by design (the paper prunes a frozen model and gives no fine-tuning)"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
     option_defaults = {"drop_loc": None, "iters": 5, "head_agg": "rms", "s_fraction": 0.5}

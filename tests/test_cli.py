@@ -277,7 +277,7 @@ def _error_and_hint(err: str, hint: str) -> str:
     (["run", "--model=deit_tiny_cifar10"], "--model; did you mean --models?", "python -m harness run "),
     (["tokenmap", "--depth", "4"], "--depth; did you mean --depths?", "python -m harness tokenmap "),
     (["ls", "methods", "--data-rot", "x"], "--data-rot; did you mean --data-root?",
-     "python -m harness ls [options] {methods,models,suites}"),
+     "python -m harness ls [options] {methods,models,suites,recipes}"),
     (["run", "-v"], "-v (an option of python -m harness itself: put it before run)", "python -m harness run "),
 ])
 def test_a_wrong_flag_names_the_nearest_with_its_commands_usage(capsys, tmp_path, argv, nearest, usage):
