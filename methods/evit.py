@@ -23,41 +23,14 @@ Modifications:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, current_positions, gather_tokens, install, keep_tokens
-from harness.methods.random import chosen_blocks
-
-
-def num_keep(num_tokens: int, keep_rate: float) -> int:
-    """Tokens kept out of ``num_tokens`` non-prefix tokens: ceil(keep_rate x num_tokens), as official."""
-    return math.ceil(keep_rate * num_tokens)
-
-
-def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split token indices by attention.
-
-    Args:
-        scores: (B, N) class attention of the candidate tokens.
-        keep: how many to keep.
-
-    Returns:
-        ``kept`` (B, keep) in descending score order and ``dropped`` (B, N - keep), ascending index.
-    """
-    kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
-    margins.note_boundary(scores, keep, "class-attention keep")
-    # the complement of ``kept`` (not a second sort of the scores, which could split ties
-    # differently): a stable sort of the kept flags puts the unkept first, in index order, in a
-    # shape known without looking at the data (``nonzero`` would sync with the host)
-    is_kept = torch.zeros_like(scores, dtype=torch.uint8).scatter(1, kept, 1)
-    dropped = is_kept.argsort(dim=1, stable=True)[:, : scores.shape[1] - keep]
-    return kept, dropped
+from harness.seam import (BlockContext, attentive_split, chosen_blocks, current_positions, gather_tokens, install,
+                          keep_tokens, num_keep, top_attentive)
 
 
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -106,12 +79,10 @@ def evit_reducer(keep_rate: float, fuse: bool) -> Callable[[torch.Tensor, BlockC
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if ctx.state.size is not None:
             raise RuntimeError("EViT does not carry token sizes; another reducer merged tokens first")
-        p = ctx.num_prefix
-        scores = ctx.cls_attn()[:, p:]
-        keep = num_keep(scores.shape[1], keep_rate)
-        if keep >= scores.shape[1]:
+        p, split = ctx.num_prefix, attentive_split(ctx, keep_rate)
+        if split is None:
             return x
-        kept, dropped = top_attentive(scores, keep)
+        scores, kept, dropped = split
         positions = current_positions(ctx.state, x)
         out = keep_tokens(ctx, x, kept + p)  # prefix tokens, then the kept ones by descending attention
         if not fuse:

@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install, merge_positions
-from harness.methods.tome import merge_wavg
+from harness.seam import BlockContext, gather_tokens, install, merge_positions, merge_wavg
 
 Merge = Callable[..., torch.Tensor]
 

@@ -58,8 +58,7 @@ from harness.errors import HarnessError
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, attention_bias, gather_tokens, install
-from harness.methods.random import chosen_blocks
+from harness.seam import BlockContext, attention_bias, chosen_blocks, gather_tokens, install
 
 HEAD_AGGREGATIONS = ("rms", "mean")
 

@@ -110,7 +110,6 @@ def test_schedule_and_forward_agree_and_sizes_travel():
     state = TokenState(size=torch.arange(197.0).view(1, 197, 1).expand(2, -1, -1).clone())
     x = torch.randn(2, 197, 192)
     with torch.no_grad():
-        block.attn.qkv._seam_output = None
         qkv = block.attn.qkv(block.norm1(x))
         out = block._seam_reducer(x, BlockContext(3, 1, state, block, qkv))
     assert out.shape == (2, 138, 192) and state.size.shape == (2, 138, 1)
