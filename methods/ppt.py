@@ -136,8 +136,7 @@ def ppt_reducer(r: int, threshold: float) -> Callable[[torch.Tensor, BlockContex
     """The seam reducer of one pp block."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        width = ctx.block.attn.num_heads * ctx.block.attn.head_dim
-        scores = importance(ctx.cls_attn(), ctx.qkv[..., 2 * width:], ctx.num_prefix)
+        scores = importance(ctx.cls_attn(), ctx.values(), ctx.num_prefix)
         x, ctx.state.size = prune_or_pool(x, ctx.state.size, ctx.keys(), scores, r, threshold, ctx.num_prefix)
         return x
 

@@ -34,7 +34,7 @@ import torch
 from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_positions, merge_wavg
+from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_tokens
 
 # r at which a 224 px /16 model (197 tokens) merges half its tokens in the first block; the forward
 # clamps larger r to half the tokens anyway.
@@ -67,9 +67,7 @@ def tome_reducer(r: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         merge = bipartite_soft_matching(ctx.keys(), r, ctx.num_prefix)
-        merge_positions(ctx, merge, x)
-        x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
-        return x
+        return merge_tokens(ctx, merge, x)
 
     return reduce
 

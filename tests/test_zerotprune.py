@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, attention_probs, kept_per_drop,
+from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, kept_per_drop,
                                         select_tokens, split_removal, weighted_page_rank)
 from harness.schedule import arch_spec
 from harness.seam import BlockContext, TokenState, install
@@ -80,7 +80,7 @@ def test_attention_probs_match_the_class_attention_row():
     seen = {}
 
     def spy(x, ctx):
-        seen["probs"], seen["cls"] = attention_probs(ctx), ctx.cls_attn()
+        seen["probs"], seen["cls"] = ctx.attention(), ctx.cls_attn()
         return x
 
     install(model, {0: spy})

@@ -77,10 +77,10 @@ class BlockContext:
 
     def values(self) -> torch.Tensor:
         """The block's values, heads side by side: (B, N, H x head_dim)."""
-        if self.v is not None:
-            return self.v.transpose(1, 2).flatten(2)
-        attn = self.block.attn
-        return self.qkv[..., 2 * attn.num_heads * attn.head_dim:]
+        if self.captured_qkv is not None:  # a view of the fused projection: no copy
+            attn = self.block.attn
+            return self.captured_qkv[..., 2 * attn.num_heads * attn.head_dim:]
+        return self.v.transpose(1, 2).flatten(2)
 
     def _logits(self, rows: slice) -> torch.Tensor:
         """The block's attention logits of query ``rows``, with its position and size biases."""

@@ -44,7 +44,7 @@ def attention_from_probs(attn: torch.nn.Module, x: torch.Tensor, probs: torch.Te
     b, n, _ = x.shape
     width = attn.num_heads * attn.head_dim
     bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
-    v = F.linear(x, attn.qkv.weight[2 * width:], bias).reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    v = split_heads(F.linear(x, attn.qkv.weight[2 * width:], bias), 1, attn.num_heads)[0]
     out = (attn.attn_drop(probs.to(v.dtype)) @ v).transpose(1, 2).reshape(b, n, width)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:

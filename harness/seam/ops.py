@@ -5,8 +5,8 @@ reducer's :class:`~harness.seam.state.TokenState` in step with the tokens (sizes
 
  - keep / gather: :func:`gather_tokens`, :func:`keep_tokens` (sizes and positions follow the kept
    tokens), :func:`current_positions`, :func:`merge_positions`;
- - merging: ToMe's :func:`bipartite_soft_matching` and size-weighted :func:`merge_wavg`, with
-   :func:`clamp_r` (how many a block can merge);
+ - merging: ToMe's :func:`bipartite_soft_matching`, size-weighted :func:`merge_wavg` and
+   :func:`merge_tokens` (sizes and positions follow), with :func:`clamp_r` (how many a block can merge);
  - selection: :func:`attentive_split` / :func:`top_attentive` (EViT's class-attention split), :func:`num_keep`;
  - placement: :func:`drop_blocks` (EViT's drop blocks scaled to a depth) and :func:`chosen_blocks`.
 """
@@ -155,6 +155,14 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor]) -> t
     x = merge(x * size, mode="sum")
     size = merge(size, mode="sum")
     return x / size, size
+
+
+def merge_tokens(ctx, merge: Merge, x: torch.Tensor) -> torch.Tensor:
+    """Apply a ToMe-style ``merge`` to the tokens ``x`` as a size-weighted average: sizes add up in
+    ``ctx.state.size`` and positions follow (:func:`merge_positions`). Returns the merged tokens."""
+    merge_positions(ctx, merge, x)
+    x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
+    return x
 
 
 def num_keep(num_tokens: int, keep_rate: float) -> int:
