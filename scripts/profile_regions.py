@@ -45,6 +45,7 @@ def label_regions(model) -> None:
     for blk in model.blocks:
         blk.attn.forward = _labelled(blk.attn.forward, "attention")
         blk.mlp.forward = _labelled(blk.mlp.forward, "mlp")
+    seam.wrap_attention(model, lambda branch: _labelled(branch, "attention"))  # blocks the seam composes
     seam.wrap_reducers(model, lambda _, reducer: _labelled(reducer, "reduce"))
 
 

@@ -101,6 +101,20 @@ def test_wrap_reducers_and_undo():
     assert calls == [2, 0, 1, 2]
 
 
+def test_wrap_attention_sees_the_blocks_the_seam_composes():
+    model = _vit()
+    def merge_last_two(x, ctx):  # tokens now carry sizes: the next blocks' attention needs them
+        merge = seam.bipartite_soft_matching(ctx.keys(), 2, ctx.num_prefix)
+        return seam.merge_tokens(ctx, merge, x)
+
+    install(model, {1: merge_last_two}, prop_attn=True)
+    composed = []
+    seam.wrap_attention(model, lambda branch: lambda blk, *a: composed.append(blk) or branch(blk, *a))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert composed == [model.blocks[1], model.blocks[2]]  # block 0 ran timm's own forward, nothing reduced yet
+
+
 @pytest.mark.parametrize("impl", ["fold", "flex"])
 def test_attend_implementations_agree(impl):
     torch.manual_seed(0)

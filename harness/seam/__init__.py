@@ -30,7 +30,8 @@ proportional attention (log size added to every key's logits).
 
 Every reducer is held to static shapes and no host syncs (``tests/test_compile.py``): the forward
 must compile with ``torch.compile(fullgraph=True)``. Token maps, FLOP counting and profilers reach
-a patched model's reducers through :func:`block_reducers` and :func:`wrap_reducers`.
+a patched model's reducers through :func:`block_reducers` and :func:`wrap_reducers` (profilers
+its attention branch through :func:`wrap_attention`).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ __all__ = [
     "current_positions", "drop_blocks", "eager_attention", "flex_attention_bias", "fold_attention",
     "gather_pair_bias", "gather_rope", "gather_tokens", "install", "keep_all", "keep_tokens", "log_size",
     "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "prefix_layout", "set_prop_attn_impl",
-    "split_heads", "token_state", "top_attentive", "wrap_reducers",
+    "split_heads", "token_state", "top_attentive", "wrap_attention", "wrap_reducers",
 ]
 
 
@@ -141,6 +142,17 @@ def block_reducers(model: torch.nn.Module) -> dict[int, Reducer]:
     """Block index -> reducer of each block of a patched ``model`` that has one."""
     found = {i: getattr(blk, REDUCER_ATTR, None) for i, blk in enumerate(getattr(model, "blocks", []))}
     return {i: reducer for i, reducer in found.items() if reducer is not None}
+
+
+def wrap_attention(model: torch.nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+    """Wrap the attention branch of every block of a patched ``model`` (e.g. in a profiler label).
+
+    The seam composes a block's attention once the block reduces or a reduction reached it; until
+    then the block runs timm's forward, which calls ``blk.attn`` (wrap that too to see both).
+    """
+    for blk in getattr(model, "blocks", []):
+        if hasattr(blk, "_seam"):  # an unpatched model (the baseline) has no seam to wrap
+            blk._seam.attention = wrap(blk._seam.attention)
 
 
 def wrap_reducers(model: torch.nn.Module, wrap: Callable[[int, Optional[Reducer]], Optional[Reducer]],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,11 +34,13 @@ class BlockSeam:
     stage: str
     family: Family
     state: TokenState
+    attention: Optional[Callable] = None  # the composed attention branch (default ``attention_branch``)
 
 
 def patch_block(blk: torch.nn.Module, seam: BlockSeam, reducer: Optional[Reducer]) -> None:
     """Route ``blk``'s forward through the seam with ``reducer`` at ``seam.stage``."""
     blk._seam = seam
+    seam.attention = seam.attention or attention_branch
     setattr(blk, REDUCER_ATTR, reducer)
     blk.forward = types.MethodType(seam_forward, blk)
 
@@ -70,7 +72,7 @@ def _reducing_forward(blk, seam: BlockSeam, reducer: Optional[Reducer], x: torch
     ctx = BlockContext(seam.index, seam.num_prefix, state, blk, None, block_input=x)
     if reducer is not None and seam.stage == "pre":
         x = reduce_ahead(blk, ctx, reducer, x)
-    x = x + blk.drop_path1(family.layer_scale(blk, 1, _attention(blk, family, state, blk.norm1(x), inputs, ctx)))
+    x = x + blk.drop_path1(family.layer_scale(blk, 1, seam.attention(blk, family, state, blk.norm1(x), inputs, ctx)))
     if reducer is not None and seam.stage == "mid":
         x = _reduce(reducer, x, ctx)
     x = x + blk.drop_path2(family.layer_scale(blk, 2, blk.mlp(blk.norm2(x))))
@@ -84,8 +86,8 @@ def _reduce(reducer: Reducer, x: torch.Tensor, ctx: BlockContext) -> torch.Tenso
     return checked_positions(ctx.state, x.shape[1], out) if ctx.state.needs_positions else out
 
 
-def _attention(blk, family: Family, state: TokenState, x: torch.Tensor, inputs: BlockInputs,
-               ctx: BlockContext) -> torch.Tensor:
+def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, inputs: BlockInputs,
+                     ctx: BlockContext) -> torch.Tensor:
     """The block's attention branch on its current (normed) tokens ``x``, with positions and sizes;
     fills ``ctx`` with the q, k, v and position bias it used."""
     attn = blk.attn
