@@ -36,11 +36,12 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from harness.seam.forward import REDUCER_ATTR as REDUCER_SCOPE  # where a patched block keeps its reducer
+
 log = logging.getLogger(__name__)
 
 # fvcore's simplified op names that are multiply-accumulates in the papers' convention.
 MAC_OPS = frozenset({"linear", "conv", "matmul", "mm", "bmm", "addmm", "einsum", "scaled_dot_product_attention"})
-REDUCER_SCOPE = "_seam_reducer"  # harness.seam's REDUCER_ATTR: where a block's reducer module is scoped
 
 
 def _shape(value) -> Optional[list[int]]:
