@@ -162,12 +162,21 @@ def _add_report_and_plot(sub) -> None:
     rep.add_argument("--results", dest="results_dir", help="results directory")
     rep.add_argument("--out", dest="reports_dir", help="reports directory")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
-
-    plot = sub.add_parser("plot", allow_abbrev=False, help="figures (PNG + PDF) from stored results (no model runs)")
+    rep.add_argument("--readme", action="append", default=[], type=Path, metavar="FILE",
+                     help="rewrite the marked results block of FILE (README.md) from the report; repeatable")
+    plot = sub.add_parser("plot", allow_abbrev=False, help="figures (PNG, PDF, PGF) from stored results (no model runs)")
     plot.add_argument("--config", type=Path, default=None)
     plot.add_argument("--results", dest="results_dir", help="results directory")
     plot.add_argument("--out", dest="reports_dir", help="reports directory (figures go to its figures/)")
     plot.add_argument("--budget", help="budget of the tokens-per-block plot (default: the middle one stored)")
+    for p in (rep, plot):
+        p.add_argument("--methods", type=_csv("--methods"),
+                       help="methods of the accuracy and speed figures (default: none, resolution and the highest "
+                            "mean top-1, at most 8 series)")
+        p.add_argument("--style", choices=("paper", "slides"), default="paper",
+                       help="type sizes: paper (8 pt, 3.25 / 6.75 in wide) or slides")
+        p.add_argument("--width", choices=("single", "double", "both"), default="both",
+                       help="figure widths written: single column (<name>-single.*), double (<name>.*) or both")
 
 
 def _add_tokenmap(sub) -> None:
@@ -286,8 +295,9 @@ def _finish(sweep, cfg, no_report: bool) -> list[str]:
         from harness.plots import write_plots
         from harness.report import build_report
 
+        # first: report.html inlines them; double column only (`harness report` writes both widths)
+        figures = len(write_plots(results, reports, widths=("double",)))
         build_report(results, reports)  # the full tables go to files only
-        figures = len(write_plots(results, reports))
     return run_summary([sweep.store.get(i) for i in ids], results, None if no_report else reports, figures, set(ids))
 
 
@@ -329,19 +339,32 @@ def _reports_dir(args, cfg) -> Path:
     return Path(args.results_dir) / "reports" if args.results_dir else cfg.run.reports_path
 
 
+def _widths(args) -> tuple[str, ...]:
+    return ("double", "single") if args.width == "both" else (args.width,)
+
+
 def cmd_report(args) -> int:
     from harness.report import build_report
 
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
     reports = _reports_dir(args, cfg)
-    print(build_report(results, reports))
-    print(f"(tables written to {reports}: results.md, results.csv, summary.*, accuracy_at_gmacs.*, tables/)")
-    if not args.no_plots:
+    paths = []
+    if not args.no_plots:  # first: report.html inlines them
         from harness.plots import write_plots
 
-        paths = write_plots(results, reports)
+        paths = write_plots(results, reports, methods=args.methods, style=args.style, widths=_widths(args))
+    print(build_report(results, reports))
+    print(f"(tables written to {reports}: results.md, report.html, results.csv, summary.*, controls.*, "
+          "accuracy_at_gmacs.*, tables/)")
+    if paths:
         print(f"(figures written to {reports / 'figures'}: {len(paths)} files)")
+    for page in args.readme:
+        from harness.readme_block import results_block, rewrite
+        from harness.report import environments, load_frame, scored_envs
+
+        changed = rewrite(page, results_block(scored_envs(environments(load_frame(results))), reports, page))
+        print(f"({page}: results block {'rewritten' if changed else 'already up to date'})")
     return 0
 
 
@@ -351,7 +374,7 @@ def cmd_plot(args) -> int:
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
     reports = _reports_dir(args, cfg)
-    for p in write_plots(results, reports, args.budget):
+    for p in write_plots(results, reports, args.budget, args.methods, args.style, _widths(args)):
         print(p)
     return 0
 

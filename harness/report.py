@@ -3,15 +3,24 @@
 Layout written by :func:`build_report` (``reports_dir``):
 
 - ``results.md``: every table below, in Markdown (tabulate), with each model's environment, notes
-  (failures, off-target cells, superseded method versions) and pairwise tests;
+  (failures, off-target cells, superseded method versions), pairwise tests and every cell not in the
+  tables with its reason; ``report.html``: the same as one self-contained page, tables sortable and
+  filterable, figures inline (:mod:`harness.html_report`);
 - ``results.csv``: the stored records themselves, one tidy row per cell;
 - ``tables/<env>.csv`` / ``.tex``: per model (environment), budgets x methods with top-1 and its 95 %
-  Wilson interval, its change against ``none`` with the exact McNemar p-value, GMACs, ideal and
-  measured speed-up (interleaved median [quartiles]) and their ratio; ``best`` marks the top top-1 of a budget;
+  Wilson interval, its change against ``none`` with the exact McNemar p-value (raw, Holm, BH), GMACs,
+  ideal and measured speed-up (interleaved median [quartiles]) and their ratio; ``best`` marks the top
+  top-1 of a budget only when significantly above every other, ``tie`` the ones it is tied with;
 - ``pairwise.csv``: every two reducing methods of one budget, McNemar on their paired predictions;
+- ``controls.csv`` / ``.tex``: each method against its random control (``random@method``), the
+  difference with Newcombe's paired interval and the McNemar p, Holm- and BH-adjusted over the report;
 - ``summary.csv`` / ``.tex``: top-1 (change) of every method across models at matched budgets;
 - ``accuracy_at_gmacs.csv`` / ``.tex``: paper-style rows, each method's top-1 read off its
-  accuracy-vs-GMACs curve at each budget's GMACs target (linear interpolation, no extrapolation).
+  accuracy-vs-GMACs curve at each budget's GMACs target (linear interpolation, no extrapolation),
+  with an interval interpolated alike and no best.
+
+"Significant" always means Holm-adjusted p < 0.05 within a stated family (:func:`adjust`): one model
+and budget against ``none``; one model and budget pairwise; all the control tests of the report.
 
 Records are compared only within one environment (:data:`GROUP`): throughput from another GPU, dtype,
 torch or batch size is never a baseline, and accuracies on other images are never paired. Within an
@@ -72,6 +81,7 @@ COLUMNS = ["model", "data", "limit", "device_name", "dtype", "method", "budget",
 TABLE = [("budget", "budget", "Budget", None), ("method", "method", "Method", None), ("knob", "knob", "Knob", None),
          ("gmacs", "GMACs", "GMACs", "{:.3f}"), ("top1", "top-1 % [95 % CI]", r"Top-1 (\%) [95\% CI]", "{:.2f}"),
          ("d_top1", "Δ top-1", r"$\Delta$", "{:+.2f}"), ("p_mcnemar", "p vs none", "$p$", None),
+         ("p_holm", "p Holm", r"$p$ Holm", None), ("q_bh", "q BH", r"$q$ BH", None),
          ("img_per_s", "img/s", "img/s", "{:.1f}"), ("speedup", "speed-up [IQR]", "Speed-up [IQR]", "{:.2f}x"),
          ("ideal_speedup", "ideal", "Ideal", "{:.2f}x"), ("realised", "realised", "Realised", "{:.2f}"),
          ("gmacs_measured", "GMACs (fvcore)", "GMACs (fvcore)", "{:.3f}")]
@@ -85,10 +95,14 @@ SPEED_TABLE = [_COL["budget"], _COL["method"], _COL["knob"], _COL["gmacs"], _COL
 # The legend under the report's title: one short line per column group.
 LEGEND = "\n".join([
     "- GMACs: analytic multiply-accumulates (the papers' convention); GMACs (fvcore): fvcore's count.",
-    "- top-1 % [95 % CI]: Wilson score interval over the images evaluated. **Bold**: best top-1 of a budget.",
+    "- top-1 % [95 % CI]: Wilson score interval over the images evaluated.",
+    "- **Bold**: the highest top-1 of a budget, only when significantly above every other method there (pairwise, "
+    "Holm); ≈: no such best, and this top-1 is not significantly below the highest (a tie).",
     "- Δ top-1: change against `none`, in points (↑ better, ↓ worse); it needs a `none` cell in the run.",
-    "- p vs none: exact McNemar test on the paired per-image predictions; † p ≥ 0.05, not significant at 5 % "
-    "(no correction for multiple comparisons); `-`: no paired predictions stored, no test.",
+    "- p vs none: exact McNemar test on the paired per-image predictions, raw; `-`: no paired predictions stored, "
+    "no test.",
+    "- p Holm / q BH: adjusted within the family of one model and budget (Holm: family-wise error; "
+    "Benjamini-Hochberg: false discovery rate). Significant always means Holm p < 0.05; † marks a change that is not.",
     "- img/s and speed-up come from different timings. A method's img/s and its speed-up share its cell's "
     "interleaved rounds (the method and the unpatched model called in alternation); `none`'s img/s is its own "
     "cell's, timed minutes apart. So a row's img/s over `none`'s need not equal its speed-up.",
@@ -444,7 +458,7 @@ def _accuracy(rec: dict, base: Optional[dict], load: Callable) -> dict:
     top1 = _num(rec.get("top1"))
     low, high = top1_interval(rec)
     out = {"top1": _pct(top1), "top1_ci_low": low, "top1_ci_high": high, "d_top1": None, "p_mcnemar": None,
-           "significant": None}
+           "p_holm": None, "q_bh": None, "significant": None}
     base_top1 = _num(base.get("top1")) if base else None
     if top1 is None or base_top1 is None:
         return out
@@ -452,8 +466,22 @@ def _accuracy(rec: dict, base: Optional[dict], load: Callable) -> dict:
     if rec.get("cell_id") != base.get("cell_id"):
         test = stats.paired_test(rec, base, Path(rec.get("results_dir") or "."), load)
         if test is not None:
-            out.update(p_mcnemar=test.p, significant=test.p < stats.ALPHA)
+            out["p_mcnemar"] = test.p
     return out
+
+
+def adjust(rows: list[dict], family: Callable, p_key: str = "p_mcnemar") -> None:
+    """Holm's adjusted p (``p_holm``) and Benjamini-Hochberg's q (``q_bh``) of each row's ``p_key``
+    within its family (rows with one ``family(row)`` value), and ``significant``: Holm below
+    ``stats.ALPHA`` (None without a test). "Significant" in every table, mark and sentence is this one.
+    """
+    families: dict = {}
+    for r in rows:
+        families.setdefault(family(r), []).append(r)
+    for members in families.values():
+        ps = [r.get(p_key) for r in members]
+        for r, holm, bh in zip(members, stats.holm(ps), stats.benjamini_hochberg(ps)):
+            r.update(p_holm=holm, q_bh=bh, significant=None if holm is None else holm < stats.ALPHA)
 
 
 def speedup_na(rec: dict) -> Optional[str]:
@@ -540,8 +568,8 @@ def model_rows(group, load: Optional[Callable] = None) -> list[dict]:
     Each row: budget, method, knob, gmacs; top1 with ``top1_ci_low``/``top1_ci_high`` (95 % Wilson,
     percent), d_top1 (points against ``none``) with ``p_mcnemar`` and ``significant`` (None where the
     cells are not paired); img_per_s; the speed-up of :func:`speedup_of`; ideal_speedup (baseline
-    GMACs / GMACs); ``realised`` = speed-up / ideal with ``realised_low``/``realised_high``; and
-    ``best`` (the highest top-1 among the reducing methods of its budget; ties all count).
+    GMACs / GMACs); ``realised`` = speed-up / ideal with ``realised_low``/``realised_high``;
+    ``p_holm``/``q_bh`` (adjusted within the budget) and ``best``/``tie`` (:func:`mark_best`).
 
     Args:
         group: one environment's records (:func:`environments`).
@@ -553,24 +581,37 @@ def model_rows(group, load: Optional[Callable] = None) -> list[dict]:
     recs = [r for r in _records(ok[ok["status"] == "ok"])
             if r["method"] != BASELINE or r.get("cell_id") == (base or {}).get("cell_id")]
     rows = [_row(r, base, load) for r in sorted(recs, key=_cell_order)]
+    adjust(rows, lambda r: r["budget"])  # family: one model (environment) x budget, each method against none
     twice = duplicates(group)
     for row in rows if twice else []:  # a column only where a configuration was stored twice
         row["records"] = len(twice.get((row["method"], row["budget"]), [None]))
-    _mark_best(rows)
+    mark_best(rows, pairwise(group, load))
     return rows
 
 
-def _mark_best(rows: list[dict]) -> None:
+def mark_best(rows: list[dict], pairs: list[dict]) -> None:
+    """Per budget, ``best``: the highest top-1 of the reducing methods, only when it is significantly
+    above every other (Holm-adjusted pairwise tests, :func:`pairwise`); else ``tie`` on the highest
+    and on every method not significantly below it (no test: not significantly below).
+    """
+    tests = {(p["budget"], frozenset((p["method_a"], p["method_b"]))): p for p in pairs}
     by_budget: dict[str, list[dict]] = {}
     for r in rows:
-        r["best"] = False
+        r["best"] = r["tie"] = False
         if r["method"] != BASELINE and r["top1"] is not None:
             by_budget.setdefault(r["budget"], []).append(r)
-    for cands in by_budget.values():
-        if len(cands) > 1:
-            top = max(c["top1"] for c in cands)
-            for c in cands:
-                c["best"] = abs(c["top1"] - top) < 1e-9
+    for budget, cands in by_budget.items():
+        if len(cands) < 2:
+            continue
+        top = max(cands, key=lambda c: c["top1"])
+        below = {c["method"]: c["top1"] < top["top1"] - 1e-9 and
+                 bool(tests.get((budget, frozenset((c["method"], top["method"]))), {}).get("significant"))
+                 for c in cands if c is not top}
+        if all(below.values()):
+            top["best"] = True
+            continue
+        for c in cands:
+            c["tie"] = c is top or not below[c["method"]]
 
 
 def pairwise(group, load: Optional[Callable] = None) -> list[dict]:
@@ -578,8 +619,9 @@ def pairwise(group, load: Optional[Callable] = None) -> list[dict]:
 
     Returns:
         Rows by budget, then method names: budget, method_a, method_b, top1_a, top1_b, d_top1 (a - b,
-        points), ``b`` (images only a got right), ``c`` (only b), p_mcnemar and significant; the test's
-        fields are None where the two cells are not paired.
+        points), ``b`` (images only a got right), ``c`` (only b), p_mcnemar, its Holm and BH
+        adjustments within the budget (:func:`adjust`) and significant; the test's fields are None
+        where the two cells are not paired.
     """
     load = load or _loader()
     ok = current(group)
@@ -594,8 +636,54 @@ def pairwise(group, load: Optional[Callable] = None) -> list[dict]:
             rows.append({"budget": budget, "method_a": a["method"], "method_b": b["method"], "top1_a": ta, "top1_b": tb,
                          "d_top1": ta - tb if ta is not None and tb is not None else None,
                          "b": test.b if test else None, "c": test.c if test else None,
-                         "p_mcnemar": test.p if test else None, "significant": test.p < stats.ALPHA if test else None})
+                         "p_mcnemar": test.p if test else None})
+    adjust(rows, lambda r: r["budget"])  # family: every two methods of one model (environment) x budget
     return rows
+
+
+def control_of(label: str) -> Optional[str]:
+    """The method a paired control stands for: ``random@tome`` -> ``tome``; None for any other label."""
+    follower, sep, leader = base_method(label).partition("@")
+    return leader if sep and follower else None
+
+
+def controls(envs: list[tuple[dict, object]], load: Optional[Callable] = None) -> list[dict]:
+    """Each method against its paired control (``random@<method>``: random tokens at the method's own
+    schedule), per environment and budget: the difference in top-1 with Newcombe's interval for
+    paired proportions (:func:`harness.stats.newcombe_paired`) and the exact McNemar p, adjusted
+    (Holm, BH) over the whole report's control tests: one family.
+
+    Returns:
+        Rows: model (environment label), budget, method, control, top1, top1_control, d_top1 and its
+        ``d_ci_low``/``d_ci_high`` (points), b, c, n, p_mcnemar, p_holm, q_bh, significant.
+    """
+    load = load or _loader()
+    rows = []
+    for env, group in envs:
+        ok = current(group)
+        recs = {(r["method"], str(r["budget"])): r for r in _records(ok[ok["status"] == "ok"])}
+        for (label, budget), ctrl in sorted(recs.items(), key=lambda kv: (budget_order(kv[0][1]), kv[0][0])):
+            rec = recs.get((control_of(label), budget)) if control_of(label) else None
+            if rec is not None:
+                rows.append({"model": env["label"], **_control_row(rec, ctrl, load)})
+    adjust(rows, lambda r: "controls")
+    return rows
+
+
+def _control_row(rec: dict, ctrl: dict, load: Callable) -> dict:
+    test = stats.paired_test(rec, ctrl, Path(rec.get("results_dir") or "."), load)
+    top1, top1_ctrl, n = _num(rec.get("top1")), _num(ctrl.get("top1")), _num(rec.get("n_images"))
+    row = {"budget": str(rec["budget"]), "method": rec["method"], "control": ctrl["method"], "top1": _pct(top1),
+           "top1_control": _pct(top1_ctrl), "d_top1": None, "d_ci_low": None, "d_ci_high": None,
+           "b": test.b if test else None, "c": test.c if test else None, "n": int(n) if n else None,
+           "p_mcnemar": test.p if test else None}
+    if top1 is not None and top1_ctrl is not None:
+        row["d_top1"] = 100 * (top1 - top1_ctrl)
+    if test is not None and n:
+        both = round(top1 * n) - test.b  # images both got right: the method's right ones less its discordant ones
+        _, low, high = stats.newcombe_paired(both, test.b, test.c, int(n) - both - test.b - test.c)
+        row.update(d_ci_low=100 * low, d_ci_high=100 * high)
+    return row
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -641,13 +729,15 @@ def _top1_text(row: dict, fmt: str, latex: bool) -> str:
     text = fmt.format(row["top1"])
     if row.get("best"):
         text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
+    elif row.get("tie"):
+        text = rf"{text}\,$\approx$" if latex else f"{text} ≈"
     return _interval(text, row.get("top1_ci_low"), row.get("top1_ci_high"), "{:.1f}", latex)
 
 
 def _delta_text(row: dict, fmt: str, latex: bool) -> str:
     text = _arrow(row["d_top1"], fmt)
     text = _tex_arrow(text) if latex else text
-    # a p-value at or above 5 %: the change is within what chance on these images gives
+    # not significant after adjustment: the change is within what chance on these images gives
     if row.get("significant") is False:
         text += r"\,\dag" if latex else " †"
     return text
@@ -676,8 +766,8 @@ def _method_text(row: dict, fmt: Optional[str], latex: bool) -> str:
 
 
 _RENDER = {"method": _method_text, "top1": _top1_text, "d_top1": _delta_text, "speedup": _speedup_text,
-           "realised": _realised_text,
-           "p_mcnemar": lambda row, fmt, latex: p_text(row["p_mcnemar"], latex)}
+           "realised": _realised_text, **{k: (lambda row, fmt, latex, k=k: p_text(row[k], latex))
+                                          for k in ("p_mcnemar", "p_holm", "q_bh")}}
 
 
 def _cell_text(key: str, row: dict, fmt: Optional[str], latex: bool) -> str:
@@ -709,8 +799,10 @@ def latex_table(rows: list[dict], caption_note: str = "", table: list = TABLE) -
     """A model's rows as a booktabs ``tabular`` (``\\usepackage{booktabs}``), one rule between budgets."""
     align = "lll" + "r" * (len(table) - 3)
     lines = [f"% {caption_note}".rstrip(),
-             r"% needs \usepackage{booktabs}; best top-1 of each budget in bold; [95% CI] Wilson; "
-             r"\dag: p >= 0.05 against none (exact McNemar); \ddag: speed-up not interleaved; speed-up [quartiles]",
+             r"% needs \usepackage{booktabs}; bold: highest top-1 of a budget, significantly above every other "
+             r"(Holm-adjusted pairwise McNemar); \approx: tied with the highest; [95% CI] Wilson; \dag: not significant "
+             r"against none (Holm-adjusted p >= 0.05 within model x budget); \ddag: speed-up not interleaved; "
+             r"speed-up [quartiles]",
              rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(t for _, _, t, _ in table) + r" \\", r"\midrule"]
     prev = None
     for r in rows:
@@ -735,7 +827,7 @@ DIGITS = {"gmacs": 4, "top1": 2, "top1_ci_low": 2, "top1_ci_high": 2, "d_top1": 
 def _rounded(key: str, v):
     if v is None or isinstance(v, bool):
         return v
-    if key == "p_mcnemar":
+    if key in ("p_mcnemar", "p_holm", "q_bh"):
         return float(f"{v:.4g}")
     return round(v, DIGITS[key]) if key in DIGITS else v
 
@@ -750,9 +842,51 @@ def pairwise_markdown(rows: list[dict]) -> str:
 
     body = [[r["budget"], r["method_a"], r["method_b"], _fmt(r["top1_a"], "{:.2f}"), _fmt(r["top1_b"], "{:.2f}"),
              "-" if r["d_top1"] is None else _arrow(r["d_top1"], "{:+.2f}"), _fmt(r["b"], "{}"), _fmt(r["c"], "{}"),
-             p_text(r["p_mcnemar"]) + (" †" if r["significant"] is False else "")] for r in rows]
+             p_text(r["p_mcnemar"]), p_text(r["p_holm"]) + (" †" if r["significant"] is False else ""),
+             p_text(r["q_bh"])] for r in rows]
     return tabulate(body, headers=["budget", "A", "B", "top-1 A", "top-1 B", "Δ (A − B)", "b: only A right",
-                                   "c: only B right", "p"], tablefmt="github", disable_numparse=True)
+                                   "c: only B right", "p", "p Holm", "q BH"], tablefmt="github", disable_numparse=True)
+
+
+CONTROL_COLUMNS = ["model", "budget", "method", "control", "top1", "top1_control", "d_top1", "d_ci_low", "d_ci_high",
+                   "b", "c", "n", "p_mcnemar", "p_holm", "q_bh", "significant"]
+
+
+def _control_cells(r: dict, latex: bool) -> list[str]:
+    dash = "--" if latex else "-"
+    delta = dash if r["d_top1"] is None else _arrow(r["d_top1"], "{:+.1f}")
+    delta = _tex_arrow(delta) if latex and r["d_top1"] is not None else delta
+    delta = _interval(delta, r["d_ci_low"], r["d_ci_high"], "{:+.1f}", latex)
+    mark = (r"\,\dag" if latex else " †") if r["significant"] is False else ""
+    return [_fmt(r["top1"], "{:.1f}"), _fmt(r["top1_control"], "{:.1f}"), delta, p_text(r["p_mcnemar"], latex),
+            p_text(r["p_holm"], latex) + mark, p_text(r["q_bh"], latex)]
+
+
+def controls_markdown(rows: list[dict]) -> str:
+    """Each method against its random control: top-1s, the difference [Newcombe 95 %], raw, Holm and BH p."""
+    from tabulate import tabulate
+
+    body = [[r["model"], r["budget"], r["method"], *_control_cells(r, False)] for r in rows]
+    return tabulate(body, headers=["model", "budget", "method", "top-1", "top-1 control", "Δ [95 % CI, Newcombe]",
+                                   "p", "p Holm", "q BH"], tablefmt="github", disable_numparse=True)
+
+
+def controls_latex(rows: list[dict]) -> str:
+    """The control comparisons as a booktabs tabular."""
+    lines = [r"% needs \usepackage{booktabs}; each method minus random pruning at its own schedule (random@method), "
+             r"points [95% CI, Newcombe's paired score interval]; exact McNemar p, Holm- and BH-adjusted over all "
+             r"these tests; \dag: not significant (Holm p >= 0.05)",
+             r"\begin{tabular}{lllrrrrrr}", r"\toprule",
+             r"Model & Budget & Method & Top-1 & Control & $\Delta$ [95\% CI] & $p$ & $p$ Holm & $q$ BH \\", r"\midrule"]
+    prev = None
+    for r in rows:
+        if prev is not None and (r["model"], r["budget"]) != prev:
+            lines.append(r"\midrule")
+        cells = [tex_escape(r["model"]), r["budget"], tex_escape(method_label(r["method"])), *_control_cells(r, True)]
+        lines.append(" & ".join(cells) + r" \\")
+        prev = (r["model"], r["budget"])
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
 
 
 # --- across models ---------------------------------------------------------------------------------
@@ -809,8 +943,9 @@ def summary_latex(cols: list[str], rows: list[dict]) -> str:
         rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
         start += n
     head2 = [""] + [tex_escape(c.rsplit(" @ ", 1)[1]) for c in cols]
-    lines = [r"% needs \usepackage{booktabs}; top-1 (%) [95% CI, Wilson] and its change against none, best of "
-             r"each budget in bold; \dag: p >= 0.05 (exact McNemar against none)",
+    lines = [r"% needs \usepackage{booktabs}; top-1 (%) [95% CI, Wilson] and its change against none; bold: "
+             r"significantly above every other method of its budget, \approx: tied with the highest; \dag: not "
+             r"significant against none (exact McNemar, Holm-adjusted within model x budget)",
              rf"\begin{{tabular}}{{l{'r' * len(cols)}}}", r"\toprule", " & ".join(head1) + r" \\", "".join(rules),
              " & ".join(head2) + r" \\", r"\midrule"]
     for r in rows:
@@ -821,26 +956,26 @@ def summary_latex(cols: list[str], rows: list[dict]) -> str:
 
 
 def _summary_tidy(cols: list[str], rows: list[dict]) -> list[dict]:
-    keys = ("top1", "top1_ci_low", "top1_ci_high", "d_top1", "p_mcnemar", "significant", "best")
+    keys = ("top1", "top1_ci_low", "top1_ci_high", "d_top1", "p_mcnemar", "p_holm", "q_bh", "significant", "best", "tie")
     return [{"column": c, "method": r["method"], **{k: _rounded(k, v[k]) for k in keys}}
             for r in rows for c in cols for v in [r.get(c)] if v is not None]
 
 
-def method_curve(group, method: str) -> list[tuple[float, float]]:
-    """(GMACs, top-1 %) points of ``method`` in one environment, anchored at the baseline, by GMACs.
+def method_curve(group, method: str, interval: bool = False) -> list[tuple]:
+    """(GMACs, top-1 %) points of ``method`` in one environment, anchored at the baseline, by GMACs;
+    with ``interval``, (GMACs, top-1 %, Wilson low, high).
 
     Its cells at their achieved GMACs: ``ok`` ones and ``off_target`` ones (a point of the curve all
     the same, only not at its budget), at the method's newest version.
     """
     cur = current(group)
-    cells = cur[cur["status"].isin(MEASURED) & (cur["method"] == method)]
-    pts = {(_num(r["gmacs"]), 100 * _num(r["top1"])) for _, r in cells.iterrows()
-           if _num(r["gmacs"]) is not None and _num(r["top1"]) is not None}
+    cells = _records(cur[cur["status"].isin(MEASURED) & (cur["method"] == method)])
     base = baseline_of(group)
-    if base and _num(base.get("top1")) is not None and _num(base.get("gmacs")) is not None and method != BASELINE:
-        # every method at its identity knob is the unpatched model (a contract test checks it)
-        pts.add((_num(base["gmacs"]), 100 * _num(base["top1"])))
-    return sorted(pts)
+    if base and method != BASELINE:
+        cells.append(base)  # every method at its identity knob is the unpatched model (a contract test checks it)
+    pts = {(_num(r["gmacs"]), 100 * _num(r["top1"]), *top1_interval(r)) for r in cells
+           if _num(r.get("gmacs")) is not None and _num(r.get("top1")) is not None}
+    return sorted(p if interval else p[:2] for p in pts)
 
 
 def accuracy_at(curve: list[tuple[float, float]], gmacs: float) -> Optional[float]:
@@ -864,8 +999,9 @@ def accuracy_at_gmacs(envs: list[tuple[dict, object]]) -> tuple[list[str], list[
 
     Returns:
         The method columns and rows ``{"model", "gmacs", "baseline_top1", "baseline_top1_ci_low",
-        "baseline_top1_ci_high", "baseline_gmacs", <method>: top1}``. The baseline's top-1 is measured
-        and carries its interval; the methods' are interpolated and carry none.
+        "baseline_top1_ci_high", "baseline_gmacs", <method>: top1, <method>_ci_low, <method>_ci_high}``.
+        The baseline's top-1 is measured with its Wilson interval; a method's is interpolated, and so
+        is its interval (the two neighbouring cells' Wilson bounds, read off alike).
     """
     methods = sorted({m for _, g in envs for m in current(g).loc[lambda c: c["status"].isin(MEASURED), "method"]
                       if m != BASELINE}, key=method_rank)
@@ -874,18 +1010,28 @@ def accuracy_at_gmacs(envs: list[tuple[dict, object]]) -> tuple[list[str], list[
         base = baseline_of(group) or {}
         low, high = top1_interval(base)
         targets = sorted({round(t, 3) for t in map(_num, current(group)["gmacs_target"]) if t is not None}, reverse=True)
-        curves = {m: method_curve(group, m) for m in methods}
+        curves = {m: method_curve(group, m, interval=True) for m in methods}
         for t in targets:
             row = {"model": env["label"], "gmacs": t, "baseline_top1": _pct(_num(base.get("top1"))),
                    "baseline_top1_ci_low": low, "baseline_top1_ci_high": high, "baseline_gmacs": _num(base.get("gmacs"))}
-            row.update({m: accuracy_at(curves[m], t) for m in methods})
+            for m in methods:
+                row.update(_read_off(curves[m], t, m))
             rows.append(row)
     return methods, rows
 
 
-def _best_of(row: dict, methods: list[str]) -> Optional[float]:
-    vals = [row[m] for m in methods if row.get(m) is not None]
-    return max(vals) if len(vals) > 1 else None
+def _read_off(curve: list[tuple], gmacs: float, method: str) -> dict:
+    """``method``'s top-1 and interval bounds at ``gmacs``, each interpolated along its curve (None outside it)."""
+    top1 = accuracy_at([p[:2] for p in curve], gmacs)
+    bounds = [[(p[0], p[i]) for p in curve if p[i] is not None] for i in (2, 3)]
+    low, high = (accuracy_at(b, gmacs) if top1 is not None and len(b) == len(curve) else None for b in bounds)
+    return {method: top1, f"{method}_ci_low": low, f"{method}_ci_high": high}
+
+
+def _at_cell(row: dict, method: str, latex: bool) -> str:
+    if row.get(method) is None:
+        return "--" if latex else "-"
+    return _interval(f"{row[method]:.1f}", row.get(f"{method}_ci_low"), row.get(f"{method}_ci_high"), "{:.1f}", latex)
 
 
 def at_gmacs_markdown(methods: list[str], rows: list[dict]) -> str:
@@ -893,8 +1039,7 @@ def at_gmacs_markdown(methods: list[str], rows: list[dict]) -> str:
 
     body = []
     for r in rows:
-        top = _best_of(r, methods)
-        cells = [("-" if r[m] is None else f"**{r[m]:.2f}**" if r[m] == top else f"{r[m]:.2f}") for m in methods]
+        cells = [_at_cell(r, m, False) for m in methods]
         base = "-"
         if r["baseline_top1"] is not None:
             top1 = _interval(f"{r['baseline_top1']:.2f}", r["baseline_top1_ci_low"], r["baseline_top1_ci_high"],
@@ -906,15 +1051,15 @@ def at_gmacs_markdown(methods: list[str], rows: list[dict]) -> str:
 
 
 def at_gmacs_latex(methods: list[str], rows: list[dict]) -> str:
-    lines = [r"% needs \usepackage{booktabs}; top-1 (%) interpolated at each GMACs target (no interval), best in bold",
+    lines = [r"% needs \usepackage{booktabs}; top-1 (%) interpolated at each GMACs target, [its neighbouring "
+             r"cells' 95% Wilson bounds interpolated alike]; no best marked: interpolated values have no paired test",
              rf"\begin{{tabular}}{{lr{'r' * len(methods)}}}", r"\toprule",
              " & ".join(["Model", "GMACs"] + [tex_escape(method_label(m)) for m in methods]) + r" \\", r"\midrule"]
     prev = None
     for r in rows:
         if prev is not None and r["model"] != prev:
             lines.append(r"\midrule")
-        top = _best_of(r, methods)
-        cells = [("--" if r[m] is None else rf"\textbf{{{r[m]:.2f}}}" if r[m] == top else f"{r[m]:.2f}") for m in methods]
+        cells = [_at_cell(r, m, True) for m in methods]
         label = tex_escape(r["model"]) if r["model"] != prev else ""
         lines.append(" & ".join([label, f"{r['gmacs']:.2f}"] + cells) + r" \\")
         prev = r["model"]
@@ -1081,8 +1226,8 @@ def _model_section(env: dict, group, scored: bool, load: Callable, reports_dir: 
     parts += _notes(group) + [""]
     pairs = pairwise(group, load) if scored else []
     if any(p["p_mcnemar"] is not None for p in pairs):
-        parts += ["Pairwise, each two methods of a budget (exact McNemar on paired predictions; † p ≥ 0.05, "
-                  "not significant):", "", pairwise_markdown(pairs), ""]
+        parts += ["Pairwise, each two methods of a budget (exact McNemar on paired predictions; Holm and BH "
+                  "adjusted within the budget; † not significant: Holm p ≥ 0.05):", "", pairwise_markdown(pairs), ""]
     elif pairs:
         parts += ["Pairwise tests between methods: not available (no paired prediction files).", ""]
     _write(reports_dir / "tables" / f"{env['slug']}.csv", pd.DataFrame(csv_rows(rows, env)).to_csv(index=False))
@@ -1096,8 +1241,12 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def build_report(results_dir: Path, reports_dir: Path) -> str:
-    """Write every table (see the module docstring) under ``reports_dir``; return the Markdown."""
+def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str:
+    """Write every table (see the module docstring) under ``reports_dir``; return the Markdown.
+
+    With ``html``, also ``report.html`` (:mod:`harness.html_report`), with the figures already in
+    ``<reports_dir>/figures`` inlined: write the figures first to have them there.
+    """
     import pandas as pd
 
     df = load_frame(results_dir)
@@ -1112,8 +1261,9 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
         parts += section
         pair_rows += pairs
     pair_cols = ["environment", *GROUP, "budget", "method_a", "method_b", "top1_a", "top1_b", "d_top1", "b", "c",
-                 "p_mcnemar", "significant"]
+                 "p_mcnemar", "p_holm", "q_bh", "significant"]
     _write(reports_dir / "pairwise.csv", pd.DataFrame(pair_rows, columns=pair_cols).to_csv(index=False))
+    parts += _control_parts(scored_envs(envs), reports_dir, load)
     parts += _summary_parts(envs, reports_dir, load)
     settings, krows = kernel_comparison(df)
     if krows:
@@ -1121,11 +1271,57 @@ def build_report(results_dir: Path, reports_dir: Path) -> str:
                   "compile setting stored; the last columns: the default (fused SDPA) over the others.", "",
                   kernel_markdown(settings, krows), ""]
         pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
+    parts += _unmeasured_parts(envs)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
+    if html:
+        from harness.html_report import write_html
+
+        write_html(text, reports_dir)
     df.drop(columns=[c for c in ("traceback", "results_dir") if c in df]).to_csv(reports_dir / "results.csv", index=False)
     log.info("report written to %s", reports_dir)
     return text
+
+
+def unmeasured(envs: list[tuple[dict, object]]) -> list[dict]:
+    """Every compared cell that is not in the matched-budget tables (``unsupported``, ``off_target``,
+    ``skipped``, ``error``), with its reason: model, budget, method, status, reason."""
+    rows = []
+    for env, group in envs:
+        cur = current(group)
+        for r in sorted(_records(cur[cur["status"] != "ok"]), key=_cell_order):
+            reason = _off_target_note(r).split(": ", 1)[1] if r["status"] == "off_target" else r.get("error")
+            rows.append({"model": env["label"], "budget": str(r["budget"]), "method": r["method"], "status": r["status"],
+                         "reason": str(reason or "-").replace("|", "/").replace("\n", " ")})
+    return rows
+
+
+def _unmeasured_parts(envs) -> list[str]:
+    from tabulate import tabulate
+
+    rows = unmeasured(envs)
+    if not rows:
+        return []
+    return ["## Cells not in the tables", "", "Every cell without a matched-budget measurement, with its reason.", "",
+            tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="github",
+                     disable_numparse=True), ""]
+
+
+def _control_parts(envs, reports_dir: Path, load: Callable) -> list[str]:
+    """The section on each method against its random control; writes ``controls.csv`` and ``.tex``."""
+    import pandas as pd
+
+    rows = controls(envs, load)
+    pd.DataFrame([{k: _rounded(k, r[k]) for k in CONTROL_COLUMNS} for r in rows], columns=CONTROL_COLUMNS).to_csv(
+        reports_dir / "controls.csv", index=False)
+    _write(reports_dir / "controls.tex", controls_latex(rows))
+    if not rows:
+        return []
+    return ["## Each method against its random control", "",
+            "Random pruning at the method's own token schedule (`random@<method>`, same images): the difference "
+            "in top-1, points, with Newcombe's 95 % interval for paired proportions; exact McNemar p, Holm and BH "
+            f"adjusted over these {len(rows)} tests (one family); † not significant (Holm p ≥ 0.05).", "",
+            controls_markdown(rows), ""]
 
 
 def scored_envs(envs: list[tuple[dict, object]]) -> list[tuple[dict, object]]:
@@ -1139,7 +1335,7 @@ def _summary_parts(envs, reports_dir: Path, load: Callable) -> list[str]:
     envs = scored_envs(envs)
     cols, rows = summary(envs, load)
     pd.DataFrame(_summary_tidy(cols, rows), columns=["column", "method", "top1", "top1_ci_low", "top1_ci_high", "d_top1",
-                                                     "p_mcnemar", "significant", "best"]).to_csv(
+                                                     "p_mcnemar", "p_holm", "q_bh", "significant", "best", "tie"]).to_csv(
         reports_dir / "summary.csv", index=False)
     _write(reports_dir / "summary.tex", summary_latex(cols, rows))
     methods, at_rows = accuracy_at_gmacs(envs)
@@ -1148,11 +1344,13 @@ def _summary_parts(envs, reports_dir: Path, load: Callable) -> list[str]:
     if not envs:
         return []
     out = ["## Summary across models at matched budgets", "",
-           "top-1 % [95 % CI] (Δ against `none`, whose top-1 is the first row; † p ≥ 0.05, exact McNemar)", "",
+           "top-1 % [95 % CI] (Δ against `none`, whose top-1 is the first row; † not significant: exact McNemar, "
+           "Holm-adjusted within model × budget; **bold** and ≈ as in the model tables)", "",
            summary_markdown(cols, rows), ""]
     if at_rows:
         out += ["## Accuracy at equal GMACs", "", "Each method's top-1 read off its accuracy-vs-GMACs curve "
                 "(its cells, off-target ones included at their achieved GMACs, and the baseline; linear interpolation, "
-                "at most 2 % beyond its ends) at each budget's target. Interpolated values carry no interval; "
-                "the baseline's measured top-1 does.", "", at_gmacs_markdown(methods, at_rows), ""]
+                "at most 2 % beyond its ends) at each budget's target, with the two neighbouring cells' 95 % Wilson "
+                "bounds read off alike (an approximate interval). No best is marked: interpolated values have no "
+                "paired test. The baseline's top-1 is measured.", "", at_gmacs_markdown(methods, at_rows), ""]
     return out

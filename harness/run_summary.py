@@ -32,39 +32,31 @@ def _interval(row: dict) -> str:
     return f"{row['top1']:.1f}" + (f" [{low:.1f}, {high:.1f}]" if low is not None and high is not None else "")
 
 
-def _overlaps(a: dict, b: dict) -> bool:
-    """Whether two rows' 95 % intervals overlap (either missing: treated as overlapping)."""
-    if None in (a.get("top1_ci_low"), a.get("top1_ci_high"), b.get("top1_ci_low"), b.get("top1_ci_high")):
-        return True
-    return a["top1_ci_low"] <= b["top1_ci_high"] and b["top1_ci_low"] <= a["top1_ci_high"]
-
-
 def best_text(rows: list[dict]) -> str:
-    """One budget's best reducing method(s) by top-1 with the interval, and how it stands against the runner-up.
+    """One budget's highest top-1 with its interval, and whether it is a best or a tie.
 
-    "not significant" means the two 95 % Wilson intervals overlap: a cautious reading (the report's
-    exact McNemar test on paired predictions can separate two overlapping intervals).
+    A best is significantly above every other method of the budget (Holm-adjusted pairwise McNemar:
+    the report's ``best``); otherwise the highest is tied with every method not significantly below
+    it (the report's ``tie``), named after it.
 
     Args:
         rows: the table rows of one budget (:func:`harness.report.model_rows`), ``none`` excluded.
     """
-    scored = sorted((r for r in rows if r.get("top1") is not None), key=lambda r: -r["top1"])
+    scored = sorted((r for r in rows if r.get("top1") is not None), key=lambda r: (-r["top1"], r["method"]))
     if not scored:
         return "no top-1"
-    top = [r for r in scored if abs(r["top1"] - scored[0]["top1"]) < 1e-9]
-    names = ", ".join(r["method"] for r in top[:2]) + (f" +{len(top) - 2}" if len(top) > 2 else "")
-    text = f"{names} {_interval(top[0])}" + (" (tied)" if len(top) > 1 else "")
-    rest = scored[len(top):]
-    if not rest:
-        return text
-    runner = rest[0]
-    if _overlaps(top[0], runner):
-        return f"{text} (not significant vs {runner['method']} {runner['top1']:.1f})"
-    return f"{text} (above {runner['method']} {_interval(runner)})"
+    top = scored[0]
+    if top.get("best"):
+        return f"{top['method']} {_interval(top)} (significantly above every other, Holm)"
+    tied = [r["method"] for r in scored[1:] if r.get("tie")]
+    if not tied:
+        return f"{top['method']} {_interval(top)}"
+    names = ", ".join(tied[:2]) + (f" +{len(tied) - 2}" if len(tied) > 2 else "")
+    return f"{top['method']} {_interval(top)}, tied with {names} (no significant difference, Holm)"
 
 
 def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
-    """Per model (environment) and budget of the sweep's cells: the highest top-1 and its runner-up."""
+    """Per model (environment) and budget of the sweep's cells: the highest top-1, a best or tied."""
     df = load_frame(results_dir)
     df = df[df["cell_id"].isin(cell_ids)]
     if not len(df):
@@ -77,8 +69,7 @@ def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
                 by_budget.setdefault(row["budget"], []).append(row)
         lines += [_fit(f"  {env['label']} @ {budget}: {best_text(rows)}") for budget, rows in by_budget.items()]
     if lines:
-        lines.insert(0, "highest top-1 % [95 % interval] per model and budget; not significant: the "
-                        "runner-up's overlaps")
+        lines.insert(0, "highest top-1 % [95 % interval] per model and budget (best: significantly above all, Holm)")
     return lines
 
 
@@ -112,6 +103,7 @@ def run_summary(records: list[Optional[dict]], results_dir: Path, reports_dir: O
     # a path stands alone on its line, never cut (a cut path names nothing)
     if reports_dir is not None:
         figs = f", figures/ ({figures} files)" if figures else ""
-        lines += [f"full report: results.md, with results.csv, tables/, summary.*{figs}, in", f"  {_shown(reports_dir)}"]
+        lines += [f"full report: results.md, report.html, results.csv, tables/, summary.*{figs}, in",
+                  f"  {_shown(reports_dir)}"]
     lines += ["records in", f"  {_shown(Path(results_dir) / 'records')}"]
     return lines

@@ -8,7 +8,9 @@ Pure functions on counts, 0/1 vectors and lists of ratios (numpy only to read pr
   on the same images, from their discordant pairs;
 - :func:`paired_test`: that test for two stored records, read from their prediction files;
 - :func:`ratio_summary`: median, quartiles and relative spread of per-round speed-ups;
-- :func:`too_few_rounds`: why a spread (IQR, ``noisy``) or a speed-up is "n/a" from so few rounds.
+- :func:`too_few_rounds`: why a spread (IQR, ``noisy``) or a speed-up is "n/a" from so few rounds;
+- :func:`holm`, :func:`benjamini_hochberg`: p-values adjusted within a family of comparisons;
+- :func:`newcombe_paired`: the 95 % interval of the difference of two paired proportions.
 
 ``docs/statistics.md`` explains how the report uses them.
 """
@@ -154,3 +156,54 @@ def too_few_rounds(n: int, what: str) -> Optional[str]:
     if n >= MIN_ROUNDS:
         return None
     return f"{n} timing round{'s' if n != 1 else ''}: {what} needs at least {MIN_ROUNDS}"
+
+
+def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm's step-down adjusted p-values, in the input order (None stays None and is not counted).
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) * p(j)): a family
+    rejected where the adjusted value is below alpha keeps its family-wise error rate at alpha.
+    """
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m, out, running = len(known), [None] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def benjamini_hochberg(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Benjamini-Hochberg q-values (step-up, false discovery rate), in the input order (None stays None).
+
+    The i-th smallest of m p-values becomes min over j >= i of min(1, m * p(j) / j).
+    """
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m, out, running = len(known), [None] * len(pvalues), 1.0
+    for rank in range(m - 1, -1, -1):
+        p, i = known[rank]
+        running = min(running, m * p / (rank + 1))
+        out[i] = min(1.0, running)
+    return out
+
+
+def newcombe_paired(both: int, only_a: int, only_b: int, neither: int, z: float = Z95) -> tuple[float, float, float]:
+    """Difference of two paired proportions (a's minus b's) and its 95 % interval, as fractions.
+
+    Newcombe's (1998) method 10: the square-and-add of the two marginal Wilson intervals, with the
+    correlation phi of the paired outcomes (no continuity correction). ``both``: images both got
+    right; ``only_a``, ``only_b``: the discordant ones; ``neither``: both wrong.
+
+    Raises:
+        ValueError: a negative count or no images.
+    """
+    n = both + only_a + only_b + neither
+    if n <= 0 or min(both, only_a, only_b, neither) < 0:
+        raise ValueError(f"newcombe_paired needs non-negative counts and n > 0, got {both, only_a, only_b, neither}")
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson(both + only_a, n, z)
+    l2, u2 = wilson(both + only_b, n, z)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return p1 - p2, p1 - p2 - delta, p1 - p2 + eps

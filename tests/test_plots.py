@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-from harness.plots import (FIGURES, KNOWN, _pareto, accuracy_vs_gmacs, method_style, paper_style, speedup_vs_ideal,
-                           write_plots)
+from harness.plots import (FIGURES, FORMATS, KNOWN, WIDTHS, accuracy_vs_gmacs, method_style, paper_style,
+                           speedup_vs_ideal, write_plots)
 from harness.report import environments, load_frame
 from harness.stats import wilson
 from harness.registry import make_method
@@ -22,12 +22,26 @@ from harness.tokenmap import DROPPED, KEPT, MERGED, patch_roles, render, trace
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+HEADS = {".png": b"\x89PNG", ".pdf": b"%PDF", ".pgf": b"%% Creator: Matplotlib, PGF backend"}
+
+
 def test_plots_written_from_fixtures(tmp_path):
-    paths = write_plots(FIXTURES, tmp_path)
-    assert {p.name for p in paths} == {f"{n}.{ext}" for n in FIGURES for ext in ("png", "pdf")}
+    paths = write_plots(FIXTURES, tmp_path, widths=("double",))
+    assert {p.name for p in paths} == {f"{n}.{ext}" for n in FIGURES for ext in FORMATS}
     for p in paths:
-        head = p.read_bytes()[:8]
-        assert p.stat().st_size > 5000 and head.startswith(b"\x89PNG" if p.suffix == ".png" else b"%PDF")
+        assert p.stat().st_size > 5000 and p.read_bytes().startswith(HEADS[p.suffix])
+    pgf = (tmp_path / "figures" / "accuracy_vs_gmacs.pgf").read_text()
+    assert r"\begin{pgfpicture}" in pgf and "DeiT-T" in pgf  # titled from the card fields, not the identifier
+
+
+@pytest.mark.slow
+def test_every_width_and_format_and_byte_for_byte_again(tmp_path):
+    paths = write_plots(FIXTURES, tmp_path)
+    assert {p.name for p in paths} == {f"{n}{w}.{ext}" for n in FIGURES for w in WIDTHS.values() for ext in FORMATS}
+    first = {p: p.read_bytes() for p in paths}
+    write_plots(FIXTURES, tmp_path)
+    # no dates in PNG, PDF or PGF: regenerated, every file is the same
+    assert all(p.read_bytes() == data for p, data in first.items())
 
 
 def _sweep(root):
@@ -47,7 +61,8 @@ def _bars(ax):
 
 def test_plots_draw_intervals_and_off_target_hollow(tmp_path):
     _sweep(tmp_path / "r")
-    assert len(write_plots(tmp_path / "r", tmp_path / "rep")) == 2 * len(FIGURES)
+    # every figure but the control one (no random@method stored here), in every format
+    assert len(write_plots(tmp_path / "r", tmp_path / "rep", widths=("double",))) == len(FORMATS) * (len(FIGURES) - 1)
     envs = environments(load_frame(tmp_path / "r"))
     assert [e["label"] for e, _ in envs] == ["m (torch 2.4.0)", "m (torch 2.5.0)"]
     with paper_style() as plt:
@@ -73,14 +88,29 @@ def test_plots_draw_intervals_and_off_target_hollow(tmp_path):
 
 def test_builtin_styles_fixed_and_distinct():
     assert method_style("tome")["color"] == KNOWN["tome"][0] and method_style("tome")["marker"] == "o"
-    styles = {(method_style(m)["color"], method_style(m)["marker"]) for m in KNOWN}
-    assert len(styles) == len(KNOWN)
+    # every method has its own marker (greyscale), and its own colour except the black references
+    assert len({method_style(m)["marker"] for m in KNOWN}) == len(KNOWN)
+    colours = [method_style(m)["color"] for m in KNOWN if m not in ("none", "resolution")]
+    assert len(set(colours)) == len(colours)
+    # the methods being added already have theirs
+    assert {"reprshift", "gtp", "dynamicvit"} <= set(KNOWN)
 
 
-def test_follower_takes_leader_colour():
+def test_okabe_ito_first_then_tol():
+    from harness.style import OKABE_ITO, TOL
+
+    reducing = [m for m in KNOWN if m not in ("none", "resolution", "random")]
+    colours = [KNOWN[m][0] for m in reducing]
+    assert colours[:len(OKABE_ITO)] == list(OKABE_ITO.values())
+    assert set(colours[len(OKABE_ITO):]) <= set(TOL.values())
+
+
+def test_follower_is_its_leaders_control():
     s = method_style("random@tome")
-    assert s["color"] == method_style("tome")["color"] and s["marker"] == method_style("random")["marker"]
-    assert s["linestyle"] == "--"
+    assert s["color"] == method_style("tome")["color"] and s["marker"] == method_style("tome")["marker"]
+    assert s["linestyle"] == "--" and s["markerfacecolor"] == "white"
+    # never a new colour, for an outside plugin's method too
+    assert method_style("random@mymethod")["color"] == method_style("mymethod")["color"]
 
 
 def test_unknown_style_stable_across_processes():
@@ -91,12 +121,8 @@ def test_unknown_style_stable_across_processes():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout
         assert out.strip() == str(here)
-    assert all(s["color"] not in {c for c, _ in KNOWN.values()} for s in here)
-
-
-def test_pareto_front_by_hand():
-    pts = [(10, 80), (20, 79), (15, 78), (30, 70), (25, 69)]
-    assert _pareto(pts) == [(10, 80), (20, 79), (30, 70)]
+    assert all(s["color"] not in {c for c, *_ in KNOWN.values()} for s in here)
+    assert all(s["marker"] not in {m for _, m, _ in KNOWN.values()} for s in here)
 
 
 def test_patch_roles_by_hand():

@@ -48,17 +48,18 @@ def test_quick_cells_are_not_full_cells(tmp_path, shared):
     assert len(ids[0]) == len(ids[1]) > 0 and not set(ids[0]) & set(ids[1])
 
 
-def _row(method, top1, low, high):
-    return {"method": method, "top1": top1, "top1_ci_low": low, "top1_ci_high": high}
+def _row(method, top1, low, high, best=False, tie=False):
+    return {"method": method, "top1": top1, "top1_ci_low": low, "top1_ci_high": high, "best": best, "tie": tie}
 
 
-def test_best_says_when_the_runner_up_is_within_its_interval():
-    close = [_row("tome", 91.0, 84.0, 95.0), _row("topk", 88.0, 80.5, 93.0), _row("evit", 60.0, 50.0, 69.0)]
-    assert best_text(close) == "tome 91.0 [84.0, 95.0] (not significant vs topk 88.0)"
-    apart = [_row("tome", 91.0, 84.0, 95.0), _row("evit", 60.0, 50.0, 69.0)]
-    assert best_text(apart) == "tome 91.0 [84.0, 95.0] (above evit 60.0 [50.0, 69.0])"
-    tied = [_row("a", 90.0, 80.0, 95.0), _row("b", 90.0, 80.0, 95.0), _row("c", 90.0, 80.0, 95.0)]
-    assert best_text(tied) == "a, b +1 90.0 [80.0, 95.0] (tied)"
+def test_best_only_when_significant_else_the_ties_are_named():
+    apart = [_row("tome", 91.0, 84.0, 95.0, best=True), _row("evit", 60.0, 50.0, 69.0)]
+    assert best_text(apart) == "tome 91.0 [84.0, 95.0] (significantly above every other, Holm)"
+    close = [_row("tome", 91.0, 84.0, 95.0, tie=True), _row("topk", 88.0, 80.5, 93.0, tie=True),
+             _row("evit", 60.0, 50.0, 69.0)]
+    assert best_text(close) == "tome 91.0 [84.0, 95.0], tied with topk (no significant difference, Holm)"
+    tied = [_row(m, 90.0, 80.0, 95.0, tie=True) for m in "abcd"]
+    assert best_text(tied) == "a 90.0 [80.0, 95.0], tied with b, c +1 (no significant difference, Holm)"
 
 
 def test_status_counts_name_every_status():

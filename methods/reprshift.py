@@ -1,0 +1,127 @@
+"""Representation Shift: keep the tokens the block changed most.
+
+Choi, Lee, Ko, Kim, Kil and Kim, "Representation Shift: Unifying Token Compression with
+FlashAttention", ICCV 2025, arXiv 2508.00367, https://github.com/mlvlab/Representation-Shift. The
+repository's code is not reachable here: built from the paper's text and the repository README's
+evaluation command (``main.py --model deit_base --use_flash True --drop_r
+[0.2,0,0,0.2,0,0,0.2,0,0,0,0,0]``).
+
+The paper scores a token by how much a layer ``F`` moved it, Δx = D(F(x), x), and prunes the tokens
+that moved least. The score needs only a layer's input and output, never an attention map, so the
+fused attention kernel (``scaled_dot_product_attention``, FlashAttention on a GPU) stays in use.
+
+Modifications (seam stage ``"post"``: after the MLP residual of each prune block):
+ - score: ``||x_out - x_in||_2`` per token, in fp32, where ``x_in`` is the token entering the block
+   (``ctx.block_input``) and ``x_out`` the token leaving it (attention and MLP residual branches
+   both applied);
+ - prune blocks: 0-based 0, 3, 6 of 12, where the README's ``--drop_r`` list is non-zero (scaled to
+   other depths as 0, depth // 4, depth // 2; option ``drop_loc`` overrides), each with the same
+   rate, the knob ``drop_r`` (the README's 0.2 is ``drop_r=0.2``);
+ - a prune block that receives T non-prefix tokens drops ``int(drop_r x T)`` of them, those with the
+   smallest shift (no fusion, no merging);
+ - kept tokens stay in their original order; prefix tokens (class, distillation, registers) are
+   never candidates and stay first; sizes and positions follow the kept tokens
+   (``harness.seam.keep_tokens``), so rope / relpos models are supported;
+ - any schedule can be followed (``reprshift@tome``: this score at ToMe's token counts).
+
+Choices, against the paper:
+ - distance: L2, the paper's D ("a distance metric like the L2 norm"; its Figure 2 computes the
+   L2 distance);
+ - where the shift is measured: the paper's illustration (Figure 2) measures it across the MLP
+   layer. The seam hands a reducer the block's input and output, so we measure across the whole
+   block (attention + MLP residual branches): the MLP-only shift would need the tokens between
+   the two branches, which a stage-"post" reducer does not see. A deviation from the paper's figure;
+   on a pre-norm block the two differ by the attention branch's update;
+ - prune blocks and rate: the README's command (blocks 0, 3, 6, one rate); that the rate is a
+   fraction of the tokens the block receives, its rounding (``int``), where in the block the tokens
+   leave (after the MLP, which the score needs) and the token order are not in the text we could
+   read: those are our choices.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from harness import margins
+from harness.registry import Knob, Method, register_method
+from harness.schedule import Schedule
+from harness.seam import BlockContext, install, keep_tokens
+from harness.methods.random import chosen_blocks
+
+
+def representation_shift(x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+    """Each token's shift (B, N): the L2 norm of ``x_out - x_in`` (both (B, N, C)), in fp32."""
+    return (x_out.float() - x_in.float()).norm(dim=-1)
+
+
+def largest_shift(shift: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (B, keep) of the ``keep`` tokens with the largest ``shift`` (B, N), ascending."""
+    kept = shift.topk(keep, dim=1, largest=True, sorted=False).indices
+    margins.note_boundary(shift, keep, "representation-shift keep")
+    return kept.sort(dim=1).values
+
+
+def num_keep(num_tokens: int, drop_r: float) -> int:
+    """Non-prefix tokens a prune block keeps of ``num_tokens``: all but int(drop_r x num_tokens)."""
+    return num_tokens - int(drop_r * num_tokens)
+
+
+def prune_blocks(depth: int) -> tuple[int, ...]:
+    """The README's prune blocks (0, 3, 6 of 12, 0-based), scaled to ``depth``."""
+    return tuple(sorted({0, depth // 4, depth // 2}))
+
+
+def reprshift_reducer(target: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer that keeps the ``target`` tokens (prefix included) the block moved most."""
+
+    def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        p = ctx.num_prefix
+        if x.shape[1] <= target:
+            return x
+        shift = representation_shift(x[:, p:], ctx.block_input[:, p:])
+        return keep_tokens(ctx, x, largest_shift(shift, target - p) + p)
+
+    return reduce
+
+
+@register_method
+class RepresentationShift(Method):
+    """Representation Shift: keep the tokens whose representation the block changed most (Choi et al., ICCV 2025)."""
+
+    name = "reprshift"
+    version = "1"
+    stage = "post"
+    tracks_positions = True
+    knob = Knob("drop_r", float, 0.0, 0.99, identity=0.0)
+
+    option_defaults = {"drop_loc": None}
+
+    def drop_loc(self, depth: int) -> tuple[int, ...]:
+        """0-based blocks that prune, for a model of ``depth`` blocks."""
+        loc = self.options["drop_loc"]
+        return prune_blocks(depth) if loc is None else chosen_blocks(loc, depth, f"{self.name} drop_loc")
+
+    def schedule(self, arch, value: float) -> Schedule:
+        tokens, out = arch.tokens_in, []
+        drops = self.drop_loc(arch.depth)
+        for i in range(arch.depth):
+            if i in drops:
+                tokens = min(tokens, arch.num_prefix + num_keep(tokens - arch.num_prefix, value))
+            out.append(tokens)
+        if tokens == arch.tokens_in:
+            return Schedule.full(arch)  # nothing pruned: the unpatched model (the stage is moot)
+        return Schedule(arch.tokens_in, tuple(out), stage=self.stage)
+
+    def patch(self, model, value: float, arch) -> None:
+        self.patch_schedule(model, self.schedule(arch, value))
+
+    def patch_schedule(self, model, schedule: Schedule) -> None:
+        """Prune by representation shift to ``schedule`` (whole tokens), after each block's MLP."""
+        reducers, prev = {}, schedule.tokens_in
+        for i, n in enumerate(schedule.tokens_out):
+            if round(n) < prev:
+                reducers[i] = reprshift_reducer(round(n))
+            prev = round(n)
+        install(model, reducers, capture_qkv=False, method=self.name, stage=self.stage,
+                tracks_positions=self.tracks_positions)
