@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.seam import BlockContext, TokenState
+from harness.seam import BlockContext, TokenState, block_reducers, token_state
 
 from .common import METHODS, patched
 
@@ -27,7 +27,7 @@ class ReduceStepCPU:
     def setup(self, method):
         torch.set_num_threads(1)  # the machine is shared; one thread keeps timings comparable
         model, resolved = patched(method)
-        reducing = [i for i, blk in enumerate(model.blocks) if getattr(blk, "_seam_reducer", None)]
+        reducing = sorted(block_reducers(model))
         if not reducing:
             raise NotImplementedError(f"{method} installs no reducer at budget 0.7")  # asv: skipped
         index = reducing[0]
@@ -37,9 +37,9 @@ class ReduceStepCPU:
         with torch.inference_mode():
             self.x = torch.randn(BATCH, tokens, model.embed_dim)
             self.qkv = block.attn.qkv(block.norm1(self.x))
-        self.reducer = block._seam_reducer
+        self.reducer = block_reducers(model)[index]
         self.block, self.index, self.num_prefix = block, index, model.num_prefix_tokens
-        self.prop_attn = model._seam_state.prop_attn
+        self.prop_attn = token_state(model).prop_attn
 
     def time_reduce(self, method):
         # a fresh TokenState per call: merging reducers write sizes into it

@@ -13,7 +13,7 @@ from harness.recipes import Recipe
 
 ATTENTION = ("fused", "eager")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-PROP_ATTN = ("mask", "fold", "flex")  # harness.seam.PROP_ATTN_IMPLS (not imported: config loads without torch)
+PROP_ATTN = ("mask", "fold", "flex")  # defined here, where a config loads without torch; harness.seam.PROP_ATTN_IMPLS
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,12 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from harness.seam.forward import REDUCER_ATTR as REDUCER_SCOPE  # where a patched block keeps its reducer
+
 log = logging.getLogger(__name__)
 
 # fvcore's simplified op names that are multiply-accumulates in the papers' convention.
 MAC_OPS = frozenset({"linear", "conv", "matmul", "mm", "bmm", "addmm", "einsum", "scaled_dot_product_attention"})
-REDUCER_SCOPE = "_seam_reducer"
 
 
 def _shape(value) -> Optional[list[int]]:
@@ -145,16 +146,17 @@ class _ReducerScope(nn.Module):
 @contextlib.contextmanager
 def reducer_scopes(model: nn.Module) -> Iterator[list[str]]:
     """Wrap each block's reducer in a module while inside; yields the scope names; restores on exit."""
-    wrapped = [(i, blk, blk._seam_reducer) for i, blk in enumerate(getattr(model, "blocks", []))
-               if getattr(blk, "_seam_reducer", None) is not None]
-    for _, blk, reducer in wrapped:
-        blk._seam_reducer = _ReducerScope(reducer)
+    from harness import seam
+
+    if seam.token_state(model) is None:
+        yield []
+        return
+    scoped = sorted(seam.block_reducers(model))
+    undo = seam.wrap_reducers(model, lambda _, reducer: _ReducerScope(reducer))
     try:
-        yield [f"blocks.{i}.{REDUCER_SCOPE}" for i, _, _ in wrapped]
+        yield [f"blocks.{i}.{REDUCER_SCOPE}" for i in scoped]
     finally:
-        for _, blk, reducer in wrapped:
-            del blk._seam_reducer  # drops the module; the plain function goes back
-            blk._seam_reducer = reducer
+        undo()
 
 
 @dataclass
@@ -268,7 +270,9 @@ def _input_size(model: nn.Module) -> tuple[int, int]:
 
 def _count_batches(model: nn.Module, images: torch.Tensor, batch_size: int, out: FlopCount) -> list[list[int]]:
     """Add each batch's op counts to ``out``; return the tokens the seam saw per batch (times its images)."""
-    state = getattr(model, "_seam_state", None)
+    from harness.seam import token_state
+
+    state = token_state(model)
     tokens = []
     if state is not None:
         state.recording = True

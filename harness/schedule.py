@@ -59,7 +59,7 @@ class ArchSpec:
         return self.num_patches + self.num_prefix
 
 
-STAGES = ("pre", "mid", "post")  # where a block reduces; the same names as harness.seam.STAGES
+STAGES = ("pre", "mid", "post")  # where a block reduces (harness.seam.STAGES is this tuple)
 
 
 @dataclass(frozen=True)

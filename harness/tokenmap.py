@@ -72,14 +72,13 @@ def track(model) -> dict:
     Returns:
         The tracker dict; after a forward, ``tracker["sources"]`` holds one (B, N_i, P) bool per block.
     """
-    if not hasattr(model, "_seam_state"):
-        from harness.seam import install
+    from harness import seam
 
-        install(model, {}, capture_qkv=False)  # the baseline: identity reducers still record
+    if seam.token_state(model) is None:
+        seam.install(model, {})  # the baseline: identity reducers still record
     tracker: dict = {}
     num_patches = model.patch_embed.num_patches
-    for blk in model.blocks:
-        blk._seam_reducer = _tracking_reducer(blk._seam_reducer, tracker, num_patches)
+    seam.wrap_reducers(model, lambda _, reducer: _tracking_reducer(reducer, tracker, num_patches), every_block=True)
     return tracker
 
 
@@ -163,7 +162,9 @@ def render(image, sources: torch.Tensor, grid: int):
 
 def default_depths(depth: int) -> list[int]:
     """Blocks (0-based) to show: EViT's drop blocks (4th, 7th, 10th of 12) and the last."""
-    return sorted({depth // 4, depth // 2, (3 * depth) // 4, depth - 1})
+    from harness.seam import drop_blocks
+
+    return sorted({*drop_blocks(depth), depth - 1})
 
 
 def _to_image(x: torch.Tensor, transform):

@@ -81,8 +81,7 @@ from harness.errors import HarnessError
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, current_positions, install
-from harness.methods.random import chosen_blocks
+from harness.seam import BlockContext, chosen_blocks, current_positions, install
 
 LINKAGES = ("average", "complete", "single")
 

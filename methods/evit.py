@@ -23,41 +23,15 @@ Modifications:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from harness import margins
+from harness.keeprate import KeepRate, KeepRateWarmup
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, current_positions, gather_tokens, install, keep_tokens
-from harness.methods.random import chosen_blocks
-
-
-def num_keep(num_tokens: int, keep_rate: float) -> int:
-    """Tokens kept out of ``num_tokens`` non-prefix tokens: ceil(keep_rate x num_tokens), as official."""
-    return math.ceil(keep_rate * num_tokens)
-
-
-def top_attentive(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split token indices by attention.
-
-    Args:
-        scores: (B, N) class attention of the candidate tokens.
-        keep: how many to keep.
-
-    Returns:
-        ``kept`` (B, keep) in descending score order and ``dropped`` (B, N - keep), ascending index.
-    """
-    kept = scores.topk(keep, dim=1, largest=True, sorted=True).indices
-    margins.note_boundary(scores, keep, "class-attention keep")
-    # the complement of ``kept`` (not a second sort of the scores, which could split ties
-    # differently): a stable sort of the kept flags puts the unkept first, in index order, in a
-    # shape known without looking at the data (``nonzero`` would sync with the host)
-    is_kept = torch.zeros_like(scores, dtype=torch.uint8).scatter(1, kept, 1)
-    dropped = is_kept.argsort(dim=1, stable=True)[:, : scores.shape[1] - keep]
-    return kept, dropped
+from harness.seam import (BlockContext, attentive_split, chosen_blocks, current_positions, gather_tokens, install,
+                          keep_tokens, num_keep, top_attentive)
 
 
 def fuse_tokens(x: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -99,13 +73,6 @@ def fused_position(scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return dropped.gather(1, scores.gather(1, dropped).argmax(dim=1, keepdim=True))
 
 
-class KeepRate:
-    """The keep rate a patched model's drop blocks read: fixed when measured, warmed up in training."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-
 def evit_reducer(keep_rate: KeepRate, fuse: bool) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
     """The seam reducer for one drop block: :func:`select_tokens`, with token positions kept in sync
     (the kept tokens keep theirs; the fused token takes its most attended source's)."""
@@ -113,12 +80,10 @@ def evit_reducer(keep_rate: KeepRate, fuse: bool) -> Callable[[torch.Tensor, Blo
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         if ctx.state.size is not None:
             raise RuntimeError("EViT does not carry token sizes; another reducer merged tokens first")
-        p = ctx.num_prefix
-        scores = ctx.cls_attn()[:, p:]
-        keep = num_keep(scores.shape[1], keep_rate.value)
-        if keep >= scores.shape[1]:
+        p, split = ctx.num_prefix, attentive_split(ctx, keep_rate.value)
+        if split is None:
             return x
-        kept, dropped = top_attentive(scores, keep)
+        scores, kept, dropped = split
         positions = current_positions(ctx.state, x)
         out = keep_tokens(ctx, x, kept + p)  # prefix tokens, then the kept ones by descending attention
         if not fuse:
@@ -132,7 +97,7 @@ def evit_reducer(keep_rate: KeepRate, fuse: bool) -> Callable[[torch.Tensor, Blo
 
 
 @register_method
-class EViT(Method):
+class EViT(KeepRateWarmup, Method):
     """EViT: keep the tokens the class token attends to, fuse the rest into one (Liang et al., ICLR 2022)."""
 
     name = "evit"
@@ -140,11 +105,7 @@ class EViT(Method):
     tracks_positions = True
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
-    # the paper trains with the reorganisation in place (Sec. 3.3), the keep rate warmed up from 1
-    cannot_train = None
-    # official main.py: keep rate 1 until --shrink_start_epoch 10, then a cosine down to the target over
-    # --shrink_epochs 100, of 300 epochs: as fractions of a fine-tune's steps (train_knob)
-    keep_rate_warmup = (10 / 300, 110 / 300)
+    # the paper trains with the reorganisation in place, the keep rate warmed up (harness.keeprate)
 
     option_defaults = {"fuse": True, "drop_loc": None}
     implicit_defaults = {"fuse": True, "drop_loc": None}  # ids stored before defaults were filled
@@ -167,27 +128,12 @@ class EViT(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def train_knob(self, value: float, done: float) -> float:
-        """EViT's keep-rate warm-up (official ``adjust_keep_rate``): 1, then a cosine down to ``value``."""
-        start, end = self.keep_rate_warmup
-        if value >= 1.0 or done >= end:
-            return value
-        if done < start:
-            return 1.0
-        return value + (1.0 - value) * (math.cos((done - start) / (end - start) * math.pi) + 1) * 0.5
-
-    def set_train_knob(self, model, value: float) -> None:
-        model._evit_keep_rate.value = value
-
-    def training_identity(self) -> dict:
-        return {"keep_rate_warmup": list(self.keep_rate_warmup)}
-
     def patch(self, model, value: float, arch) -> None:
         reducers = {}
         # every drop block reads the model's one keep rate (the warm-up changes it while training);
         # at the identity the blocks are patched without reducers, so the warm-up cannot start from 1
-        model._evit_keep_rate = KeepRate(value)
+        keep_rate = self.keep_rate(model, value)
         if value < 1.0:
-            reducers = {i: evit_reducer(model._evit_keep_rate, self.fuse) for i in self.drop_loc(len(model.blocks))}
+            reducers = {i: evit_reducer(keep_rate, self.fuse) for i in self.drop_loc(len(model.blocks))}
         install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
                 tracks_positions=self.tracks_positions)

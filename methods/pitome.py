@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install, merge_positions
-from harness.methods.tome import merge_wavg
+from harness.seam import BlockContext, gather_tokens, install, merge_tokens
 
 Merge = Callable[..., torch.Tensor]
 
@@ -123,9 +122,7 @@ def pitome_reducer(ratio: float, margin: float, bipartite: bool) -> Callable[[to
         with torch.no_grad():
             sim, order = energy_order(ctx.keys()[:, p:], margin, None if bipartite else 2 * r)
         merge = pitome_match(sim, order, r, bipartite, p)
-        merge_positions(ctx, merge, x)  # a merged token keeps its destination's position
-        x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
-        return x
+        return merge_tokens(ctx, merge, x)  # a merged token keeps its destination's position
 
     return reduce
 

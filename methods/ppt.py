@@ -15,7 +15,7 @@ Modifications (as the official ``pp_block_adaptive``):
    the same size bias as the block's (proportional attention);
  - per image, the unbiased variance of the importance decides: below ``threshold`` (tokens about
    equally important: redundant) the image is *pooled*, ToMe's bipartite soft matching on the keys
-   averaged over heads with a size-weighted average (:mod:`harness.methods.tome`), output
+   averaged over heads with a size-weighted average (:func:`harness.seam.merge_wavg`), output
    [prefix, unmerged A, B]; otherwise it is *pruned*: the ``T - r`` most important tokens stay, in
    descending importance, with their sizes (the official sorts the class token first by giving it
    score 2);
@@ -28,7 +28,7 @@ Modifications (as the official ``pp_block_adaptive``):
 
 Other depths: the default pp blocks are the official 3, 6, 9 for 12-block models, scaled to
 ``depth // 4, depth // 2, 3 * depth // 4`` for other depths (EViT's drop blocks in this harness,
-:func:`harness.methods.random.drop_blocks`: the official 3, 6, 9 are EViT's blocks, so they scale
+:func:`harness.seam.drop_blocks`: the official 3, 6, 9 are EViT's blocks, so they scale
 the same way); ``pp_loc_list`` overrides them, and an entry outside the model's blocks is an error.
 
 Deviations: every prefix token (class, distillation, registers) is kept out of the importance, its
@@ -48,9 +48,8 @@ import torch
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install
-from harness.methods.random import drop_blocks, chosen_blocks
-from harness.methods.tome import bipartite_soft_matching, clamp_r, merge_wavg
+from harness.seam import (BlockContext, bipartite_soft_matching, chosen_blocks, clamp_r, gather_tokens,
+                          install, merge_wavg)
 
 # the official scripts' variance threshold (README / eval.sh: --threshold 7e-5, DeiT-S)
 THRESHOLD = 7e-5
@@ -137,8 +136,7 @@ def ppt_reducer(r: int, threshold: float) -> Callable[[torch.Tensor, BlockContex
     """The seam reducer of one pp block."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        width = ctx.block.attn.num_heads * ctx.block.attn.head_dim
-        scores = importance(ctx.cls_attn(), ctx.qkv[..., 2 * width:], ctx.num_prefix)
+        scores = importance(ctx.cls_attn(), ctx.values(), ctx.num_prefix)
         x, ctx.state.size = prune_or_pool(x, ctx.state.size, ctx.keys(), scores, r, threshold, ctx.num_prefix)
         return x
 

@@ -30,7 +30,7 @@ import torch
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, keep_tokens
+from harness.seam import BlockContext, drop_blocks, install, keep_tokens
 
 
 _MASK32 = 0xFFFFFFFF
@@ -64,26 +64,6 @@ def random_keep_index(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
 def block_key(seed: int, block: int) -> int:
     """The hash key of ``block``'s draws under ``seed``."""
     return mix32(mix32(seed) + block)
-
-
-def drop_blocks(depth: int) -> tuple[int, ...]:
-    """EViT's default drop locations (blocks 3, 6, 9 of 12, 0-based), scaled to ``depth``."""
-    return tuple(sorted({depth // 4, depth // 2, (3 * depth) // 4}))
-
-
-def chosen_blocks(loc, depth: int, what: str) -> tuple[int, ...]:
-    """The 0-based blocks an option ``loc`` names (sorted, unique), or :func:`drop_blocks` when None.
-
-    ``what`` names the option in the error (e.g. "evit drop_loc") for blocks the model lacks.
-    """
-    if loc is None:
-        return drop_blocks(depth)
-    bad = [i for i in loc if not 0 <= int(i) < depth]
-    if bad:
-        from harness.errors import HarnessError
-
-        raise HarnessError(f"{what} {bad} outside blocks 0..{depth - 1}")
-    return tuple(sorted({int(i) for i in loc}))
 
 
 @register_method

@@ -46,8 +46,7 @@ import torch
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, keep_tokens
-from harness.methods.random import chosen_blocks
+from harness.seam import BlockContext, chosen_blocks, install, keep_tokens
 
 
 def representation_shift(x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:

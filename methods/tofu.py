@@ -37,8 +37,7 @@ import torch
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, merge_positions
-from harness.methods.tome import bipartite_soft_matching, clamp_r
+from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_positions
 
 
 def tokens_removed(tokens: int, ratio: float, num_prefix: int) -> int:

@@ -27,18 +27,14 @@ Modifications:
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from harness.errors import HarnessError
-from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, merge_positions
-
-Merge = Callable[..., torch.Tensor]
+from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_tokens
 
 # r at which a 224 px /16 model (197 tokens) merges half its tokens in the first block; the forward
 # clamps larger r to half the tokens anyway.
@@ -57,11 +53,6 @@ def parse_r(depth: int, r: int, inflection: float = 0.0) -> list[int]:
     return [int(low + step * i) for i in range(depth)]
 
 
-def clamp_r(r: int, num_tokens: int, num_prefix: int) -> int:
-    """The r a block can actually merge: at most half its non-prefix tokens, never negative."""
-    return max(0, min(r, (num_tokens - num_prefix) // 2))
-
-
 def tokens_after(tokens_in: int, rs: list[int], num_prefix: int) -> tuple[int, ...]:
     """Tokens leaving each block when block i merges ``rs[i]`` tokens (clamped as in the forward)."""
     tokens, out = tokens_in, []
@@ -71,96 +62,12 @@ def tokens_after(tokens_in: int, rs: list[int], num_prefix: int) -> tuple[int, .
     return tuple(out)
 
 
-def keep_all(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-    """The merge of a block that merges nothing."""
-    return x
-
-
-def _protect_prefix(scores: torch.Tensor, num_prefix: int) -> None:
-    # Prefix tokens sit at positions 0..num_prefix-1: the even ones are A rows (they must not move),
-    # the odd ones B columns (they must not receive). -inf keeps them out of every match.
-    scores[:, : (num_prefix + 1) // 2, :] = -math.inf
-    scores[:, :, : num_prefix // 2] = -math.inf
-
-
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -> Merge:
-    """Match the ``r`` most similar A tokens to B tokens; return the merge function.
-
-    Args:
-        metric: (B, N, D) per-token features to compare (ToMe: keys averaged over heads).
-        r: tokens to remove; clamped to half the non-prefix tokens.
-        num_prefix: leading tokens that are never merged and stay first.
-
-    Returns:
-        ``merge(x, mode="sum")`` mapping (B, N, C) to (B, N - r, C): prefix tokens, then the
-        unmerged A tokens, then the B tokens with their A partners reduced in by ``mode``: any
-        ``scatter_reduce`` mode, ``"prune"`` (the matched A tokens dropped, B unchanged), or a
-        function ``(b, index, moved) -> b`` (``index``: each moved token's B row, expanded to C).
-    """
-    r = clamp_r(r, metric.shape[1], num_prefix)
-    if r == 0:
-        return keep_all
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-        _protect_prefix(scores, num_prefix)
-        best, partner = scores.max(dim=-1)
-        order = best.argsort(dim=-1, descending=True)
-        src, unmerged = order[:, :r], order[:, r:]
-        margins.note_boundary(best, r, "bipartite merge rank")
-        if not num_prefix:  # the unmerged stay in score order: the next block's A / B split reads it
-            margins.note_order(best, "bipartite unmerged order", from_rank=r)
-        margins.note_best(scores, src, "bipartite partner")
-        if num_prefix:
-            # the official code sorts so the class token comes back first; that also keeps the
-            # unmerged tokens in their original order, which the next block's A/B split sees
-            unmerged = unmerged.sort(dim=-1).values
-        dst = partner.gather(1, src)
-
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        a, b = x[:, ::2], x[:, 1::2]
-        c = x.shape[-1]
-        kept = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, c))
-        moved = a.gather(1, src.unsqueeze(-1).expand(-1, -1, c))
-        index = dst.unsqueeze(-1).expand(-1, -1, c)
-        if callable(mode):
-            b = mode(b, index, moved)
-        elif mode != "prune":
-            b = b.scatter_reduce(1, index, moved, reduce=mode)
-        # A's prefix tokens are the first of ``kept`` (sorted), B's the first of ``b`` (untouched)
-        return torch.cat([x[:, :num_prefix], kept[:, (num_prefix + 1) // 2:], b[:, num_prefix // 2:]], 1)
-
-    return merge
-
-
-def merge_wavg(merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Merge ``x`` as a size-weighted average and add up the sizes.
-
-    Args:
-        merge: a function from :func:`bipartite_soft_matching`.
-        x: (B, N, C) tokens.
-        size: (B, N, 1) patches per token, or None for all ones.
-
-    Returns:
-        The merged tokens (B, N - r, C) and their sizes (B, N - r, 1); unchanged when nothing merges.
-    """
-    if merge is keep_all:
-        return x, size
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    return x / size, size
-
-
 def tome_reducer(r: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
     """The seam reducer that merges ``r`` tokens by the keys' similarity and carries sizes."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         merge = bipartite_soft_matching(ctx.keys(), r, ctx.num_prefix)
-        merge_positions(ctx, merge, x)
-        x, ctx.state.size = merge_wavg(merge, x, ctx.state.size)
-        return x
+        return merge_tokens(ctx, merge, x)
 
     return reduce
 

@@ -4,26 +4,62 @@ Haurum et al., "Which Tokens to Use? Investigating Token Reduction in Vision Tra
 ICCVW 2023, arXiv 2308.04657, https://github.com/JoakimHaurum/TokenReduction; the selection is
 EViT's (Liang et al., ICLR 2022, arXiv 2202.07800, https://github.com/youweiliang/evit).
 
-Modifications: as :mod:`methods.evit` with ``fuse`` fixed off: at the drop blocks, keeps the
+Modifications: as :mod:`methods.evit` with ``fuse`` fixed off: at the drop blocks (0-based 3, 6, 9
+of 12, scaled to other depths; option ``drop_loc`` overrides), between attention and MLP, keeps the
 ceil(keep_rate x non-prefix tokens) tokens the class token attends to most (descending attention
-order) and drops the rest; prefix tokens always stay.
+order, :func:`harness.seam.top_attentive`) and drops the rest; prefix tokens always stay; a drop
+block that would keep every token does nothing; on models whose blocks need token positions the
+kept tokens keep theirs.
 """
 from __future__ import annotations
 
-from harness.registry import register_method
-from harness.methods.evit import EViT
+from typing import Callable
+
+import torch
+
+from harness.keeprate import KeepRate, KeepRateWarmup
+from harness.registry import Knob, Method, register_method
+from harness.schedule import Schedule
+from harness.seam import BlockContext, attentive_split, chosen_blocks, install, keep_tokens, num_keep
+
+
+def topk_reducer(keep_rate: KeepRate) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer for one drop block: the most attended non-prefix tokens, by descending attention."""
+
+    def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        split = attentive_split(ctx, keep_rate.value)
+        return x if split is None else keep_tokens(ctx, x, split[1] + ctx.num_prefix)
+
+    return reduce
 
 
 @register_method
-class TopK(EViT):
+class TopK(KeepRateWarmup, Method):
     """Top-K: keep the tokens the class token attends to most, drop the rest (EViT without fusion)."""
 
     name = "topk"
+    needs_class_token = True
+    tracks_positions = True
     version = "1"
+    knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
     option_defaults = {"drop_loc": None}
     implicit_defaults = {"drop_loc": None}  # ids stored before defaults were filled
 
-    @property
-    def fuse(self) -> bool:
-        return False
+    def schedule(self, arch, value: float) -> Schedule:
+        tokens, out = arch.tokens_in, []
+        drops = chosen_blocks(self.options["drop_loc"], arch.depth, f"{self.name} drop_loc")
+        for i in range(arch.depth):
+            if i in drops:
+                tokens = arch.num_prefix + min(num_keep(tokens - arch.num_prefix, value), tokens - arch.num_prefix)
+            out.append(tokens)
+        return Schedule(arch.tokens_in, tuple(out))
+
+    def patch(self, model, value: float, arch) -> None:
+        reducers = {}
+        keep_rate = self.keep_rate(model, value)  # trained with EViT's keep-rate warm-up (harness.keeprate)
+        if value < 1.0:
+            drops = chosen_blocks(self.options["drop_loc"], len(model.blocks), f"{self.name} drop_loc")
+            reducers = {i: topk_reducer(keep_rate) for i in drops}
+        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
+                tracks_positions=self.tracks_positions)

@@ -58,8 +58,7 @@ from harness.errors import HarnessError
 from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, attention_bias, gather_tokens, install
-from harness.methods.random import chosen_blocks
+from harness.seam import BlockContext, chosen_blocks, gather_tokens, install
 
 HEAD_AGGREGATIONS = ("rms", "mean")
 
@@ -136,19 +135,6 @@ def split_removal(num_remove: int, num_keep: int, s_fraction: float) -> tuple[in
     return num_remove - num_s, num_s
 
 
-def attention_probs(ctx: BlockContext) -> torch.Tensor:
-    """The block's attention probabilities (B, H, N, N), recomputed from its qkv projection."""
-    attn = ctx.block.attn
-    b, n, _ = ctx.qkv.shape
-    qkv = ctx.qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    bias = attention_bias(ctx.state, logits.dtype)
-    if bias is not None:
-        logits = logits + bias
-    return logits.float().softmax(dim=-1)
-
-
 def zerotprune_reducer(num_keep: int, s_fraction: float, iters: int,
                        head_agg: str) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
     """The seam reducer of one prune block: ``num_keep`` non-prefix tokens leave it."""
@@ -159,7 +145,7 @@ def zerotprune_reducer(num_keep: int, s_fraction: float, iters: int,
         if num_remove <= 0:  # a later drop block that keeps what it received
             return x
         num_i, num_s = split_removal(num_remove, num_keep, s_fraction)
-        importance = aggregate_heads(weighted_page_rank(attention_probs(ctx), iters), head_agg)
+        importance = aggregate_heads(weighted_page_rank(ctx.attention(), iters), head_agg)
         index = select_tokens(importance, ctx.keys(), ctx.num_prefix, num_i, num_s)
         if ctx.state.size is not None:
             ctx.state.size = gather_tokens(ctx.state.size, index)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from harness import budget as budgets, measure  # noqa: E402
+from harness import budget as budgets, measure, seam  # noqa: E402
 from harness.cell import CellSettings, prepare_cell  # noqa: E402
 from harness.config import ModelConfig  # noqa: E402
 from harness.models import load_checkpoint, resolve_model  # noqa: E402
@@ -45,8 +45,8 @@ def label_regions(model) -> None:
     for blk in model.blocks:
         blk.attn.forward = _labelled(blk.attn.forward, "attention")
         blk.mlp.forward = _labelled(blk.mlp.forward, "mlp")
-        if getattr(blk, "_seam_reducer", None) is not None:
-            blk._seam_reducer = _labelled(blk._seam_reducer, "reduce")
+    seam.wrap_attention(model, lambda branch: _labelled(branch, "attention"))  # blocks the seam composes
+    seam.wrap_reducers(model, lambda _, reducer: _labelled(reducer, "reduce"))
 
 
 def _time_of(event, cuda: bool) -> float:

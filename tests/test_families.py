@@ -235,7 +235,7 @@ def test_derived_attention_follows_the_tokens_positions(arch_id, monkeypatch):
 
 def test_positions_are_gathered_by_pruning_and_kept_by_merge_destinations():
     """random pruning gathers the kept tokens' positions; a ToMe merge keeps each destination's."""
-    from harness.methods.tome import bipartite_soft_matching
+    from harness.seam import bipartite_soft_matching
     from harness.seam import BlockContext, TokenState, merge_positions
 
     state = TokenState(needs_positions=True)

@@ -33,6 +33,7 @@ from harness.models import eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
 from harness.registry import Method, get_method_class, make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
+from harness.seam import block_reducers, wrap_reducers
 
 pytestmark = pytest.mark.slow
 
@@ -288,13 +289,13 @@ def _mirrored(reducer):
 @pytest.mark.parametrize("path, case", _mutant_params())
 def test_a_wrong_selection_still_fails(path, case, tmp_path):
     _, _, _, model = _case(path, case, tmp_path)
-    first = next(blk for blk in model.blocks if getattr(blk, "_seam_reducer", None) is not None)
-    first._seam_reducer = _mirrored(first._seam_reducer)
+    first = min(block_reducers(model))
+    wrap_reducers(model, lambda i, reducer: _mirrored(reducer) if i == first else reducer)
 
     logits, _, _, log = _run(model, _inputs(path))
 
     verdict, _ = _judge(path, case, logits, log)
-    assert not verdict.ok, f"a mirrored selection at block {first._seam_index} passed {case}"
+    assert not verdict.ok, f"a mirrored selection at block {first} passed {case}"
 
 
 @pytest.mark.parametrize("path", _file_params())

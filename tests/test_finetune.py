@@ -109,7 +109,7 @@ def test_evit_trains_with_its_warm_up_and_ends_at_its_knob(tmp_path):
     model, _, _ = job.train(tmp_path, 12, method=evit)
     rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     knobs = [float(r[5]) for r in rows]
-    assert knobs[0] == 1.0 and knobs[-1] == pytest.approx(0.7) and model._evit_keep_rate.value == pytest.approx(0.7)
+    assert knobs[0] == 1.0 and knobs[-1] == pytest.approx(0.7) and model._keep_rate.value == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize("name", method_names())

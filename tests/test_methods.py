@@ -12,7 +12,8 @@ from harness.errors import HarnessError
 from harness.registry import get_method_class
 from harness.schedule import analytic_gmacs, arch_spec
 from harness.methods.evit import select_tokens, tokens_after_drop, top_attentive
-from harness.methods.tome import bipartite_soft_matching, merge_wavg, parse_r
+from harness.methods.tome import parse_r
+from harness.seam import bipartite_soft_matching, merge_wavg
 
 # ----------------------------------------------------------------------------- models
 

@@ -18,7 +18,7 @@ import torch
 from harness import seam
 from harness.budget import parse_budget, resolve
 from harness.errors import UnsupportedModel
-from harness.methods.tome import bipartite_soft_matching, merge_wavg
+from harness.seam import bipartite_soft_matching, merge_wavg
 from harness.registry import get_method_class, method_names
 from harness.schedule import arch_spec
 from harness.seam import gather_tokens, install

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, attention_probs, kept_per_drop,
+from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, kept_per_drop,
                                         select_tokens, split_removal, weighted_page_rank)
 from harness.schedule import arch_spec
 from harness.seam import BlockContext, TokenState, install
@@ -80,7 +80,7 @@ def test_attention_probs_match_the_class_attention_row():
     seen = {}
 
     def spy(x, ctx):
-        seen["probs"], seen["cls"] = attention_probs(ctx), ctx.cls_attn()
+        seen["probs"], seen["cls"] = ctx.attention(), ctx.cls_attn()
         return x
 
     install(model, {0: spy})
@@ -110,7 +110,6 @@ def test_schedule_and_forward_agree_and_sizes_travel():
     state = TokenState(size=torch.arange(197.0).view(1, 197, 1).expand(2, -1, -1).clone())
     x = torch.randn(2, 197, 192)
     with torch.no_grad():
-        block.attn.qkv._seam_output = None
         qkv = block.attn.qkv(block.norm1(x))
         out = block._seam_reducer(x, BlockContext(3, 1, state, block, qkv))
     assert out.shape == (2, 138, 192) and state.size.shape == (2, 138, 1)
