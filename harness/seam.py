@@ -349,22 +349,32 @@ def one_step_ahead_probs(block: torch.nn.Module, x: torch.Tensor, state: TokenSt
     """The block's attention probabilities on the entering tokens ``x`` (B, N, C): (B, H, N, N).
 
     Stage "pre" (MCTF's one-step-ahead attention): ``norm1``, the q and k rows of the block's qkv
-    projection (v is left for the reduced tokens), q/k-norm, the scale and the size bias, as the
-    block's own attention computes them. Run by the seam, not the reducer, so it counts as the
-    block's work (GMACs convention "pre").
+    projection (v is left for the reduced tokens), q/k-norm, the scale and the size bias, in the
+    arithmetic order of MCTF's official ``MHSA`` (:func:`_projection_rows`; product, then scale),
+    which under bf16 autocast gives its logits bit for bit. Run by the seam, not the reducer, so it
+    counts as the block's work (GMACs convention "pre").
     """
     attn = block.attn
     width = attn.num_heads * attn.head_dim
-    bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * width]
-    qk = F.linear(block.norm1(x), attn.qkv.weight[: 2 * width], bias)
+    qk = _projection_rows(attn.qkv, block.norm1(x), 0, 2 * width)
     b, n, _ = qk.shape
     qk = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qk[0]), attn.k_norm(qk[1])
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    size_bias = attention_bias(state, logits.dtype)
+    # MCTF's order (models/SA/MHSA.py): the product, then the scale, then log size as it is (fp32
+    # under autocast, so the softmax runs in fp32 once tokens carry sizes, as the official's does)
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    size_bias = log_size(state)
     if size_bias is not None:
-        logits = logits + size_bias
+        logits = logits + size_bias[:, None, None, :]
     return logits.softmax(-1)
+
+
+def _projection_rows(linear: torch.nn.Linear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output features ``start:stop`` of ``linear(x)`` as MCTF computes them: ``x @ W.T + b`` (the
+    product, then the bias in its own dtype: under autocast the bf16 product plus an fp32 bias is
+    fp32, where ``F.linear`` would round the fused result to bf16)."""
+    out = x @ linear.weight[start:stop].T
+    return out if linear.bias is None else out + linear.bias[start:stop]
 
 
 def _attention_from_probs(attn: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -375,8 +385,7 @@ def _attention_from_probs(attn: torch.nn.Module, x: torch.Tensor, probs: torch.T
     """
     b, n, _ = x.shape
     width = attn.num_heads * attn.head_dim
-    bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
-    v = F.linear(x, attn.qkv.weight[2 * width:], bias).reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    v = _projection_rows(attn.qkv, x, 2 * width, 3 * width).reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
     out = (attn.attn_drop(probs.to(v.dtype)) @ v).transpose(1, 2).reshape(b, n, width)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
@@ -394,7 +403,9 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: Optional[torc
     if bias is None:
         return block.attn(x, attn_mask=attn_mask, is_causal=is_causal)
     if state.prop_attn_impl == "mask" or attn_mask is not None or is_causal or not block.attn.fused_attn:
-        mask = bias.to(_attention_dtype(x))[:, None, None, :]
+        # SDPA wants the mask in the query's dtype; timm's eager product takes log size as it is (fp32
+        # under autocast, so its softmax runs in fp32, as the official ToMe-family code's ``attn + size.log()``)
+        mask = (bias if not block.attn.fused_attn else bias.to(_attention_dtype(x)))[:, None, None, :]
         return block.attn(x, attn_mask=mask if attn_mask is None else attn_mask + mask, is_causal=is_causal)
     with _BiasedSDPA(PROP_ATTN_KERNELS[state.prop_attn_impl], bias):
         return block.attn(x)
