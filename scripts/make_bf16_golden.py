@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,10 +158,12 @@ def provenance(root: Path, data_root: Path, commits: dict) -> dict:
     import safetensors
     import timm
 
+    from harness.fidelity import cpu_kernel_path
+
     sha = hashlib.sha256((data_root / CHECKPOINT).read_bytes()).hexdigest()
     return {
         "model": MODEL, "arch": ARCH, "num_classes": NUM_CLASSES, "checkpoint_sha256": sha, "inputs_from": INPUTS,
-        "run": {**RUN, "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "run": {**RUN, "threads": torch.get_num_threads(), "kernel_path": cpu_kernel_path()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
                      "numpy": np.__version__, "safetensors": safetensors.__version__},
         "official": {
@@ -175,6 +178,12 @@ def provenance(root: Path, data_root: Path, commits: dict) -> dict:
         },
         "reproduce": "python scripts/make_bf16_golden.py --official-root DIR (DIR/MCTF, DIR/PPT: the checkouts)",
     }
+
+
+def file_stem(capability: str) -> str:
+    """The output's stem: the plain name on the CPU's own path, the capability added where the env
+    ``ATEN_CPU_CAPABILITY`` lowered it: each bf16 golden file holds on its own kernel path only."""
+    return STEM.replace("_golden", f"_{capability.lower()}_golden") if os.environ.get("ATEN_CPU_CAPABILITY") else STEM
 
 
 def main(argv=None) -> None:
@@ -206,9 +215,10 @@ def main(argv=None) -> None:
                                "argmax": logits.argmax(-1).tolist(), "rerun_bit_identical": bool((logits == again).all())}
         print(f"{case}: tokens {leaving}, rerun identical {meta['cases'][case]['rerun_bit_identical']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out / f"{STEM}.npz", **arrays)
-    (args.out / f"{STEM}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"wrote {args.out / STEM}.npz / .json")
+    stem = file_stem(meta["run"]["kernel_path"]["aten_cpu_capability"])
+    np.savez_compressed(args.out / f"{stem}.npz", **arrays)
+    (args.out / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {args.out / stem}.npz / .json")
 
 
 if __name__ == "__main__":
