@@ -106,10 +106,14 @@ def _case_params() -> list:
     return params
 
 
+# the dtype names golden files use, as the harness spells them (harness.measure.autocast)
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+
+
 def _how(path: Path, spec: dict) -> tuple[str, Optional[str]]:
     """The case's dtype ("fp32" unless it says) and attention kernel (None: the harness default)."""
     run = _meta(path).get("run", {})
-    return spec.get("dtype", run.get("dtype", "fp32")), spec.get("attention", run.get("attention"))
+    return DTYPE_NAMES[spec.get("dtype", run.get("dtype", "fp32"))], spec.get("attention", run.get("attention"))
 
 
 def _other_kernel_path(path: Path, spec: dict) -> str:
