@@ -1,10 +1,12 @@
 """PiToMe: Protect Informative Tokens before Merging, an energy score that spares the isolated tokens.
 
-Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
-arXiv 2405.16148, https://github.com/hchautran/PiToMe (``algo/pitome/merge.py``,
+Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024, arXiv
+2405.16148, https://github.com/hchautran/PiToMe (``algo/pitome/merge.py``,
 ``algo/pitome/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it on the
-reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, cases
-``pitome_ratio0.9`` and ``pitome_ratio0.95``).
+reference checkpoint in fp32 (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, cases
+``pitome_ratio0.9`` and ``pitome_ratio0.95``), and under CPU bf16 autocast with eager attention
+(``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``, case ``pitome_ratio0.9``, made by
+running it: bit for bit).
 
 Modifications (as the official DeiT patch):
  - between attention and MLP of every block, ``r = floor(T - T x ratio)`` of the ``T`` patch tokens

@@ -1,10 +1,13 @@
 """ToFu: Token Fusion, pruning in the early blocks and norm-preserving merging in the late ones.
 
 Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and Token Merging", WACV 2024,
-arXiv 2312.01026. No official code was released by the authors; the reference implementation is
-the one in the PiToMe repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py``,
+arXiv 2312.01026. No official code was released by the authors; the reference implementation is the
+one in the PiToMe repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py``,
 ``algo/tofu/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it here on the
-reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, case ``tofu_ratio0.9``).
+reference checkpoint in fp32 (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, case
+``tofu_ratio0.9``), and under CPU bf16 autocast with eager attention
+(``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``, case ``tofu_ratio0.9``, made by
+running it: bit for bit).
 
 Modifications (as that implementation):
  - between attention and MLP of every block, ``r = floor(T - T x ratio)`` tokens leave, ``T``

@@ -1,10 +1,11 @@
-"""Golden logits of the official MCTF and PPT code under CPU bf16 autocast with eager attention.
+"""Golden logits of the official MCTF, PPT, PiToMe and ToFu code under CPU bf16 autocast, eager attention.
 
 Runs the authors' repositories, as the user checked them out (never vendored), on the 40 images of
 the shared golden file and writes the logits (only) plus their provenance:
 
     python scripts/make_bf16_golden.py --official-root /tmp/official
-        # /tmp/official/MCTF: mlvlab/MCTF @ 2004da0c, /tmp/official/PPT: xjwu1024/PPT @ 706bcdd4
+        # /tmp/official/MCTF: mlvlab/MCTF @ 2004da0c, /tmp/official/PPT: xjwu1024/PPT @ 706bcdd4,
+        # /tmp/official/PiToMe: hchautran/PiToMe @ 550b5dee (ToFu's reference is in it)
 
 The output, ``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.{npz,json}``, is read by
 ``tests/test_fidelity.py``: each case names its dtype, autocast and attention kernel, and the
@@ -110,6 +111,33 @@ def ppt_model(root: Path, weights: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def pitome_repo_model(root: Path, weights: dict, algo: str, ratio: float) -> torch.nn.Module:
+    """hchautran/PiToMe's ``algo.<algo>.patch.deit.apply_patch`` on timm's model with timm 0.4.12's
+    forward put back (the fp32 golden file's shim), ``model.ratio = ratio``."""
+    import types
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    class Timm0412VisionTransformer(VisionTransformer):
+        def forward(self, x):  # timm 0.4.12's forward for a model without distillation token
+            return self.head(self.forward_features(x))
+
+    with imported_from(root, ("algo",)):
+        importlib.import_module("algo")  # constants only
+        # the package __init__ files import the BERT / BLIP / CLIP patches (transformers, lavis): not run
+        for package in (f"algo.{algo}", f"algo.{algo}.patch"):
+            module = types.ModuleType(package)
+            module.__path__ = [str(root / package.replace(".", "/"))]
+            sys.modules[package] = module
+        deit = importlib.import_module(f"algo.{algo}.patch.deit")
+    model = timm_model(weights)
+    model.__class__ = Timm0412VisionTransformer
+    model.dist_token, model.pre_logits, model.head_dist = None, torch.nn.Identity(), None
+    deit.apply_patch(model)
+    model.ratio = ratio
+    return model.eval()
+
+
 def run(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[np.ndarray, list[int]]:
     """Logits (fp32 copy of the bf16 output) and the tokens leaving each block (forward hooks)."""
     leaving: list[int] = []
@@ -120,6 +148,8 @@ def run(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[np.ndarray, 
     finally:
         for h in hooks:
             h.remove()
+    if isinstance(logits, tuple):  # PiToMe's patched forward returns (logits, flops)
+        logits = logits[0]
     return logits.float().numpy(), leaving
 
 
@@ -143,6 +173,12 @@ CASES = {
                           "knob": {"r": 50, "threshold": 7e-05, "pp_loc_list": [3, 6, 9]},
                           "how": "ppt_deit.apply_patch(model, trace_source=False, prop_attn=True, pp_loc_list=[3, 6, 9], "
                                  "threshold=7e-05); model.r = 50; model(x)"}, "PPT"),
+    "pitome_ratio0.9": ({"method": "pitome", "official": "hchautran/PiToMe", "knob": {"ratio": 0.9},
+                         "how": "Timm0412 shim; algo.pitome.patch.deit.apply_patch(model); model.ratio = 0.9; "
+                                "logits, flops = model(x)"}, "PiToMe"),
+    "tofu_ratio0.9": ({"method": "tofu", "official": "hchautran/PiToMe", "knob": {"ratio": 0.9},
+                       "how": "Timm0412 shim; algo.tofu.patch.deit.apply_patch(model); model.ratio = 0.9; "
+                              "logits, flops = model(x)"}, "PiToMe"),
 }
 
 
@@ -151,6 +187,8 @@ def build(case: str, root: Path, weights: dict) -> tuple[torch.nn.Module, dict]:
         return mctf_model(root / "MCTF", weights), {"r_eval": 16}
     if case == "ppt_r50_thr7e-05":
         return ppt_model(root / "PPT", weights), {}
+    if case in ("pitome_ratio0.9", "tofu_ratio0.9"):
+        return pitome_repo_model(root / "PiToMe", weights, case.split("_")[0], 0.9), {}
     return timm_model(weights), {}
 
 
@@ -171,12 +209,19 @@ def provenance(root: Path, data_root: Path, commits: dict) -> dict:
                      "compat": "as fidelity/deit_tiny_cifar10_newmethods_golden.json 'official.mctf': no edit to "
                                "the repository's files; models.deit imported with timm's register_model a no-op; "
                                "deit_tiny(...) called directly; timm weights strict=True; model(x, r_eval=16)"},
+            "pitome": {"repo": "https://github.com/hchautran/PiToMe", "commit": commit(root / "PiToMe", commits["pitome"]),
+                       "compat": "as fidelity/deit_tiny_cifar10_newmethods_golden.json 'official.pitome': no edit; "
+                                 "algo/__init__.py runs, algo/<method>/__init__.py and algo/<method>/patch/__init__.py "
+                                 "are empty modules (they import transformers / lavis); timm 0.4.12's forward put back "
+                                 "(Timm0412VisionTransformer, dist_token=None, pre_logits=Identity, head_dist=None); "
+                                 "PiToMe / ToFu attention is their own explicit softmax(q k^T scale); logits = "
+                                 "model(x)[0] (return_flop=True)"},
             "ppt": {"repo": "https://github.com/xjwu1024/PPT", "commit": commit(root / "PPT", commits["ppt"]),
                     "compat": "as fidelity/deit_tiny_cifar10_newmethods_golden.json 'official.ppt': no edit; only "
                               "ppt_deit.py and its own tome.py imported; apply_patch on timm 1.x's VisionTransformer, "
                               "whose blocks had fused_attn=False set first (PPTAttention is explicit anyway)"},
         },
-        "reproduce": "python scripts/make_bf16_golden.py --official-root DIR (DIR/MCTF, DIR/PPT: the checkouts)",
+        "reproduce": "python scripts/make_bf16_golden.py --official-root DIR (DIR/MCTF, DIR/PPT, DIR/PiToMe: the checkouts)",
     }
 
 
@@ -189,13 +234,14 @@ def file_stem(capability: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-root", type=Path, required=True,
-                        help="folder holding the checkouts MCTF/ (mlvlab/MCTF) and PPT/ (xjwu1024/PPT)")
+                        help="folder holding the checkouts MCTF/ (mlvlab/MCTF), PPT/ (xjwu1024/PPT), PiToMe/ (hchautran/PiToMe)")
     parser.add_argument("--data-root", type=Path, default=None, help="the shared data folder (default: the harness's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/golden")
     parser.add_argument("--mctf-commit", help="MCTF's commit, where the checkout is an export without .git")
     parser.add_argument("--ppt-commit", help="PPT's commit, where the checkout is an export without .git")
+    parser.add_argument("--pitome-commit", help="PiToMe's commit, where the checkout is an export without .git")
     args = parser.parse_args(argv)
-    for sub, probe in (("MCTF", "models/deit.py"), ("PPT", "ppt_deit.py")):
+    for sub, probe in (("MCTF", "models/deit.py"), ("PPT", "ppt_deit.py"), ("PiToMe", "algo/pitome/patch/deit.py")):
         if not (args.official_root / sub / probe).is_file():
             fail(f"no {sub}/{probe} under {args.official_root}")
     if args.data_root is None:
@@ -203,7 +249,7 @@ def main(argv=None) -> None:
         args.data_root = data_root()
     torch.set_num_threads(2)
     x, weights = inputs(args.data_root), state_dict(args.data_root)
-    commits = {"mctf": args.mctf_commit, "ppt": args.ppt_commit}
+    commits = {"mctf": args.mctf_commit, "ppt": args.ppt_commit, "pitome": args.pitome_commit}
     meta, arrays = provenance(args.official_root, args.data_root, commits), {}
     meta["cases"] = {}
     for case, (spec, _repo) in CASES.items():
