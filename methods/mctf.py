@@ -239,7 +239,7 @@ class MCTF(Method):
     """MCTF: fuse r tokens per block by similarity, informativeness and size, one step ahead (Lee et al., CVPR 2024)."""
 
     name = "mctf"
-    version = "1"
+    version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
     knob = Knob("r", int, 0, R_MAX, identity=0)
     merges = True
     stage = "pre"

@@ -186,7 +186,7 @@ class PPT(Method):
     name = "ppt"
     needs_class_token = True
     merges = True
-    version = "1"
+    version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
     knob = Knob("r", int, 0, 98, identity=0)
 
     option_defaults = {"threshold": THRESHOLD, "pp_loc_list": None}

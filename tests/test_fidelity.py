@@ -56,7 +56,7 @@ DEVIATIONS: dict[tuple[str, str], tuple[str, float]] = {
         "golden file, and methods/dct.py's half_tokens mode equals that run bit for bit (methods/dct.py)", 1e-3),
 }
 
-# bf16 cases (CPU autocast): on the kernel path the golden file was made on, the project's MCTF, PPT
+# bf16 cases (CPU autocast): on the kernel path the golden file was made on, the project's MCTF, PPT, PiToMe, ToFu
 # and unpatched model equal the official logits bit for bit (AVX512 and AVX2, measured). The bound
 # is the unpatched model's own bf16 difference between those two paths, 0.0156 (2^-6) at most over
 # the 40 images, doubled: rounding that is not a token decision. A token decision that flips moves
