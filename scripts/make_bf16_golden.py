@@ -245,8 +245,14 @@ def main(argv=None) -> None:
         if not (args.official_root / sub / probe).is_file():
             fail(f"no {sub}/{probe} under {args.official_root}")
     if args.data_root is None:
+        from harness.errors import HarnessError
         from harness.paths import data_root
-        args.data_root = data_root()
+        try:
+            args.data_root = data_root()
+        except HarnessError as exc:
+            fail(str(exc))
+    if not (args.data_root / INPUTS).is_file() or not (args.data_root / CHECKPOINT).is_file():
+        fail(f"{args.data_root} lacks {INPUTS} or {CHECKPOINT}")
     torch.set_num_threads(2)
     x, weights = inputs(args.data_root), state_dict(args.data_root)
     commits = {"mctf": args.mctf_commit, "ppt": args.ppt_commit, "pitome": args.pitome_commit}
