@@ -75,3 +75,25 @@ def judge(deltas: Sequence[float], argmax_equal: Sequence[bool], closest: Sequen
         failures.append(f"{len(ties)} images differ at near-ties, at most {MAX_NEAR_TIE_IMAGES} may: "
                         + "; ".join(map(str, ties)))
     return Judgement(tuple(failures), tuple(ties))
+
+
+# CPU features that pick oneDNN's bf16 GEMM kernels (ATen's own kernels follow its capability)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16")
+
+
+def cpu_kernel_path() -> dict:
+    """What decides a CPU's bf16 rounding: ATen's kernel capability (AVX512, AVX2, ...; the env
+    ``ATEN_CPU_CAPABILITY`` lowers it) and the CPU's bf16 instruction sets (oneDNN's GEMM).
+
+    Two runs on the same path give the same bf16 logits; across paths they differ (up to 0.016 in
+    the unpatched deit_tiny's logits, 0.64 where a token decision flips): a bf16 golden case holds
+    on its own path only (``tests/test_fidelity.py``).
+    """
+    import torch
+
+    try:
+        words = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        words = []
+    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_cpu_flags": sorted(set(words) & set(BF16_CPU_FLAGS))}

@@ -43,8 +43,15 @@ Deviations:
    the ablations (``pooling_type`` 0/2/3, one-way matching, one-step-ahead off or "precise") are not
    exposed. ``tau_sim``, ``tau_info`` and ``tau_size`` are options (0 turns a criterion off, as in
    the official code);
- - the block's attention is timm's (q/k-norm kept; the scale multiplies q before the product, the
-   official multiplies the product): float rounding only.
+ - q/k-norm are kept (Identity in DeiT; the official has none).
+
+Arithmetic (the seam's one-step-ahead attention, :func:`harness.seam.one_step_ahead_probs`, follows
+the official ``MHSA``): the q/k and v rows of the qkv projection as ``x @ W.T + b`` (under autocast
+the bf16 product plus the fp32 bias is fp32), ``(q k^T) scale`` (the product, then the scale), log
+size added as it is (fp32: the softmax runs in fp32 once tokens carry sizes). Checked: fp32 golden
+case ``mctf_r16`` and the project's bf16 case (CPU bf16 autocast, eager attention,
+``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``, made by running the official code)
+equal the official logits bit for bit on this machine.
 """
 from __future__ import annotations
 
@@ -232,7 +239,7 @@ class MCTF(Method):
     """MCTF: fuse r tokens per block by similarity, informativeness and size, one step ahead (Lee et al., CVPR 2024)."""
 
     name = "mctf"
-    version = "1"
+    version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
     cannot_train = ("MCTF's training (token-reduction consistency loss with a full-token pass) is not implemented "
                     "here: only its off-the-shelf inference step")
     knob = Knob("r", int, 0, R_MAX, identity=0)

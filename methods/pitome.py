@@ -1,10 +1,12 @@
 """PiToMe: Protect Informative Tokens before Merging, an energy score that spares the isolated tokens.
 
-Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024,
-arXiv 2405.16148, https://github.com/hchautran/PiToMe (``algo/pitome/merge.py``,
+Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024, arXiv
+2405.16148, https://github.com/hchautran/PiToMe (``algo/pitome/merge.py``,
 ``algo/pitome/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it on the
-reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, cases
-``pitome_ratio0.9`` and ``pitome_ratio0.95``).
+reference checkpoint in fp32 (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, cases
+``pitome_ratio0.9`` and ``pitome_ratio0.95``), and under CPU bf16 autocast with eager attention
+(``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``, case ``pitome_ratio0.9``, made by
+running it: bit for bit).
 
 Modifications (as the official DeiT patch):
  - between attention and MLP of every block, ``r = floor(T - T x ratio)`` of the ``T`` patch tokens
@@ -25,11 +27,16 @@ Modifications (as the official DeiT patch):
 
 Deviations: every prefix token is kept out of the energy and the merge (the official excludes the
 class token only); ``r`` is clamped to half the patch tokens (the official assumes ``ratio >= 0.5``);
-at ``ratio <= 0.63`` on a 12-block DeiT a late block is left with no token to merge: the official
-code raises ``IndexError`` there, here that block merges nothing (``r = 0``) and the rest run as
-planned, which is our choice where the method is undefined (the schedule shows it);
 on models whose blocks need token positions (EVA / rope, BEiT, relpos; the official code has none)
 a merged token keeps its destination's (B token's) position.
+
+Where the method is undefined the cell is refused (``unsupported``, the reason recorded), not run
+with a substitute: a protected-token block (the later half) whose ``r = floor(T - T x ratio)`` is 0
+while ``ratio < 1`` makes the official ``pitome`` take a maximum over an empty set of B tokens
+(``IndexError``). On a 12-block DeiT (196 patches) that is every ``ratio <= 0.63`` (a late block is
+down to one or two tokens) and ratios so close to 1 that a late block removes less than one token
+(``T (1 - ratio) < 1``, e.g. 0.995); the budgets 0.9 / 0.7 / 0.5 need ratios 0.87-0.98 and run.
+The schedule still shows such a block merging nothing (what ``random@pitome`` follows).
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import margins
+from harness.errors import UnsupportedModel
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, gather_tokens, install, merge_tokens
@@ -153,7 +161,20 @@ class PiToMe(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
+    def undefined_at(self, arch, value: float) -> Optional[str]:
+        """Why the official PiToMe cannot run at ``value`` on ``arch`` (module docstring), or None."""
+        schedule = self.schedule(arch, value)
+        for i, leaving in enumerate(schedule.tokens_out):
+            entering = schedule.tokens_entering(i)
+            if value < 1.0 and not self.bipartite(i, arch.depth) and leaving == entering:
+                return (f"pitome ratio={value}: block {i} would merge none of its {entering - arch.num_prefix} patch "
+                        f"tokens, where the official code raises IndexError (a maximum over no token): undefined")
+        return None
+
     def patch(self, model, value: float, arch) -> None:
+        why = self.undefined_at(arch, value)
+        if why:
+            raise UnsupportedModel(why)
         depth = len(model.blocks)
         reducers = {} if value >= 1.0 else {
             i: pitome_reducer(value, self.margin(i, depth), self.bipartite(i, depth)) for i in range(depth)}

@@ -34,10 +34,18 @@ the same way); ``pp_loc_list`` overrides them, and an entry outside the model's 
 Deviations: every prefix token (class, distillation, registers) is kept out of the importance, its
 normalisation and its variance, and is never pruned or merged (the official excludes only the class
 token from the importance, so a distillation token could be pruned; with a class token alone, as in
-DeiT, the two agree). The class attention is averaged over heads rather than summed: the
-normalisation cancels the factor, so only rounding differs. Attention runs through timm's fused
-SDPA (the official computes softmax(q kᵀ) explicitly): fp32 rounding only, the golden case's logits
-agree to within 1e-4.
+DeiT, the two agree). Attention runs through timm's attention, fused SDPA by default (the official
+computes softmax(q kᵀ) explicitly): fp32 rounding only, the golden case's logits agree to within 1e-4.
+
+Arithmetic (as the official, so that bf16 autocast gives its numbers too): the importance's class
+attention is ``(q kᵀ) scale`` in the projection's dtype, then fp32 with log size added, softmax in
+fp32, summed over heads (:func:`class_attention`); the value norm is taken in the values' dtype
+(bf16 under autocast) and multiplied by the fp32 attention. The official's pp block adds
+``log(ones)`` when no token has a size yet, which under autocast runs that block's softmax in fp32:
+here tokens carry size one from the block before the first pp block (:func:`sizes_start`; a pp
+block 0 has none before it, so its attention softmax stays in the autocast dtype: bf16 rounding
+only). Checked: with eager attention under CPU bf16 autocast the project's logits equal the official
+code's bit for bit on this machine (``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``).
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ from harness import margins
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import (BlockContext, bipartite_soft_matching, chosen_blocks, clamp_r, gather_tokens,
-                          install, merge_wavg)
+                          install, log_size, merge_wavg)
 
 # the official scripts' variance threshold (README / eval.sh: --threshold 7e-5, DeiT-S)
 THRESHOLD = 7e-5
@@ -59,13 +67,30 @@ def importance(cls_attn: torch.Tensor, values: torch.Tensor, num_prefix: int) ->
     """Each non-prefix token's importance, normalised to sum to one: (B, N - num_prefix).
 
     Args:
-        cls_attn: (B, N) the class token's attention row, summed or averaged over heads (the
-            normalisation cancels the difference).
+        cls_attn: (B, N) the class token's attention row, summed over heads.
         values: (B, N, H x d) the tokens' values, heads concatenated.
         num_prefix: leading tokens left out.
     """
-    score = (cls_attn.float() * values.float().norm(dim=-1))[:, num_prefix:]
+    # the value norm in the values' own dtype (bf16 under autocast), times the fp32 attention: the
+    # official ``score_assignment_step``'s arithmetic
+    score = (cls_attn.float() * torch.linalg.norm(values, ord=2, dim=-1))[:, num_prefix:]
     return score / score.sum(dim=1, keepdim=True)
+
+
+def class_attention(ctx: BlockContext) -> torch.Tensor:
+    """The class token's attention row summed over heads, (B, N), in the official PPTAttention's
+    arithmetic: ``(q k^T) scale`` in the projection's dtype, then in fp32 with log size added (the
+    official adds log(1) at a pp block before any merge, which promotes the logits to fp32 under
+    autocast), softmax in fp32."""
+    attn = ctx.block.attn
+    b, n, _ = ctx.qkv.shape
+    qk = ctx.qkv[..., : 2 * attn.num_heads * attn.head_dim].reshape(b, n, 2, attn.num_heads, attn.head_dim)
+    q, k = attn.q_norm(qk[:, :1, 0].transpose(1, 2)), attn.k_norm(qk[:, :, 1].transpose(1, 2))
+    logits = ((q @ k.transpose(-2, -1)) * attn.scale).float()
+    bias = log_size(ctx.state)
+    if bias is not None:
+        logits = logits + bias[:, None, None, :]
+    return logits.softmax(dim=-1).sum(dim=1)[:, 0]
 
 
 def pools(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -136,11 +161,21 @@ def ppt_reducer(r: int, threshold: float) -> Callable[[torch.Tensor, BlockContex
     """The seam reducer of one pp block."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        scores = importance(ctx.cls_attn(), ctx.values(), ctx.num_prefix)
+        width = ctx.block.attn.num_heads * ctx.block.attn.head_dim
+        scores = importance(class_attention(ctx), ctx.qkv[..., 2 * width:], ctx.num_prefix)
         x, ctx.state.size = prune_or_pool(x, ctx.state.size, ctx.keys(), scores, r, threshold, ctx.num_prefix)
         return x
 
     return reduce
+
+
+def sizes_start(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    """The reducer of the block before the first pp block: removes nothing; the tokens carry size
+    one from here, so the pp block's attention adds log(1) = 0 as the official's ``attn_size = ones``
+    does (under autocast that addition is what runs its softmax in fp32)."""
+    if ctx.state.size is None:
+        ctx.state.size = torch.ones_like(x[..., :1])
+    return x
 
 
 @register_method
@@ -150,7 +185,7 @@ class PPT(Method):
     name = "ppt"
     needs_class_token = True
     merges = True
-    version = "1"
+    version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
     knob = Knob("r", int, 0, 98, identity=0)
 
     option_defaults = {"threshold": THRESHOLD, "pp_loc_list": None}
@@ -175,6 +210,9 @@ class PPT(Method):
     def patch(self, model, value: int, arch) -> None:
         reducers = {}
         if int(value) > 0:
-            reducers = {i: ppt_reducer(int(value), self.threshold) for i in self.pp_blocks(len(model.blocks))}
+            pp_blocks = self.pp_blocks(len(model.blocks))
+            reducers = {i: ppt_reducer(int(value), self.threshold) for i in pp_blocks}
+            if min(pp_blocks) > 0:
+                reducers[min(pp_blocks) - 1] = sizes_start
         install(model, reducers, prop_attn=True, needs_class_token=self.needs_class_token, merges=self.merges,
                 method=self.name)

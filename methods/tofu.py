@@ -1,10 +1,13 @@
 """ToFu: Token Fusion, pruning in the early blocks and norm-preserving merging in the late ones.
 
 Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and Token Merging", WACV 2024,
-arXiv 2312.01026. No official code was released by the authors; the reference implementation is
-the one in the PiToMe repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py``,
+arXiv 2312.01026. No official code was released by the authors; the reference implementation is the
+one in the PiToMe repository (https://github.com/hchautran/PiToMe, ``algo/tofu/merge.py``,
 ``algo/tofu/patch/deit.py`` and ``patch/timm.py``, commit 550b5de), checked against it here on the
-reference checkpoint (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, case ``tofu_ratio0.9``).
+reference checkpoint in fp32 (``fidelity/deit_tiny_cifar10_newmethods_golden.json``, case
+``tofu_ratio0.9``), and under CPU bf16 autocast with eager attention
+(``tests/fixtures/golden/deit_tiny_cifar10_bf16_golden.json``, case ``tofu_ratio0.9``, made by
+running it: bit for bit).
 
 Modifications (as that implementation):
  - between attention and MLP of every block, ``r = floor(T - T x ratio)`` tokens leave, ``T``
@@ -20,21 +23,25 @@ Modifications (as that implementation):
 
 Deviations from the reference: every prefix token is protected (the reference protects only the
 class token, so a distillation token could be fused); ``r`` is clamped to half the non-prefix
-tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio > 0.5``.
-At exactly 0.5 the reference removes ``floor(T / 2)`` of ``T`` tokens counted with the class token,
-so its matching at block 2 takes the class token itself, and it raises at block 8: the method is
-undefined there, and here it stays ToMe-clamped, removing half the patch tokens and never the class
-token: a choice of ours, not the reference's behaviour);
+tokens as in :mod:`methods.tome` (the reference does not clamp; the two agree for ``ratio > 0.5``);
 on models whose blocks need token positions (EVA / rope, BEiT, relpos; the reference has none) a
 fused token keeps its destination's position, a pruned one leaves with its own.
+
+Where the reference is undefined the cell is refused (``unsupported``, the reason recorded), not run
+ToMe-clamped: a block whose ``floor(T - T x ratio)`` exceeds what the clamp allows (the reference
+would match the class token itself, or more A tokens than it has). That is ``ratio = 0.5`` exactly,
+the knob's lower end: the reference removes ``floor(T / 2)`` of ``T`` tokens counted with the class
+token, so at block 2 (T = 50) its matching takes the class token and at block 8 it raises. Every
+``ratio > 0.5`` runs (the budgets 0.9 / 0.7 / 0.5 need 0.87-0.98).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from harness.errors import UnsupportedModel
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_positions
@@ -94,7 +101,21 @@ class ToFu(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
+    def undefined_at(self, arch, value: float) -> Optional[str]:
+        """Why the reference ToFu cannot run at ``value`` on ``arch`` (module docstring), or None."""
+        tokens = arch.tokens_in
+        for i in range(arch.depth):
+            asked = math.floor(tokens - tokens * value) if value < 1.0 else 0
+            if asked > tokens_removed(tokens, value, arch.num_prefix):
+                return (f"tofu ratio={value}: block {i} would remove {asked} of {tokens} tokens, more than its matching "
+                        f"can without the class token (the reference matches the class token there): undefined")
+            tokens -= tokens_removed(tokens, value, arch.num_prefix)
+        return None
+
     def patch(self, model, value: float, arch) -> None:
+        why = self.undefined_at(arch, value)
+        if why:
+            raise UnsupportedModel(why)
         depth = len(model.blocks)
         reducers = {} if value >= 1.0 else {i: tofu_reducer(value, self.fuses(i, depth)) for i in range(depth)}
         install(model, reducers, method=self.name, tracks_positions=self.tracks_positions)

@@ -12,6 +12,13 @@ image, except for at most one image whose difference a near-tie in the project's
 accepted are printed at the end of the run. A mutant that applies one block's selection to the
 wrong tokens must still fail its cases: the exception is no loophole. A golden file for another model is checked the moment it is dropped there; a case whose
 method is not registered yet is skipped, and checked the moment a method of that name registers.
+
+A case may say how it ran (``dtype``: "fp32" or "bf16", run under CPU autocast; ``attention``:
+"fused" or "eager", timm's kernel), and the project's model runs the same way. bf16 rounding depends
+on the CPU's kernel path (:func:`harness.fidelity.cpu_kernel_path`): a bf16 file records the path it
+was made on (``run.kernel_path``) and its cases run only on that path, skipped with the reason
+elsewhere; ``tests/fixtures/golden`` holds one file per path measured (AVX512 and, with
+``ATEN_CPU_CAPABILITY=avx2``, AVX2, both on an AMD EPYC with avx512_bf16).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ import torch
 from harness.cell import build_unpatched, prepare_cell
 from harness import margins
 from harness.errors import HarnessError
-from harness.fidelity import judge
+from harness.fidelity import cpu_kernel_path, judge
+from harness.measure import autocast, set_attention
 from harness.models import eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
 from harness.registry import Method, get_method_class, make_method, method_names
@@ -48,6 +56,13 @@ DEVIATIONS: dict[tuple[str, str], tuple[str, float]] = {
         "'none') to ~5e-4 in the logits: the official dc_transform run on this machine is itself 5.07e-4 off its "
         "golden file, and methods/dct.py's half_tokens mode equals that run bit for bit (methods/dct.py)", 1e-3),
 }
+
+# bf16 cases (CPU autocast): on the kernel path the golden file was made on, the project's MCTF, PPT, PiToMe, ToFu
+# and unpatched model equal the official logits bit for bit (AVX512 and AVX2, measured). The bound
+# is the unpatched model's own bf16 difference between those two paths, 0.0156 (2^-6) at most over
+# the 40 images, doubled: rounding that is not a token decision. A token decision that flips moves
+# a case by up to 0.64 (the official code itself, AVX512 vs AVX2), and a wrong selection further.
+BF16_ATOL = 2 ** -5
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -85,8 +100,32 @@ def _case_params() -> list:
             if spec["method"] not in registered:
                 marks.append(pytest.mark.skip(reason=f"method {spec['method']!r} is not registered in this "
                                                      f"project yet (issue 15)"))
+            elsewhere = _other_kernel_path(path, spec)
+            if elsewhere:
+                marks.append(pytest.mark.skip(reason=elsewhere))
             params.append(pytest.param(path, case, id=f"{path.stem}:{case}", marks=marks))
     return params
+
+
+# the dtype names golden files use, as the harness spells them (harness.measure.autocast)
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+
+
+def _how(path: Path, spec: dict) -> tuple[str, Optional[str]]:
+    """The case's dtype ("fp32" unless it says) and attention kernel (None: the harness default)."""
+    run = _meta(path).get("run", {})
+    return DTYPE_NAMES[spec.get("dtype", run.get("dtype", "fp32"))], spec.get("attention", run.get("attention"))
+
+
+def _other_kernel_path(path: Path, spec: dict) -> str:
+    """Why a reduced-precision case cannot run here (made on another CPU kernel path), or ""."""
+    made_on = _meta(path).get("run", {}).get("kernel_path")
+    here = cpu_kernel_path()
+    if _how(path, spec)[0] == "fp32" or made_on is None or made_on == here:
+        return ""
+    return (f"{_how(path, spec)[0]} golden made on CPU kernel path {made_on}, this process runs {here}: bf16 rounding "
+            f"differs between paths by up to 0.64 in these logits (measured), more than a bound a wrong selection "
+            f"would fail")
 
 
 def _file_params() -> list:
@@ -208,21 +247,25 @@ CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diff
 
 # ----------------------------------------------------------------------------- the run
 
-def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int], Optional[list], margins.MarginLog]:
-    """Logits, the tokens leaving each block (forward hooks, as the golden files count them), for a
-    seam-patched model the counts the seam itself recorded, and the margins of every decision."""
+def _run(model: torch.nn.Module, x: torch.Tensor, dtype: str = "fp32", attention: Optional[str] = None
+         ) -> tuple[torch.Tensor, list[int], Optional[list], margins.MarginLog]:
+    """Logits (fp32), the tokens leaving each block (forward hooks, as the golden files count them),
+    for a seam-patched model the counts the seam itself recorded, and the margins of every decision;
+    under CPU autocast in ``dtype`` and with timm's ``attention`` kernel where the case says."""
+    if attention is not None:
+        set_attention(model, attention)
     leaving: list[int] = []
     hooks = [blk.register_forward_hook(lambda _m, _i, out: leaving.append(out.shape[1])) for blk in model.blocks]
     state = getattr(model, "_seam_state", None)
     if state is not None:
         state.recording = True
     try:
-        with torch.inference_mode(), margins.recording(model) as log:
+        with torch.inference_mode(), margins.recording(model) as log, autocast(torch.device("cpu"), dtype):
             logits = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return logits, leaving, None if state is None else list(state.observed), log
+    return logits.float(), leaving, None if state is None else list(state.observed), log
 
 
 def _case(path: Path, case: str, tmp_path: Path):
@@ -236,7 +279,8 @@ def _case(path: Path, case: str, tmp_path: Path):
 def _judge(path: Path, case: str, logits: torch.Tensor, log: margins.MarginLog):
     """The per-image rule (:func:`harness.fidelity.judge`) on this case's logits, and its bound."""
     golden = torch.from_numpy(_golden(path)[case])
-    why, atol = DEVIATIONS.get((path.stem, case), ("", ATOL))
+    default = ATOL if _how(path, _meta(path)["cases"][case])[0] == "fp32" else BF16_ATOL
+    why, atol = DEVIATIONS.get((path.stem, case), ("", default))
     deltas = (logits - golden).abs().amax(dim=1).tolist()
     same = (logits.argmax(-1) == golden.argmax(-1)).tolist()
     verdict = judge(deltas, same, [log.closest(i) for i in range(len(deltas))], atol)
@@ -248,7 +292,7 @@ def test_method_matches_official_logits(path, case, tmp_path, near_ties):
     arch, method, value, model = _case(path, case, tmp_path)
     expected_tokens = _meta(path)["cases"][case]["tokens_per_block_observed"]
 
-    logits, leaving, seam_observed, log = _run(model, _inputs(path))
+    logits, leaving, seam_observed, log = _run(model, _inputs(path), *_how(path, _meta(path)["cases"][case]))
 
     assert list(method.schedule(arch, value).tokens_out) == expected_tokens
     assert leaving == expected_tokens
@@ -292,7 +336,7 @@ def test_a_wrong_selection_still_fails(path, case, tmp_path):
     first = min(block_reducers(model))
     wrap_reducers(model, lambda i, reducer: _mirrored(reducer) if i == first else reducer)
 
-    logits, _, _, log = _run(model, _inputs(path))
+    logits, _, _, log = _run(model, _inputs(path), *_how(path, _meta(path)["cases"][case]))
 
     verdict, _ = _judge(path, case, logits, log)
     assert not verdict.ok, f"a mirrored selection at block {first} passed {case}"

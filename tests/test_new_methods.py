@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
+import timm
 import torch
 
+from harness.errors import UnsupportedModel
+from harness.registry import make_method
+from harness.schedule import arch_spec
 from harness.methods.pitome import energy_scores, pitome_match, tokens_merged
 from harness.methods.tofu import fuse_mlerp, tokens_removed
 
@@ -46,3 +51,21 @@ def test_pitome_merges_the_2r_most_redundant_and_protects_the_rest():
     out = pitome_match(sim, order, r=1, bipartite=False)(x)
     torch.testing.assert_close(out, torch.tensor([[[1000.0], [10.0], [101.0]]]))
     assert tokens_merged(196, 0.9) == 19 and tokens_merged(10, 0.1) == 5
+
+
+def _deit_tiny_arch():
+    return arch_spec(timm.create_model("deit_tiny_patch16_224", num_classes=10))
+
+
+@pytest.mark.parametrize("name, undefined, defined", [
+    # ToFu: the reference's matching takes the class token at ratio 0.5 exactly (block 2: T = 50)
+    ("tofu", [0.5], [0.5001, 0.6, 0.9, 0.999]),
+    # PiToMe: a late block with nothing to merge (IndexError in the official code): <= 0.63 and near 1
+    ("pitome", [0.5, 0.6, 0.63, 0.995], [0.64, 0.7, 0.9, 0.99]),
+])
+def test_ratios_where_the_reference_is_undefined_are_refused(name, undefined, defined):
+    arch, method = _deit_tiny_arch(), make_method(name, {})
+    assert [v for v in undefined + defined if method.undefined_at(arch, v)] == undefined
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=10)
+    with pytest.raises(UnsupportedModel, match="undefined"):
+        method.patch(model, undefined[0], arch)

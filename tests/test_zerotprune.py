@@ -7,8 +7,9 @@ import pytest
 import timm
 import torch
 
-from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, kept_per_drop,
-                                        select_tokens, split_removal, weighted_page_rank)
+from harness.methods.zerotprune import (ZeroTPrune, aggregate_heads, head_weights, initial_scores,
+                                        kept_per_drop, page_rank_iters, select_tokens, split_removal, subgraph,
+                                        weighted_page_rank)
 from harness.schedule import arch_spec
 from harness.seam import BlockContext, TokenState, install
 
@@ -38,40 +39,87 @@ def test_rms_over_heads_emphasises_a_token_one_head_ranks_high():
     torch.testing.assert_close(aggregate_heads(scores, "rms")[0], torch.tensor([math.sqrt(0.5), math.sqrt(0.32625)]))
 
 
+def test_initial_scores_weight_the_class_token_by_sqrt_n():
+    like = torch.zeros(1)
+    # N = 4: weights (2, 1, 1, 1) / 5
+    torch.testing.assert_close(initial_scores(4, True, "sqrt", like), torch.tensor([0.4, 0.2, 0.2, 0.2]))
+    torch.testing.assert_close(initial_scores(4, True, "uniform", like), torch.full((4,), 0.25))
+    torch.testing.assert_close(initial_scores(4, False, "sqrt", like), torch.full((4,), 0.25))  # no class token
+
+
+def test_page_rank_rounds_follow_the_papers_layers():
+    assert [page_rank_iters(i, 12) for i in range(12)] == [30] * 3 + [5] * 6 + [1] * 3
+    assert ZeroTPrune(iters=7).iters(0, 12) == 7
+
+
+def test_head_filter_drops_heads_outside_the_variance_range():
+    # N = 4; head 0 uniform (variance of 4 s: 0), head 1 (0.4, 0.2, 0.2, 0.2): 4 s = (1.6, .8, .8, .8),
+    # variance 0.12; head 2 one-hot: 4 s = (4, 0, 0, 0), variance 3
+    scores = torch.tensor([[[0.25] * 4, [0.4, 0.2, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]]])
+    assert head_weights(scores, (0.01, 0.7)).tolist() == [[0.0, 1.0, 0.0]]
+    torch.testing.assert_close(aggregate_heads(scores, "rms", (0.01, 0.7)), scores[:, 1])
+    # no head in range: every head counts
+    assert head_weights(scores, (5.0, 6.0)).tolist() == [[1.0, 1.0, 1.0]]
+    assert head_weights(scores, None).tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_subgraph_keeps_the_nodes_edges_rows_renormalised():
+    attn = torch.tensor([[0.5, 0.25, 0.25],
+                         [0.2, 0.2, 0.6],
+                         [0.1, 0.3, 0.6]]).expand(1, 1, 3, 3)
+    sub = subgraph(attn, torch.tensor([[0, 2]]))
+    torch.testing.assert_close(sub[0, 0], torch.tensor([[0.5 / 0.75, 0.25 / 0.75], [0.1 / 0.7, 0.6 / 0.7]]))
+
+
 def _example():
-    """A prefix token and four body tokens 1..4 with importance 0.4, 0.1, 0.3, 0.2."""
-    importance = torch.tensor([[0.0, 0.4, 0.1, 0.3, 0.2]])  # the prefix token scores lowest of all
+    """A prefix token and six body tokens; importance (row 0 of the graph) 1 > 2 > ... > 6."""
+    row = torch.tensor([0.0, 0.30, 0.25, 0.20, 0.12, 0.08, 0.05])
+    attn = torch.full((7, 7), 1 / 7)
+    attn[0] = row
     metric = torch.tensor([[[0.0, 0.0],     # prefix (never compared)
                             [1.0, 0.0],     # 1
-                            [1.0, -1.0],    # 2: unimportant but unlike the others (cos 0.71 to token 1)
-                            [0.0, 1.0],     # 3
-                            [1.0, 0.05]]])  # 4: nearly a copy of token 1 (cos 0.9988)
-    return importance, metric
+                            [0.0, 1.0],     # 2
+                            [-1.0, 0.0],    # 3
+                            [0.7, 0.7],     # 4: cos 0.71 to tokens 1 and 2
+                            [0.0, -1.0],    # 5: cos 0 at best
+                            [1.0, 0.01]]])  # 6: nearly a copy of token 1
+    calls = []
+
+    def rank(graph, rounds):  # importance = the prefix token's row, whatever the rounds
+        calls.append((graph.shape[-1], rounds))
+        return graph[:, 0, 0, :]
+
+    return attn.expand(1, 1, 7, 7), metric, rank, calls
 
 
 def test_i_stage_prunes_the_least_important_never_the_prefix():
-    importance, metric = _example()
-    assert select_tokens(importance, metric, 1, num_i=1, num_s=0).tolist() == [[0, 1, 3, 4]]
-    assert select_tokens(importance, metric, 1, num_i=2, num_s=0).tolist() == [[0, 1, 3]]
+    attn, metric, rank, _ = _example()
+    assert select_tokens(attn, metric, 1, num_s=0, num_i=2, iters=5, rank=rank).tolist() == [[0, 1, 2, 3, 4]]
 
 
 def test_s_stage_prunes_the_unimportant_token_most_like_an_important_one():
-    importance, metric = _example()
-    # by importance: 1, 3 | 4, 2 (important | unimportant). Token 4's best cosine to {1, 3} is 0.9988,
-    # token 2's is 0.7071: the S-stage prunes 4 where the I-stage alone would prune 2
-    assert select_tokens(importance, metric, 1, num_i=0, num_s=1).tolist() == [[0, 1, 2, 3]]
-    # I-stage first drops 2; survivors 1, 3, 4 -> groups {1, 3} | {4}; the S-stage drops 4
-    assert select_tokens(importance, metric, 1, num_i=1, num_s=1).tolist() == [[0, 1, 3]]
+    attn, metric, rank, _ = _example()
+    # pre-ranked groups {1, 2, 3} | {4, 5, 6}; token 6's best cosine (0.99995) is the highest
+    assert select_tokens(attn, metric, 1, num_s=1, num_i=0, iters=5, rank=rank).tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_similarity_stage_runs_before_the_importance_stage():
+    attn, metric, rank, calls = _example()
+    # S first: 6 goes (a copy of 1), then the I-stage drops the least important survivor, 5.
+    # Importance first would drop 6, then the groups {1, 2, 3} | {4, 5} lose 4 (cos 0.71 beats 0)
+    assert select_tokens(attn, metric, 1, num_s=1, num_i=1, iters=5, rank=rank).tolist() == [[0, 1, 2, 3, 4]]
+    # a one-round pre-ranking of all 7 tokens, then the I-stage's rounds on the 6 survivors' graph
+    assert calls == [(7, 1), (6, 5)]
 
 
 def test_counts_are_fixed_python_ints():
     assert kept_per_drop(196, 0.7, 3) == [137, 96, 67]  # int(137.2), int(96.04), int(67.228)
     assert kept_per_drop(196, 1.0, 3) == [196, 196, 196]
     assert kept_per_drop(196, 0.01, 3) == [1, 1, 1]
-    assert split_removal(59, 137, 0.5) == (29, 30)  # 29.5 rounds half up to 30
-    assert split_removal(10, 3, 1.0) == (7, 3)      # the S-stage prunes at most what stays
-    assert split_removal(10, 3, 0.0) == (10, 0)
-    assert split_removal(5, 10, 0.5) == (2, 3)      # 2.5 rounds up too (Python's round would give 2)
+    assert split_removal(59, 196, 0.5) == (30, 29)  # 29.5 rounds half up to 30
+    assert split_removal(10, 13, 1.0) == (6, 4)     # the S-stage prunes at most half the tokens
+    assert split_removal(10, 13, 0.0) == (0, 10)
+    assert split_removal(5, 15, 0.5) == (3, 2)      # 2.5 rounds up too (Python's round would give 2)
 
 
 def test_attention_probs_match_the_class_attention_row():
@@ -99,6 +147,7 @@ def test_schedule_and_forward_agree_and_sizes_travel():
     method = ZeroTPrune(s_fraction=0.5)
     schedule = method.schedule(arch, 0.7)
     assert schedule.tokens_out == (197,) * 3 + (138,) * 3 + (97,) * 3 + (68,) * 3
+    assert schedule.stage == "post"  # between blocks, after the MLP
     method.patch(model, 0.7, arch)
     model._seam_state.recording = True
     with torch.no_grad():

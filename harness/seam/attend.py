@@ -117,9 +117,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[tor
     if bias is not None and impl != "mask" and mask is None and not is_causal and fused:
         return PROP_ATTN_KERNELS[impl](q, k, v, bias, attn_mask=None, dropout_p=dropout_p, is_causal=False)
     if bias is not None:
-        bias = bias.to(bias_dtype or q.dtype)[:, None, None, :]
+        # SDPA wants the mask in the query's dtype; timm's eager product takes log size as it is (fp32
+        # under autocast, so its softmax runs in fp32, as the official ToMe-family code's ``attn + size.log()``)
+        bias = (bias.to(bias_dtype or q.dtype) if fused else bias)[:, None, None, :]
         mask = bias if mask is None else mask + bias
-    if mask is not None:
+    if mask is not None and (fused or bias is None):
         mask = mask.to(q.dtype)
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
