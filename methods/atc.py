@@ -79,6 +79,7 @@ Deviations from the official code, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -109,57 +110,72 @@ def cosine_distances(metric: torch.Tensor) -> torch.Tensor:
     return (dist + dist.transpose(1, 2)) / 2
 
 
-def _combine(dist: torch.Tensor, partner: torch.Tensor, members: torch.Tensor, linkage: str) -> torch.Tensor:
+def _combine(dist: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor, linkage: str) -> torch.Tensor:
     """Lance-Williams for a whole round at once: the distance between every two unions
-    ``{a, partner[a]}`` and ``{b, partner[b]}`` (a cluster that does not merge is its own partner).
-
-    single / complete: min / max over the four member pairs; average: their member-count-weighted
-    mean. Written so that (a, b) and (b, a) get bit-identical values (the sums pair symmetric terms).
+    ``{a, partner[a]}`` and ``{b, partner[b]}`` (a cluster that does not merge is its own partner),
+    rows first, then columns. single / complete: min / max over the four member pairs, exactly;
+    average: the member-count-weighted mean, ``weight`` (B, T) being the partner's share of each union.
+    Entries of merged-away clusters and the diagonal come out arbitrary (+inf, NaN): masked by the caller.
     """
     b, t, _ = dist.shape
-    rows, cols = partner[:, :, None].expand(b, t, t), partner[:, None, :].expand(b, t, t)
-    d_ap = dist.gather(2, cols)           # d(a, partner[b])
-    d_pa = dist.gather(1, rows)           # d(partner[a], b)
-    d_pp = d_ap.gather(1, rows)           # d(partner[a], partner[b])
-    if linkage == "single":
-        return torch.minimum(torch.minimum(dist, d_pp), torch.minimum(d_ap, d_pa))
-    if linkage == "complete":
-        return torch.maximum(torch.maximum(dist, d_pp), torch.maximum(d_ap, d_pa))
-    alone = partner == torch.arange(t, device=dist.device)
-    own, other = members, torch.where(alone, torch.zeros_like(members), members.gather(1, partner))
-    # +inf (the diagonal, merged-away clusters) only meets a zero weight or a value masked afterwards
-    finite = lambda d: torch.where(torch.isinf(d), torch.zeros_like(d), d)  # noqa: E731
-    outer = lambda u, v: u[:, :, None] * v[:, None, :]  # noqa: E731
-    cross = outer(own, other)
-    total = (outer(own, own) * finite(dist) + outer(other, other) * finite(d_pp)) \
-        + (cross * finite(d_ap) + cross.transpose(1, 2) * finite(d_pa))
-    size = own + other
-    return total / outer(size, size)
+    cols = partner[:, None, :].expand(b, t, t)
+    to_partner = dist.gather(2, cols)  # d(a, partner[b]); its transpose is d(partner[a], b): dist is symmetric
+    if linkage == "average":
+        rows = torch.lerp(dist, to_partner.transpose(1, 2), weight[:, :, None])
+        both = torch.lerp(rows, rows.gather(2, cols), weight[:, None, :])
+        return torch.minimum(both, both.transpose(1, 2))  # rows-then-columns rounds (a, b) and (b, a) apart
+    pick = torch.minimum if linkage == "single" else torch.maximum
+    rows = pick(dist, to_partner.transpose(1, 2))
+    return pick(rows, rows.gather(2, cols))
 
 
+@dataclass
 class _Forest:
-    """The agglomeration's state, all images at once.
+    """The agglomeration's state, all images at once. The clusters alive sit in L <= T slots, in the
+    order of their representatives (lowest members), which ``ids`` names; merges are stored by token.
 
-    ``dist`` (B, T, T): distances between the clusters, each indexed by its representative (lowest
-    member); +inf on the diagonal and in the rows and columns of merged-away indices. ``members``
-    (B, T): tokens per cluster (0: merged away). A merge of clusters ``u < v`` has the key
-    (height, ``u * T + v``), raised to the highest key below it, so that keys only grow up the tree;
-    ``height`` and ``pair`` (B, T) hold that key for the merge that made each cluster (0, -1 for a
-    single token). A merge is stored at the index that leaves: ``parent`` (B, T) the representative
-    it joined, ``merge_height`` / ``merge_pair`` its key (+inf: never merged), ``merge_round`` the
-    round (a parent's key can equal its child's, and the child's round is earlier). ``step``: rounds run.
+    Attributes:
+        dist: (B, L, L) distances between the clusters; +inf on the diagonal and in the rows and
+            columns of merged-away slots (an image with fewer clusters than L has some).
+        members: (B, L) tokens per cluster (0: merged away).
+        ids: (B, L) each slot's representative token.
+        height, pair: (B, L) the key of the merge that made each cluster (0, -1 for a single token). A
+            merge of clusters u < v (representatives) has the key (height, u * T + v), raised to the
+            highest key below it, so that keys only grow up the tree.
+        parent: (B, T) a merge is stored at the token that leaves (v): the representative it joined,
+        merge_height, merge_pair: its key (+inf: never merged),
+        merge_round: its round (a parent's key can equal its child's; the child's round is earlier).
+        step: rounds run.
     """
 
-    @staticmethod
-    def start(dist: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dist: torch.Tensor
+    members: torch.Tensor
+    ids: torch.Tensor
+    height: torch.Tensor
+    pair: torch.Tensor
+    parent: torch.Tensor
+    merge_height: torch.Tensor
+    merge_pair: torch.Tensor
+    merge_round: torch.Tensor
+    step: int = 0
+
+    @classmethod
+    def start(cls, dist: torch.Tensor) -> "_Forest":
         b, t, _ = dist.shape
         eye = torch.eye(t, dtype=torch.bool, device=dist.device)
-        dist = dist.detach().masked_fill(eye, float("inf"))  # labels carry no gradient
         zeros = torch.zeros(b, t, dtype=dist.dtype, device=dist.device)
         index = torch.arange(t, device=dist.device).expand(b, t).contiguous()
-        never = index - index + t * t
-        return (dist, zeros + 1, zeros, index - index - 1, index, zeros + float("inf"), never, never,
-                torch.zeros((), dtype=torch.long, device=dist.device))
+        never = torch.full_like(index, t * t)
+        return cls(dist.masked_fill(eye, float("inf")), zeros + 1, index, zeros, index - index - 1, index.clone(),
+                   zeros + float("inf"), never, never.clone())
+
+    def compact(self, alive: int) -> None:
+        """Keep ``alive`` slots (the most clusters any image has left): the work of a round shrinks with them."""
+        order = (self.members == 0).to(torch.uint8).argsort(dim=1, stable=True)[:, :alive]
+        rows = order[:, :, None].expand(-1, -1, self.dist.shape[2])
+        self.dist = self.dist.gather(1, rows).gather(2, order[:, None, :].expand(-1, alive, -1))
+        self.members, self.ids, self.height, self.pair = (
+            v.gather(1, order) for v in (self.members, self.ids, self.height, self.pair))
 
 
 def _key_max(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
@@ -168,45 +184,65 @@ def _key_max(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
     return torch.where(a_higher, a[0], b[0]), torch.where(a_higher, a[1], b[1])
 
 
-def _settled(dist: torch.Tensor, merge_height: torch.Tensor, merges: int) -> torch.Tensor:
+def _settled(nearest_dist: torch.Tensor, merge_height: torch.Tensor, merges: int) -> torch.Tensor:
     """(B,) whether an image's ``merges`` lowest merges are all known: every pair of clusters left is
     farther than the ``merges``-th lowest merge so far (for a reducible linkage no later merge is lower)."""
-    lowest_left = dist.flatten(1).amin(dim=1)
-    return lowest_left > merge_height.kthvalue(merges, dim=1).values
+    return nearest_dist.amin(dim=1) > merge_height.kthvalue(merges, dim=1).values
 
 
-def _round(dist, members, height, pair, parent, merge_height, merge_pair, merge_round, step,
-           merges: int, linkage: str):
+def _by_token(slots: torch.Tensor, ids: torch.Tensor, store: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``store`` (B, T) with ``values`` (B, L) written at the tokens ``ids`` of the ``slots`` (B, L) that are True."""
+    return store.scatter(1, ids, torch.where(slots, values, store.gather(1, ids)))
+
+
+def _record(forest: _Forest, nearest_dist: torch.Tensor, partner: torch.Tensor, mutual: torch.Tensor) -> torch.Tensor:
+    """Store this round's merges in ``forest`` (keys, parents, the merged clusters' keys and sizes);
+    returns the partner's share of each union's members."""
+    f, t = forest, forest.parent.shape[1]
+    slot = torch.arange(partner.shape[1], device=partner.device).expand_as(partner)
+    leaves, keeps = mutual & (partner < slot), mutual & (partner > slot)
+    partner_id = f.ids.gather(1, partner)
+    own = (nearest_dist, torch.minimum(f.ids, partner_id) * t + torch.maximum(f.ids, partner_id))
+    key = _key_max(_key_max(own, (f.height, f.pair)), (f.height.gather(1, partner), f.pair.gather(1, partner)))
+    f.merge_height = _by_token(leaves, f.ids, f.merge_height, key[0])
+    f.merge_pair = _by_token(leaves, f.ids, f.merge_pair, key[1])
+    f.parent = _by_token(leaves, f.ids, f.parent, partner_id)
+    f.merge_round = _by_token(leaves, f.ids, f.merge_round, torch.full_like(partner, f.step))
+    f.height, f.pair = torch.where(keeps, key[0], f.height), torch.where(keeps, key[1], f.pair)
+    other = torch.where(mutual, f.members.gather(1, partner), torch.zeros_like(f.members))
+    weight = other / (f.members + other).clamp(min=1)
+    f.members = torch.where(leaves, torch.zeros_like(f.members), f.members + other)
+    return weight
+
+
+def _round(forest: _Forest, nearest_dist: torch.Tensor, nearest: torch.Tensor, unsettled: torch.Tensor,
+           linkage: str) -> None:
     """One parallel round on every unsettled image: every pair of reciprocal nearest neighbours merges."""
-    b, t, _ = dist.shape
-    index = torch.arange(t, device=dist.device).expand(b, t)
-    nearest_dist, nearest = dist.min(dim=2)  # the first minimum: ties go to the lowest index
-    unsettled = ~_settled(dist, merge_height, merges)
-    mutual = (nearest.gather(1, nearest) == index) & torch.isfinite(nearest_dist) & unsettled[:, None]
-    margins.note_best(-dist, None, f"atc {linkage} nearest neighbour")
-    partner = torch.where(mutual, nearest, index)
-    leaves, keeps = mutual & (partner < index), mutual & (partner > index)
-    own = (nearest_dist, torch.minimum(index, partner) * t + torch.maximum(index, partner))
-    key = _key_max(_key_max(own, (height, pair)), (height.gather(1, partner), pair.gather(1, partner)))
-    merge_height, merge_pair = torch.where(leaves, key[0], merge_height), torch.where(leaves, key[1], merge_pair)
-    parent, merge_round = torch.where(leaves, partner, parent), torch.where(leaves, step, merge_round)
-    height, pair = torch.where(keeps, key[0], height), torch.where(keeps, key[1], pair)
-    alive = ~leaves & (members > 0)
-    changed = mutual[:, :, None] | mutual[:, None, :]
-    keep = alive[:, :, None] & alive[:, None, :] & (index[:, :, None] != index[:, None, :])
-    new = _combine(dist, partner, members, linkage)
-    dist = torch.where(keep, torch.where(changed, new, dist), torch.full_like(dist, float("inf")))
-    members = torch.where(leaves, torch.zeros_like(members),
-                          torch.where(keeps, members + members.gather(1, partner), members))
-    return dist, members, height, pair, parent, merge_height, merge_pair, merge_round, step + 1
+    slot = torch.arange(nearest.shape[1], device=nearest.device).expand_as(nearest)
+    mutual = (nearest.gather(1, nearest) == slot) & torch.isfinite(nearest_dist) & unsettled[:, None]
+    partner = torch.where(mutual, nearest, slot)
+    weight = _record(forest, nearest_dist, partner, mutual)
+    dist = _combine(forest.dist, partner, weight, linkage)
+    alive = forest.members > 0
+    dist = torch.where(alive[:, :, None] & alive[:, None, :], dist, float("inf"))
+    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    forest.dist, forest.step = dist, forest.step + 1
 
 
-def _agglomerate(state: tuple[torch.Tensor, ...], merges: int, linkage: str) -> tuple[torch.Tensor, ...]:
+def _agglomerate(forest: _Forest, merges: int, linkage: str) -> _Forest:
     """Rounds until every image is settled: a Python loop whose condition is read on the host once
-    per round (real keys settle in tens of rounds; at most T - 1, as every round merges the closest pair)."""
-    while not _settled(state[0], state[5], merges).all():
-        state = _round(*state, merges=merges, linkage=linkage)
-    return state
+    per round (real keys settle in tens of rounds; at most T - 1, as every round merges the closest
+    pair), and so is the number of clusters left, to shrink the matrix once a tenth of it is gone."""
+    while True:
+        nearest_dist, nearest = forest.dist.min(dim=2)  # the first minimum: ties go to the lowest index
+        unsettled = ~_settled(nearest_dist, forest.merge_height, merges)
+        if not unsettled.any():
+            return forest
+        margins.note_best(-forest.dist, None, f"atc {linkage} nearest neighbour")
+        _round(forest, nearest_dist, nearest, unsettled, linkage)
+        alive = int((forest.members > 0).sum(dim=1).max())
+        if alive <= 0.9 * forest.dist.shape[1]:
+            forest.compact(alive)
 
 
 def _cut(parent: torch.Tensor, keys: tuple[torch.Tensor, ...], merges: int) -> torch.Tensor:
@@ -262,11 +298,10 @@ def _labels(dist: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     if k == t:
         return index.clone()
     merges = t - k
-    state = _agglomerate(_Forest.start(dist), merges, linkage)
-    dist, parent, merge_height, merge_pair, merge_round = state[0], state[4], state[5], state[6], state[7]
-    left = dist.flatten(1).amin(dim=1, keepdim=True)  # any later merge is at least this high
-    margins.note_boundary(-torch.cat([merge_height, left], 1), merges, f"atc {linkage} cut")
-    root = _cut(parent, (merge_height, merge_pair, merge_round), merges)
+    f = _agglomerate(_Forest.start(dist), merges, linkage)
+    left = f.dist.flatten(1).amin(dim=1, keepdim=True)  # any later merge is at least this high
+    margins.note_boundary(-torch.cat([f.merge_height, left], 1), merges, f"atc {linkage} cut")
+    root = _cut(f.parent, (f.merge_height, f.merge_pair, f.merge_round), merges)
     # a representative's rank among the representatives is its cluster's label
     rank = (root == index).long().cumsum(dim=1) - 1
     return rank.gather(1, root)
