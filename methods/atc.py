@@ -93,6 +93,9 @@ from harness.seam import BlockContext, current_positions, install
 from harness.methods.random import chosen_blocks
 
 LINKAGES = ("average", "complete", "single")
+# the distance of a merged-away cluster and of a cluster to itself: finite, so that merging never
+# computes inf - inf (NaN), and far above any distance (cosine distances are at most 2)
+FAR = 1e30
 
 
 def num_clusters(num_patches: int, keep_rate: float, stage: int) -> int:
@@ -115,7 +118,7 @@ def _combine(dist: torch.Tensor, partner: torch.Tensor, weight: torch.Tensor, li
     ``{a, partner[a]}`` and ``{b, partner[b]}`` (a cluster that does not merge is its own partner),
     rows first, then columns. single / complete: min / max over the four member pairs, exactly;
     average: the member-count-weighted mean, ``weight`` (B, T) being the partner's share of each union.
-    Entries of merged-away clusters and the diagonal come out arbitrary (+inf, NaN): masked by the caller.
+    Entries of merged-away clusters and the diagonal come out arbitrary: masked by the caller.
     """
     b, t, _ = dist.shape
     cols = partner[:, None, :].expand(b, t, t)
@@ -135,7 +138,7 @@ class _Forest:
     order of their representatives (lowest members), which ``ids`` names; merges are stored by token.
 
     Attributes:
-        dist: (B, L, L) distances between the clusters; +inf on the diagonal and in the rows and
+        dist: (B, L, L) distances between the clusters; ``FAR`` on the diagonal and in the rows and
             columns of merged-away slots (an image with fewer clusters than L has some).
         members: (B, L) tokens per cluster (0: merged away).
         ids: (B, L) each slot's representative token.
@@ -166,7 +169,7 @@ class _Forest:
         zeros = torch.zeros(b, t, dtype=dist.dtype, device=dist.device)
         index = torch.arange(t, device=dist.device).expand(b, t).contiguous()
         never = torch.full_like(index, t * t)
-        return cls(dist.masked_fill(eye, float("inf")), zeros + 1, index, zeros, index - index - 1, index.clone(),
+        return cls(dist.masked_fill(eye, FAR), zeros + 1, index, zeros, index - index - 1, index.clone(),
                    zeros + float("inf"), never, never.clone())
 
     def compact(self, alive: int) -> None:
@@ -219,13 +222,13 @@ def _round(forest: _Forest, nearest_dist: torch.Tensor, nearest: torch.Tensor, u
            linkage: str) -> None:
     """One parallel round on every unsettled image: every pair of reciprocal nearest neighbours merges."""
     slot = torch.arange(nearest.shape[1], device=nearest.device).expand_as(nearest)
-    mutual = (nearest.gather(1, nearest) == slot) & torch.isfinite(nearest_dist) & unsettled[:, None]
+    mutual = (nearest.gather(1, nearest) == slot) & (nearest_dist < FAR) & unsettled[:, None]
     partner = torch.where(mutual, nearest, slot)
     weight = _record(forest, nearest_dist, partner, mutual)
     dist = _combine(forest.dist, partner, weight, linkage)
-    alive = forest.members > 0
-    dist = torch.where(alive[:, :, None] & alive[:, None, :], dist, float("inf"))
-    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    far = torch.where(forest.members > 0, -math.inf, FAR)
+    dist = torch.maximum(dist, torch.maximum(far[:, :, None], far[:, None, :]))  # one pass, unlike a 2-D mask
+    dist.diagonal(dim1=1, dim2=2).fill_(FAR)
     forest.dist, forest.step = dist, forest.step + 1
 
 
@@ -238,7 +241,9 @@ def _agglomerate(forest: _Forest, merges: int, linkage: str) -> _Forest:
         unsettled = ~_settled(nearest_dist, forest.merge_height, merges)
         if not unsettled.any():
             return forest
-        margins.note_best(-forest.dist, None, f"atc {linkage} nearest neighbour")
+        if margins._LOG is not None:  # only while a fidelity check records (it costs a pass over the matrix)
+            margins.note_best(torch.where(forest.dist < FAR, -forest.dist, -math.inf), None,
+                              f"atc {linkage} nearest neighbour")
         _round(forest, nearest_dist, nearest, unsettled, linkage)
         alive = int((forest.members > 0).sum(dim=1).max())
         if alive <= 0.9 * forest.dist.shape[1]:
@@ -275,7 +280,7 @@ def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -
     the sequential algorithm exactly; with exact ties see the module docstring.
 
     Args:
-        dist: (B, T, T) symmetric pairwise distances (the diagonal is ignored).
+        dist: (B, T, T) symmetric pairwise distances below 1e30 (the diagonal is ignored).
         k: clusters to leave (1 <= k <= T).
         linkage: "average", "complete" or "single".
 
@@ -298,8 +303,10 @@ def _labels(dist: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     if k == t:
         return index.clone()
     merges = t - k
-    f = _agglomerate(_Forest.start(dist), merges, linkage)
+    with torch.autocast(dist.device.type, enabled=False):  # fp32 already; autocast only adds dispatch per op
+        f = _agglomerate(_Forest.start(dist), merges, linkage)
     left = f.dist.flatten(1).amin(dim=1, keepdim=True)  # any later merge is at least this high
+    left = torch.where(left < FAR, left, math.inf)
     margins.note_boundary(-torch.cat([f.merge_height, left], 1), merges, f"atc {linkage} cut")
     root = _cut(f.parent, (f.merge_height, f.merge_pair, f.merge_round), merges)
     # a representative's rank among the representatives is its cluster's label
