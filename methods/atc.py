@@ -108,7 +108,8 @@ def cosine_distances(metric: torch.Tensor) -> torch.Tensor:
     """Pairwise ``1 - cos`` of ``metric`` (B, T, D): (B, T, T), float32 at least, exactly symmetric."""
     dtype = torch.promote_types(metric.dtype, torch.float32)
     unit = F.normalize(metric.to(dtype), dim=-1)
-    dist = 1.0 - unit @ unit.transpose(1, 2)
+    with torch.autocast(metric.device.type, enabled=False):  # autocast would make the matmul bf16
+        dist = 1.0 - unit @ unit.transpose(1, 2)
     # a matmul need not give bit-identical (i, j) and (j, i): a+b == b+a does
     return (dist + dist.transpose(1, 2)) / 2
 
@@ -226,7 +227,7 @@ def _round(forest: _Forest, nearest_dist: torch.Tensor, nearest: torch.Tensor, u
     partner = torch.where(mutual, nearest, slot)
     weight = _record(forest, nearest_dist, partner, mutual)
     dist = _combine(forest.dist, partner, weight, linkage)
-    far = torch.where(forest.members > 0, -math.inf, FAR)
+    far = torch.where(forest.members > 0, -math.inf, FAR).to(dist.dtype)
     dist = torch.maximum(dist, torch.maximum(far[:, :, None], far[:, None, :]))  # one pass, unlike a 2-D mask
     dist.diagonal(dim1=1, dim2=2).fill_(FAR)
     forest.dist, forest.step = dist, forest.step + 1
@@ -303,6 +304,7 @@ def _labels(dist: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     if k == t:
         return index.clone()
     merges = t - k
+    dist = dist.to(torch.promote_types(dist.dtype, torch.float32))
     with torch.autocast(dist.device.type, enabled=False):  # fp32 already; autocast only adds dispatch per op
         f = _agglomerate(_Forest.start(dist), merges, linkage)
     left = f.dist.flatten(1).amin(dim=1, keepdim=True)  # any later merge is at least this high

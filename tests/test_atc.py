@@ -201,3 +201,13 @@ def test_patched_model_keeps_the_class_token_first_and_carries_sizes():
     assert state.size[:, 0, 0].tolist() == [1.0, 1.0]             # the class token merged with nothing
     assert state.size[:, 1:].sum(dim=(1, 2)).tolist() == [196.0, 196.0]  # every patch in one cluster
     assert (state.size[:, 1:] >= 1).all()
+
+
+def test_clustering_under_bf16_autocast_is_float32_and_equal_to_fp32():
+    # the distances are float32 whatever the autocast (a bf16 matmul would round them to 3 digits)
+    metric = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = cosine_distances(metric)
+        labels = agglomerative_labels(dist, 10, "average")
+    assert dist.dtype == torch.float32
+    assert torch.equal(labels, agglomerative_labels(cosine_distances(metric), 10, "average"))
