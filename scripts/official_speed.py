@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from harness import measure  # noqa: E402
-from harness.cell import CellSettings, prepare_cell  # noqa: E402
+from harness.cell import prepare_cell  # noqa: E402
 from harness.models import load_checkpoint, resolve_model  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 from harness.registry import make_method  # noqa: E402
@@ -215,9 +215,10 @@ def build_atc(root: Path, spec, state: dict) -> nn.Module:
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
     args = Namespace(reduction_ratio=[0.7], reduction_loc=[3, 6, 9], linkage="average", proportional_attn=True)
-    model = module.AgglomerativeClusteringVisionTransformer(
-        mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=spec.num_classes,
-        args=args, **_deit_dims(spec))
+    with contextlib.redirect_stdout(None):  # its __init__ prints the cluster counts
+        model = module.AgglomerativeClusteringVisionTransformer(
+            mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=spec.num_classes,
+            args=args, **_deit_dims(spec))
     model.load_state_dict(state)
     return model.eval()
 
