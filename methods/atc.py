@@ -43,13 +43,14 @@ head are order-independent, so logits do not depend on it).
 Implementation: the official code hands the distance matrix to scikit-learn (or scipy / cuML) on the
 CPU, image by image, which merges one pair per step. Here the clustering is torch only, batched over
 images, in parallel rounds (reciprocal nearest neighbours, Murtagh 1983): every pair of clusters that
-are each other's nearest neighbour merges at once, and the whole (B, T, T) distance matrix is updated
-by Lance-Williams in one pass per round (single: min; complete: max; average: member-count-weighted
-mean over the four member pairs of two unions). For these reducible linkages every such merge is a
-merge of the sequential algorithm's dendrogram, whose heights only grow; rounds run until the
-``T - K`` lowest merges are known (no pair left is closer), and the clusters are those merges:
-the sequential algorithm's ``K`` clusters. On the reference DeiT-T a reduction block settles in
-7-16 rounds where the sequential algorithm takes 24-97 steps. The round count depends on the keys,
+are each other's nearest neighbour merges at once, and the (B, L, L) distance matrix is updated by
+Lance-Williams for all of them together, rows then columns (single: min; complete: max; average:
+member-count-weighted mean), and shrunk to the L clusters left once a tenth has merged away. For
+these reducible linkages every such merge is a merge of the sequential algorithm's dendrogram,
+whose heights only grow; rounds run until the ``T - K`` lowest merges are known (no pair left is
+closer), and the clusters are those merges: the sequential algorithm's ``K`` clusters. On the
+reference DeiT-T at keep rate 0.51 (16 images) the three reduction blocks settle in 16, 8 and 7
+rounds where the sequential algorithm takes 97, 49 and 24 steps. The round count depends on the keys,
 so the clustering is one custom op (``harness::atc_labels``) that a compiled model calls as one
 node; inside it the loop reads its condition on the host once per round.
 
