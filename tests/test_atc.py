@@ -108,16 +108,48 @@ def test_random_batches_match_the_brute_force(linkage):
             assert got[b].tolist() == brute_force_labels(dist[b].tolist(), k, linkage), (n, k, b)
 
 
-@pytest.mark.parametrize("linkage", ["complete", "single"])
-def test_integer_distances_with_many_ties_match_the_brute_force(linkage):
-    # small integer distances tie often; min / max are exact, so both sides see the same ties
+def _tie_heavy_lines(count: int):
+    """Points at small integers on a line: many exactly equal distances (and duplicates at 0)."""
     rng = random.Random(0)
-    for _ in range(20):
-        n = rng.randint(3, 9)
+    for _ in range(count):
+        n = rng.randint(3, 12)
         points = [rng.randint(0, 6) for _ in range(n)]
-        k = rng.randint(1, n)
-        dist = _line(points)
-        assert agglomerative_labels(dist, k, linkage)[0].tolist() == brute_force_labels(dist[0].tolist(), k, linkage)
+        yield _line(points), rng.randint(1, n)
+
+
+def test_complete_linkage_ties_follow_the_sequential_lowest_pair_rule():
+    # min / max are exact, so both sides see the same ties; the lowest (height, i, j) key goes first
+    for dist, k in _tie_heavy_lines(120):
+        assert agglomerative_labels(dist, k, "complete")[0].tolist() == brute_force_labels(dist[0].tolist(), k, "complete")
+
+
+def _kruskal(dist: list[list[float]], nodes: list[int]) -> list[float]:
+    """Edge lengths of a minimum spanning tree of ``nodes`` (unique as a multiset, whatever the ties)."""
+    root = {i: i for i in nodes}
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    lengths = []
+    for d, i, j in sorted((dist[i][j], i, j) for i in nodes for j in nodes if i < j):
+        if find(i) != find(j):
+            root[find(i)] = find(j)
+            lengths.append(d)
+    return lengths
+
+
+def test_single_linkage_ties_give_a_valid_single_linkage_cut():
+    # With exact ties the parallel rounds may take a different (equally close) merge than the
+    # sequential lowest-pair rule: a different minimum spanning forest. Valid means: k clusters whose
+    # own spanning trees use exactly the T - k shortest edges of a minimum spanning tree of all points.
+    for dist, k in _tie_heavy_lines(120):
+        labels = agglomerative_labels(dist, k, "single")[0].tolist()
+        d, n = dist[0].tolist(), len(labels)
+        assert sorted(set(labels)) == list(range(k))
+        inside = [x for c in range(k) for x in _kruskal(d, [i for i in range(n) if labels[i] == c])]
+        assert sorted(inside) == sorted(_kruskal(d, list(range(n))))[: n - k]
 
 
 def test_cosine_distances_by_hand():
@@ -169,3 +201,13 @@ def test_patched_model_keeps_the_class_token_first_and_carries_sizes():
     assert state.size[:, 0, 0].tolist() == [1.0, 1.0]             # the class token merged with nothing
     assert state.size[:, 1:].sum(dim=(1, 2)).tolist() == [196.0, 196.0]  # every patch in one cluster
     assert (state.size[:, 1:] >= 1).all()
+
+
+def test_clustering_under_bf16_autocast_is_float32_and_equal_to_fp32():
+    # the distances are float32 whatever the autocast (a bf16 matmul would round them to 3 digits)
+    metric = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = cosine_distances(metric)
+        labels = agglomerative_labels(dist, 10, "average")
+    assert dist.dtype == torch.float32
+    assert torch.equal(labels, agglomerative_labels(cosine_distances(metric), 10, "average"))
