@@ -60,6 +60,11 @@ class MarginLog:
         return best
 
 
+def is_recording() -> bool:
+    """Whether margins are being noted now: a method may skip work done only for the log."""
+    return _LOG is not None
+
+
 @contextlib.contextmanager
 def recording(model: torch.nn.Module) -> Iterator[MarginLog]:
     """Note every decision's margin while ``model`` runs; the block index is read from ``model.blocks``."""

@@ -242,7 +242,7 @@ def _agglomerate(forest: _Forest, merges: int, linkage: str) -> _Forest:
         unsettled = ~_settled(nearest_dist, forest.merge_height, merges)
         if not unsettled.any():
             return forest
-        if margins._LOG is not None:  # only while a fidelity check records (it costs a pass over the matrix)
+        if margins.is_recording():  # only while a fidelity check records (it costs a pass over the matrix)
             margins.note_best(torch.where(forest.dist < FAR, -forest.dist, -math.inf), None,
                               f"atc {linkage} nearest neighbour")
         _round(forest, nearest_dist, nearest, unsettled, linkage)
