@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 
 from harness import style as st
 from harness.errors import HarnessError
+from harness.store import ResultStore
 from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _loader, _num, baseline_of, budget_order, controls,
                             current, environments, is_reference, load_frame, method_label, model_rows, scored_envs,
                             speedup_of, top1_interval)
@@ -558,5 +559,8 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
                 fig = draw() if shown else None
                 if fig is not None:
                     written += save(fig, out, name + WIDTHS[w])
+    from harness.protocol_report import plot_training_curves
+
+    written += plot_training_curves(ResultStore(results_dir).load_all(), Path(results_dir), out)
     log.info("wrote %d figure files to %s", len(written), out)
     return written

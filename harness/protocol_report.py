@@ -94,7 +94,7 @@ def training_log(rec: dict, results_dir: Path) -> list[dict]:
 
 
 def plot_training_curves(records: list[dict], results_dir: Path, figures_dir: Path) -> list[Path]:
-    """``training_curves.{png,pdf}``: loss and learning rate per step of every fine-tuned record."""
+    """``training_curves.{png,pdf,pgf}``: loss and learning rate per step of every fine-tuned record."""
     runs = [(r, training_log(r, results_dir)) for r in records if protocol_of(r) != OFF_THE_SHELF]
     runs = [(r, log) for r, log in runs if log]
     if not runs:
@@ -113,10 +113,6 @@ def plot_training_curves(records: list[dict], results_dir: Path, figures_dir: Pa
     ax_lr.set(xlabel="update", ylabel="learning rate")
     ax_loss.legend(fontsize=6)
     fig.tight_layout()
-    figures_dir = Path(figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    paths = [figures_dir / f"training_curves.{ext}" for ext in ("png", "pdf")]
-    for path in paths:
-        fig.savefig(path)
-    plt.close(fig)
-    return paths
+    from harness.plots import save
+
+    return save(fig, Path(figures_dir), "training_curves")  # PNG, PDF and PGF, no dates in the files

@@ -37,6 +37,7 @@ reported once, the newest measured one, and the duplication is noted under the m
 """
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import itertools
@@ -50,6 +51,7 @@ from typing import Callable, Optional
 
 from harness import stats
 from harness.errors import HarnessError
+from harness.recipes import OFF_THE_SHELF
 from harness.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,9 @@ def configuration(rec: dict) -> dict:
         else:
             flat[k] = v
     limit = _norm(rec.get("calib_limit"))
-    return {**flat, **({"calib_limit": limit} if limit is not None else {})}
+    protocol = rec.get("protocol")  # fine-tuned cells are their own configuration: tome[protocol=finetune:x]
+    return {**flat, **({"calib_limit": limit} if limit is not None else {}),
+            **({"protocol": protocol} if protocol not in (None, OFF_THE_SHELF) else {})}
 
 
 def variant_labels(records: list[dict]) -> list[str]:
@@ -1254,23 +1258,11 @@ def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str
     envs = environments(df)
     load = _loader()
     parts = ["# Results", "", f"From {len(df)} stored records in `{results_dir}`.", "", LEGEND, ""]
-    scored = {id(g) for _, g in scored_envs(envs)}
-    pair_rows = []
-    for env, group in envs:
-        section, pairs = _model_section(env, group, id(group) in scored, load, reports_dir)
-        parts += section
-        pair_rows += pairs
-    pair_cols = ["environment", *GROUP, "budget", "method_a", "method_b", "top1_a", "top1_b", "d_top1", "b", "c",
-                 "p_mcnemar", "p_holm", "q_bh", "significant"]
-    _write(reports_dir / "pairwise.csv", pd.DataFrame(pair_rows, columns=pair_cols).to_csv(index=False))
+    parts += _model_parts(envs, reports_dir, load)
     parts += _control_parts(scored_envs(envs), reports_dir, load)
     parts += _summary_parts(envs, reports_dir, load)
-    settings, krows = kernel_comparison(df)
-    if krows:
-        parts += ["## Attention kernels", "", "Model-only img/s of the same cell under each attention kernel and "
-                  "compile setting stored; the last columns: the default (fused SDPA) over the others.", "",
-                  kernel_markdown(settings, krows), ""]
-        pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
+    parts += _kernel_parts(df, reports_dir)
+    parts += _protocol_parts(results_dir, reports_dir)
     parts += _unmeasured_parts(envs)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
@@ -1281,6 +1273,52 @@ def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str
     df.drop(columns=[c for c in ("traceback", "results_dir") if c in df]).to_csv(reports_dir / "results.csv", index=False)
     log.info("report written to %s", reports_dir)
     return text
+
+
+def _model_parts(envs, reports_dir: Path, load) -> list[str]:
+    """One section per model environment, and every pairwise test of them in ``pairwise.csv``."""
+    import pandas as pd
+
+    scored = {id(g) for _, g in scored_envs(envs)}
+    parts, pair_rows = [], []
+    for env, group in envs:
+        section, pairs = _model_section(env, group, id(group) in scored, load, reports_dir)
+        parts += section
+        pair_rows += pairs
+    pair_cols = ["environment", *GROUP, "budget", "method_a", "method_b", "top1_a", "top1_b", "d_top1", "b", "c",
+                 "p_mcnemar", "p_holm", "q_bh", "significant"]
+    _write(reports_dir / "pairwise.csv", pd.DataFrame(pair_rows, columns=pair_cols).to_csv(index=False))
+    return parts
+
+
+def _kernel_parts(df, reports_dir: Path) -> list[str]:
+    """The same cells under each attention kernel stored (``kernels.csv``), where there are several."""
+    import pandas as pd
+
+    settings, krows = kernel_comparison(df)
+    if not krows:
+        return []
+    pd.DataFrame(krows).round(3).to_csv(reports_dir / "kernels.csv", index=False)
+    return ["## Attention kernels", "", "Model-only img/s of the same cell under each attention kernel and "
+            "compile setting stored; the last columns: the default (fused SDPA) over the others.", "",
+            kernel_markdown(settings, krows), ""]
+
+
+def _protocol_parts(results_dir: Path, reports_dir: Path) -> list[str]:
+    """Each fine-tuned cell beside its off-the-shelf partner (``protocol_pairs.csv``), where there are any."""
+    from harness.protocol_report import pairs_markdown, protocol_pairs
+
+    rows = protocol_pairs(ResultStore(results_dir).load_all(), Path(results_dir))
+    if not rows:
+        return []
+    with open(reports_dir / "protocol_pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return ["## Off the shelf vs fine-tuned", "", "Each fine-tuned cell beside the same method, model and "
+            "budget off the shelf, on the same images: 95 % Wilson intervals, exact McNemar p "
+            "(b: only off the shelf right, c: only fine-tuned right; † p >= 0.05). Curves: "
+            "`figures/training_curves.png`.", "", pairs_markdown(rows), ""]
 
 
 def unmeasured(envs: list[tuple[dict, object]]) -> list[dict]:

@@ -46,6 +46,9 @@ def results(tmp_path_factory):
     # one configuration stored twice: 0.70 (an older spelling, day 1) and 0.7 (day 2)
     _write(root, "evit_old", "evit", "0.70", 70, {}, day=1)
     _write(root, "evit_new", "evit", "0.7", 75, {}, day=2)
+    # the same method, model and budget off the shelf and fine-tuned: two configurations, paired
+    _write(root, "topk_shelf", "topk", "0.7", 72, {})
+    _write(root, "topk_tuned", "topk", "0.7", 78, {}, protocol="finetune:cpu-smoke", train_steps=5)
     rep = root / "rep"
     return root, rep, build_report(root, rep)
 
@@ -66,6 +69,16 @@ def test_variants_are_labelled_rows_never_merged(results):
     assert float(rows["random", "0.7"]["top1"]) == 80.0 and float(rows["random[seed=1]", "0.7"]["top1"]) == 70.0
     assert float(rows["tome", "0.7"]["top1"]) == 85.0 and float(rows["tome[prop_attn=False]", "0.7"]["top1"]) == 84.0
     assert "| random[seed=1] " in md and "| tome[prop_attn=False] " in md
+
+
+def test_a_fine_tuned_cell_is_its_own_row_beside_its_off_the_shelf_partner(results):
+    _, rep, md = results
+    rows = {(r["method"], r["budget"]): r for r in _table(rep)}
+    assert float(rows["topk", "0.7"]["top1"]) == 72.0
+    assert float(rows["topk[protocol=finetune:cpu-smoke]", "0.7"]["top1"]) == 78.0
+    (pair,) = _csv(rep / "protocol_pairs.csv")
+    assert (pair["method"], pair["protocol"], pair["b"], pair["c"]) == ("topk", "finetune:cpu-smoke", "0", "6")
+    assert "## Off the shelf vs fine-tuned" in md and "reported once" not in md.split("topk")[1][:200]
 
 
 def test_pairwise_and_summary_keep_the_variants_apart(results):
@@ -97,7 +110,7 @@ def test_a_rerun_of_one_configuration_is_reported_once_and_flagged(results):
             "from cell evit_new") in md
     pairs = [r for r in _csv(rep / "pairwise.csv") if "evit" in (r["method_a"], r["method_b"])]
     assert len(pairs) == len({(r["method_a"], r["method_b"]) for r in pairs})  # evit paired once per partner
-    assert len(_csv(rep / "results.csv")) == 9  # every stored record is still listed
+    assert len(_csv(rep / "results.csv")) == 11  # every stored record is still listed
 
 
 def test_labels_show_what_differs_and_not_defaults():
