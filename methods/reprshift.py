@@ -11,9 +11,10 @@ that moved least. The score needs only a layer's input and output, never an atte
 fused attention kernel (``scaled_dot_product_attention``, FlashAttention on a GPU) stays in use.
 
 Modifications (seam stage ``"post"``: after the MLP residual of each prune block):
- - score: ``||x_out - x_in||_2`` per token, in fp32, where ``x_in`` is the token entering the block
-   (``ctx.block_input``) and ``x_out`` the token leaving it (attention and MLP residual branches
-   both applied);
+ - score: ``||x_out - x_mid||_2`` per token, in fp32, the shift across the MLP (the paper's Figure 2):
+   ``x_mid`` is the token entering the MLP's residual branch (``ctx.mlp_input``, after the
+   attention's residual) and ``x_out`` the token leaving the block; option ``layer = "block"``
+   measures across the whole block instead (``x_in`` = ``ctx.block_input``);
  - prune blocks: 0-based 0, 3, 6 of 12, where the README's ``--drop_r`` list is non-zero (scaled to
    other depths as 0, depth // 4, depth // 2; option ``drop_loc`` overrides), each with the same
    rate, the knob ``drop_r`` (the README's 0.2 is ``drop_r=0.2``);
@@ -27,11 +28,8 @@ Modifications (seam stage ``"post"``: after the MLP residual of each prune block
 Choices, against the paper:
  - distance: L2, the paper's D ("a distance metric like the L2 norm"; its Figure 2 computes the
    L2 distance);
- - where the shift is measured: the paper's illustration (Figure 2) measures it across the MLP
-   layer. The seam hands a reducer the block's input and output, so we measure across the whole
-   block (attention + MLP residual branches): the MLP-only shift would need the tokens between
-   the two branches, which a stage-"post" reducer does not see. A deviation from the paper's figure;
-   on a pre-norm block the two differ by the attention branch's update;
+ - where the shift is measured: across the MLP, as the paper's illustration (Figure 2) computes it;
+   the whole block (``layer = "block"``) is kept as an option, not the default;
  - prune blocks and rate: the README's command (blocks 0, 3, 6, one rate); that the rate is a
    fraction of the tokens the block receives, its rounding (``int``), where in the block the tokens
    leave (after the MLP, which the score needs) and the token order are not in the text we could
@@ -44,6 +42,7 @@ from typing import Callable
 import torch
 
 from harness import margins
+from harness.errors import HarnessError
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
 from harness.seam import BlockContext, chosen_blocks, install, keep_tokens
@@ -71,14 +70,18 @@ def prune_blocks(depth: int) -> tuple[int, ...]:
     return tuple(sorted({0, depth // 4, depth // 2}))
 
 
-def reprshift_reducer(target: int) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
-    """The seam reducer that keeps the ``target`` tokens (prefix included) the block moved most."""
+LAYERS = ("mlp", "block")  # where the shift is measured: across the MLP (the paper's), or the whole block
+
+
+def reprshift_reducer(target: int, layer: str = "mlp") -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
+    """The seam reducer that keeps the ``target`` tokens (prefix included) the ``layer`` moved most."""
 
     def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         p = ctx.num_prefix
         if x.shape[1] <= target:
             return x
-        shift = representation_shift(x[:, p:], ctx.block_input[:, p:])
+        before = ctx.mlp_input if layer == "mlp" else ctx.block_input
+        shift = representation_shift(x[:, p:], before[:, p:])
         return keep_tokens(ctx, x, largest_shift(shift, target - p) + p)
 
     return reduce
@@ -94,7 +97,15 @@ class RepresentationShift(Method):
     tracks_positions = True
     knob = Knob("drop_r", float, 0.0, 0.99, identity=0.0)
 
-    option_defaults = {"drop_loc": None}
+    option_defaults = {"drop_loc": None, "layer": "mlp"}
+
+    @property
+    def layer(self) -> str:
+        """Where the shift is measured: "mlp" (the paper's) or "block"."""
+        layer = str(self.options["layer"])
+        if layer not in LAYERS:
+            raise HarnessError(f"reprshift layer {layer!r}; choices: {', '.join(LAYERS)}")
+        return layer
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that prune, for a model of ``depth`` blocks."""
@@ -120,7 +131,7 @@ class RepresentationShift(Method):
         reducers, prev = {}, schedule.tokens_in
         for i, n in enumerate(schedule.tokens_out):
             if round(n) < prev:
-                reducers[i] = reprshift_reducer(round(n))
+                reducers[i] = reprshift_reducer(round(n), self.layer)
             prev = round(n)
         install(model, reducers, capture_qkv=False, method=self.name, stage=self.stage,
                 tracks_positions=self.tracks_positions)

@@ -1,9 +1,11 @@
 """Representation Shift and GTP-ViT: their own steps on tiny inputs, checked by hand (issue 25)."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
+from harness.errors import HarnessError
 from harness.methods.gtp import (mixed_attn_max, normalised, props_per_block, propagate, restrict, semantic_graph,
                                  spatial_graph, split_by_rank)
 from harness.methods.reprshift import largest_shift, num_keep, representation_shift
@@ -30,30 +32,45 @@ def test_the_readme_setting_prunes_a_fifth_at_blocks_0_3_6():
     assert schedule.tokens_out == (158,) * 3 + (127,) * 3 + (102,) * 6  # 196-39, 157-31, 126-25 (+1 class token)
 
 
-def test_reprshift_scores_what_the_block_changed(monkeypatch):
-    """In a real forward the pruned tokens are those whose output moved least from the block's input."""
+@pytest.mark.parametrize("layer", ["mlp", "block"])
+def test_reprshift_scores_what_the_layer_changed(layer):
+    """In a real forward the pruned tokens are those whose output moved least from the MLP's input
+    (the paper's shift) or from the block's input (``layer = "block"``), and the context's
+    ``mlp_input`` is what the MLP branch really received."""
+    from harness.seam import wrap_reducers
+
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=3).eval()
     arch = arch_spec(model)
-    method = make_method("reprshift", {"reprshift": {"drop_loc": [1]}})
+    method = make_method("reprshift", {"reprshift": {"drop_loc": [1], "layer": layer}})
     method.patch(model, 0.5, arch)
-    seen = {}
-    block = model.blocks[1]
+    block, seen = model.blocks[1], {}
     block.register_forward_pre_hook(lambda _m, args: seen.setdefault("in", args[0].clone()))
-    inner = block._seam_reducer
 
-    def spy(x, ctx):
-        seen["out"] = x.clone()
-        return inner(x, ctx)
+    def spy(_index, inner):
+        def reduce(x, ctx):
+            seen.update(out=x.clone(), mid=ctx.mlp_input.clone(), block_input=ctx.block_input)
+            return inner(x, ctx)
+        return reduce
 
-    block._seam_reducer = spy
+    wrap_reducers(model, spy)
     left = []
     block.register_forward_hook(lambda _m, _i, out: left.append(out))
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
-    shift = (seen["out"] - seen["in"])[:, 1:].norm(dim=-1)
+        torch.testing.assert_close(seen["out"] - seen["mid"], block.ls2(block.mlp(block.norm2(seen["mid"]))))
+    torch.testing.assert_close(seen["block_input"], seen["in"], rtol=0, atol=0)
+    before = seen["mid"] if layer == "mlp" else seen["in"]
+    shift = (seen["out"] - before)[:, 1:].norm(dim=-1)
     kept = shift.topk(8, dim=1).indices.sort(dim=1).values + 1
     expected = torch.cat([seen["out"][:, :1], seen["out"].gather(1, kept[..., None].expand(-1, -1, 192))], 1)
     torch.testing.assert_close(left[0], expected, rtol=0, atol=0)
+
+
+def test_reprshift_refuses_an_unknown_layer():
+    method = make_method("reprshift", {"reprshift": {"layer": "attn"}})
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=3).eval()
+    with pytest.raises(HarnessError, match="reprshift layer 'attn'; choices: mlp, block"):
+        method.patch(model, 0.5, arch_spec(model))
 
 
 def test_spatial_graph_links_the_eight_grid_neighbours():

@@ -26,6 +26,8 @@ class BlockContext:
         position_bias: the relative-position bias the block's attention added, (1 or B, H, N, N).
         block_input: the tokens that entered the block (B, N, C), before any reduction of this block:
             what a reducer needs to score a token by how much the block changed it, ||x_out - x_in||.
+        mlp_input: stage "post": the tokens entering the MLP's residual branch (B, N, C), after
+            the attention's residual: ||x_out - mlp_input|| is the shift of the MLP alone.
         v: the block's values (B, H, N, d).
 
     The block's attention is derived only when a reducer asks (``cls_attn()``, ``attention()``,
@@ -42,6 +44,7 @@ class BlockContext:
     k: Optional[torch.Tensor] = None
     position_bias: Optional[torch.Tensor] = None
     block_input: Optional[torch.Tensor] = None
+    mlp_input: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -75,6 +75,7 @@ def _reducing_forward(blk, seam: BlockSeam, reducer: Optional[Reducer], x: torch
     x = x + blk.drop_path1(family.layer_scale(blk, 1, seam.attention(blk, family, state, blk.norm1(x), inputs, ctx)))
     if reducer is not None and seam.stage == "mid":
         x = _reduce(reducer, x, ctx)
+    ctx.mlp_input = x
     x = x + blk.drop_path2(family.layer_scale(blk, 2, blk.mlp(blk.norm2(x))))
     if reducer is not None and seam.stage == "post":
         x = _reduce(reducer, x, ctx)
