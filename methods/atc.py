@@ -381,7 +381,7 @@ class ATC(Method):
     name = "atc"
     merges = True
     tracks_positions = True
-    version = "1"
+    version = "2"  # 2: distances in fp32 under bf16 autocast (as the docstring says; the matmul ran in bf16)
     knob = Knob("keep_rate", float, 0.2, 1.0, identity=1.0)
 
     option_defaults = {"linkage": "average", "prop_attn": True, "reduction_loc": None}
