@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -28,9 +29,23 @@ import torch
 from torch import nn
 
 REPO = "https://github.com/Ackesnal/GTP-ViT"
-MODEL, ARCH, NUM_CLASSES = "deit_tiny_cifar10", "deit_tiny_patch16_224", 10
-INPUTS_FROM = "fidelity/deit_tiny_cifar10_golden.npz"
-OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "deit_tiny_cifar10_gtp_golden"
+NUM_CLASSES = 10
+INPUTS_FROM = "fidelity/deit_tiny_cifar10_golden.npz"  # the same 40 images and normalisation for both models
+GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A reference model and the shape GraphPropagationTransformer is built with for it."""
+
+    model: str
+    arch: str
+    embed_dim: int
+    num_heads: int
+
+
+TARGETS = {t.model: t for t in (Target("deit_tiny_cifar10", "deit_tiny_patch16_224", 192, 3),
+                                Target("deit_small_cifar10", "deit_small_patch16_224", 384, 6))}
 
 # The README's best setting (MixedAttnMax selection, Mixed graph, GraphProp, token scale) with
 # main.py's defaults for the rest; num_prop 3 / 9 / 16 are the 0.9 / 0.7 / 0.5 GMACs budgets of a
@@ -51,9 +66,9 @@ COMPAT = [
     "GraphPropagationTransformer.__init__ moves its spatial graph to CUDA (`graph.to(\"cuda\")`, with the "
     "comment 'comment .to(\"cuda\") if the environment is cpu'): while the model is built, Tensor.to('cuda') "
     "returns the tensor itself, so the graph stays on the CPU; nothing else is affected",
-    "models_v3.py has no DeiT-Tiny constructor: GraphPropagationTransformer is called directly with "
-    "deit_tiny_patch16_224's shape (patch 16, dim 192, depth 12, 3 heads, mlp 4, qkv_bias, LayerNorm eps 1e-6) "
-    "and num_classes=10, as its graph_propagation_deit_small_patch16_224 does for DeiT-S",
+    "GraphPropagationTransformer is called directly with the model's shape (patch 16, depth 12, mlp 4, "
+    "qkv_bias, LayerNorm eps 1e-6; DeiT-T: dim 192, 3 heads, DeiT-S: dim 384, 6 heads) and num_classes=10, as "
+    "its graph_propagation_deit_small_patch16_224 does for DeiT-S (models_v3.py has no DeiT-Tiny constructor)",
     "propagate() appends a statistic to a file named 'missing' in the working directory on every call: the "
     "forward runs in a temporary working directory, removed afterwards",
     "weights: the timm safetensors state dict loads into GraphPropagationTransformer with strict=True, no key mapping",
@@ -85,11 +100,11 @@ def cuda_to_is_noop():
         torch.Tensor.to = original
 
 
-def official_model(models_v3, state_dict: dict, options: dict) -> nn.Module:
-    """The official GraphPropagationTransformer at deit_tiny's shape, the checkpoint loaded strictly."""
+def official_model(models_v3, state_dict: dict, options: dict, target: Target) -> nn.Module:
+    """The official GraphPropagationTransformer at ``target``'s shape, the checkpoint loaded strictly."""
     with cuda_to_is_noop():
         model = models_v3.GraphPropagationTransformer(
-            patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True,
+            patch_size=16, embed_dim=target.embed_dim, depth=12, num_heads=target.num_heads, mlp_ratio=4, qkv_bias=True,
             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=NUM_CLASSES, **options)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
@@ -117,9 +132,9 @@ def official_options(knob: dict) -> dict:
             "alpha": knob["alpha"], "token_scale": knob["token_scale"], "graph_type": knob["graph_type"]}
 
 
-def make_case(models_v3, state_dict: dict, x: torch.Tensor, knob: dict) -> tuple[np.ndarray, dict]:
+def make_case(models_v3, state_dict: dict, x: torch.Tensor, knob: dict, target: Target) -> tuple[np.ndarray, dict]:
     """One case's logits, run twice (the second must equal the first bit for bit), and its description."""
-    model = official_model(models_v3, state_dict, official_options(knob))
+    model = official_model(models_v3, state_dict, official_options(knob), target)
     logits, leaving = run(model, x)
     again, _ = run(model, x)
     if not torch.equal(logits, again):
@@ -128,20 +143,20 @@ def make_case(models_v3, state_dict: dict, x: torch.Tensor, knob: dict) -> tuple
     spec = {"method": "gtp", "official": "Ackesnal/GTP-ViT models_v3.py", "knob": knob, **FIXED,
             "tokens_per_block_observed": leaving, "tokens_removed_per_block_observed": removed,
             "argmax": logits.argmax(-1).tolist(),
-            "how": f"models_v3.GraphPropagationTransformer(deit_tiny shape, {official_options(knob)}); "
+            "how": f"models_v3.GraphPropagationTransformer({target.arch} shape, {official_options(knob)}); "
                    "load_state_dict(strict=True); eval(); model(x) under inference_mode"}
     return logits.numpy().astype(np.float32), spec
 
 
-def sanity_identity(models_v3, state_dict: dict, x: torch.Tensor) -> float:
+def sanity_identity(models_v3, state_dict: dict, x: torch.Tensor, target: Target) -> float:
     """Max |logits| difference between the official model with nothing selected and timm's own model."""
     import timm
 
-    reference = timm.create_model(ARCH, num_classes=NUM_CLASSES)
+    reference = timm.create_model(target.arch, num_classes=NUM_CLASSES)
     reference.load_state_dict(state_dict)
     with torch.inference_mode():
         expected = reference.eval()(x)
-    logits, _ = run(official_model(models_v3, state_dict, {}), x)
+    logits, _ = run(official_model(models_v3, state_dict, {}, target), x)
     return float((logits - expected).abs().max())
 
 
@@ -155,13 +170,13 @@ def commit_of(root: Path, given: str | None) -> str:
         raise SystemExit(f"{root} is not a git checkout: pass the commit it was exported from with --commit") from None
 
 
-def metadata(data_root: Path, commit: str, sanity: float, cases: dict) -> dict:
+def metadata(data_root: Path, commit: str, sanity: float, cases: dict, target: Target) -> dict:
     import safetensors
     import timm
 
-    checkpoint = data_root / "models" / f"{MODEL}.safetensors"
+    checkpoint = data_root / "models" / f"{target.model}.safetensors"
     return {
-        "model": MODEL, "arch": ARCH, "num_classes": NUM_CLASSES, "checkpoint": f"shared/models/{checkpoint.name}",
+        "model": target.model, "arch": target.arch, "num_classes": NUM_CLASSES, "checkpoint": f"shared/models/{checkpoint.name}",
         "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "inputs_from": INPUTS_FROM,
         "run": {"device": "cpu", "dtype": "float32", "mode": "model.eval(), torch.inference_mode()",
                 "batch": "all 40 images in one batch", "threads": torch.get_num_threads()},
@@ -171,7 +186,8 @@ def metadata(data_root: Path, commit: str, sanity: float, cases: dict) -> dict:
         "sanity_no_selection_max_abs_diff_vs_timm": sanity,
         "tokens_note": "tokens_per_block_observed[i] = tokens leaving block i (forward hook on blocks[i]); "
                        "GTP removes num_prop patch tokens in every block between attention and MLP",
-        "reproduce": "python scripts/gtp_golden.py --official-root <GTP-ViT export> --commit <sha>; every case is "
+        "reproduce": f"python scripts/gtp_golden.py --model {target.model} --official-root <GTP-ViT export> "
+                     "--commit <sha>; every case is "
                      "run twice with bit-identical logits",
         "cases": cases,
     }
@@ -182,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official-root", type=Path, required=True, help="a checkout or export of Ackesnal/GTP-ViT")
     parser.add_argument("--commit", help="the commit --official-root holds (read with git when it is a checkout)")
     parser.add_argument("--data-root", type=Path, default=None, help="the shared data folder (default: the harness's)")
-    parser.add_argument("--out", type=Path, default=OUT, help="output stem (.npz and .json are written)")
+    parser.add_argument("--model", choices=sorted(TARGETS), default="deit_tiny_cifar10", help="the reference model")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output stem (.npz and .json are written; default tests/fixtures/golden/<model>_gtp_golden)")
     args = parser.parse_args(argv)
     if not (args.official_root / "models_v3.py").is_file():
         print(f"error: {args.official_root}/models_v3.py not found: pass the GTP-ViT repository root", file=sys.stderr)
@@ -195,18 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.official_root))
     import models_v3  # the official module, from --official-root
 
+    target = TARGETS[args.model]
+    out = args.out or GOLDEN / f"{target.model}_gtp_golden"
     torch.manual_seed(0)
-    state_dict = load_file(root / "models" / f"{MODEL}.safetensors")
+    state_dict = load_file(root / "models" / f"{target.model}.safetensors")
     x = load_inputs(root)
     arrays, cases = {}, {}
     for name, change in CASES.items():
-        arrays[name], cases[name] = make_case(models_v3, state_dict, x, {**BASE, **change})
+        arrays[name], cases[name] = make_case(models_v3, state_dict, x, {**BASE, **change}, target)
         print(f"{name}: tokens {cases[name]['tokens_per_block_observed']}")
-    sanity = sanity_identity(models_v3, state_dict, x)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out.with_suffix(".npz"), **arrays)
-    args.out.with_suffix(".json").write_text(json.dumps(metadata(root, commit, sanity, cases), indent=1) + "\n")
-    print(f"wrote {args.out}.npz/.json (no-selection vs timm: {sanity:.3g})")
+    sanity = sanity_identity(models_v3, state_dict, x, target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out.with_suffix(".npz"), **arrays)
+    out.with_suffix(".json").write_text(json.dumps(metadata(root, commit, sanity, cases, target), indent=1) + "\n")
+    print(f"wrote {out}.npz/.json (no-selection vs timm: {sanity:.3g})")
     return 0
 
 
