@@ -24,7 +24,7 @@ import torch
 
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install
+from harness.seam import BlockContext, install, keep_tokens
 
 # The knob's upper end: 98 drops half of DeiT's 196 patches in the first block. Larger r would
 # clamp in every block anyway, and the contract tests check the schedule is monotone up to here.
@@ -56,11 +56,6 @@ def smallest_norm_drop(metric: torch.Tensor, num_drop: int, num_prefix: int) -> 
     return kept.sort(dim=1).values + num_prefix
 
 
-def keep_tokens(x: torch.Tensor, index: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Prefix tokens of ``x`` (B, N, C) followed by its tokens at ``index`` (B, K)."""
-    return torch.cat([x[:, :num_prefix], gather_tokens(x, index)], dim=1)
-
-
 # --- The adapter: a reducer per block, installed at the harness's one seam. ---------------------
 
 def keynorm_reducer(target: int):
@@ -71,11 +66,9 @@ def keynorm_reducer(target: int):
         if num_drop <= 0:
             return x
         index = smallest_norm_drop(ctx.keys(), num_drop, ctx.num_prefix)
-        # Sizes exist only after a merging method ran (e.g. when following a schedule inside a
-        # composite); pruning keeps each survivor's size so proportional attention stays right.
-        if ctx.state.size is not None:
-            ctx.state.size = keep_tokens(ctx.state.size, index, ctx.num_prefix)
-        return keep_tokens(x, index, ctx.num_prefix)
+        # the harness's keep_tokens: prefix first, then the kept tokens; each survivor's size (after
+        # a merging method ran) and position (rope / relpos models) follow it
+        return keep_tokens(ctx, x, index)
 
     return reduce
 
@@ -90,6 +83,9 @@ class KeyNormPruning(Method):
     version = "1"
     # The native knob: its name is what budgets like ``r=8`` refer to; ``identity`` removes nothing.
     knob = Knob("r", int, 0, R_MAX, identity=0)
+    # Premises, declared for `ls` and the docs (the seam also checks each where it is used): pruning with
+    # harness.seam.keep_tokens keeps token positions in sync, so rope / relpos models are supported.
+    tracks_positions = True
 
     def schedule(self, arch, value: int) -> Schedule:
         """Tokens leaving each block: ``value`` fewer each time, clamped as the forward clamps."""
@@ -110,4 +106,4 @@ class KeyNormPruning(Method):
             if round(n) < prev:  # only blocks that shrink get a reducer (and pay for ctx.keys())
                 reducers[i] = keynorm_reducer(round(n))
             prev = round(n)
-        install(model, reducers)
+        install(model, reducers, method=self.name, tracks_positions=self.tracks_positions)

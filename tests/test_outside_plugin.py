@@ -88,9 +88,6 @@ def test_template_selection_by_hand(monkeypatch):
     # token 0 is the class token (norm 0, never a candidate); the others have norms 3, 1, 4, 1.5, 5
     metric = torch.tensor([[[0.0, 0.0], [3, 0], [0, 1], [4, 0], [0, 1.5], [3, 4]]])
     assert template.smallest_norm_drop(metric, 2, num_prefix=1).tolist() == [[1, 3, 5]]
-    x = torch.arange(6.0).view(1, 6, 1)
-    kept = template.keep_tokens(x, template.smallest_norm_drop(metric, 2, 1), 1)
-    assert kept.flatten().tolist() == [0, 1, 3, 5]
     assert template.clamp_r(10, num_tokens=6, num_prefix=1) == 4  # the last non-prefix token stays
     assert template.clamp_r(3, num_tokens=6, num_prefix=1) == 3
 
