@@ -1,4 +1,4 @@
-"""Representation Shift: keep the tokens the block changed most.
+"""Representation Shift: keep the tokens the MLP changed most.
 
 Choi, Lee, Ko, Kim, Kil and Kim, "Representation Shift: Unifying Token Compression with
 FlashAttention", ICCV 2025, arXiv 2508.00367, https://github.com/mlvlab/Representation-Shift. The
@@ -89,7 +89,7 @@ def reprshift_reducer(target: int, layer: str = "mlp") -> Callable[[torch.Tensor
 
 @register_method
 class RepresentationShift(Method):
-    """Representation Shift: keep the tokens whose representation the block changed most (Choi et al., ICCV 2025)."""
+    """Representation Shift: keep the tokens whose representation the MLP changed most (Choi et al., ICCV 2025)."""
 
     name = "reprshift"
     version = "1"
