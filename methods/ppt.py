@@ -82,6 +82,7 @@ def class_attention(ctx: BlockContext) -> torch.Tensor:
     arithmetic: ``(q k^T) scale`` in the projection's dtype, then in fp32 with log size added (the
     official adds log(1) at a pp block before any merge, which promotes the logits to fp32 under
     autocast), softmax in fp32."""
+    ctx.require_class_token("the class token's attention row")
     attn = ctx.block.attn
     b, n, _ = ctx.qkv.shape
     qk = ctx.qkv[..., : 2 * attn.num_heads * attn.head_dim].reshape(b, n, 2, attn.num_heads, attn.head_dim)

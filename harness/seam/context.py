@@ -104,15 +104,20 @@ class BlockContext:
             return self.attn_probs
         return self._once("attention", lambda: self._logits(slice(None)).float().softmax(-1))
 
+    def require_class_token(self, reading: str) -> None:
+        """Refuse the cell (:class:`UnsupportedModel`) where the model has no class token: a reducer
+        that reads row 0 as the class token's (its own computation included) calls this first."""
+        if not self.state.class_token:  # the premise checked where it is used, declared or not
+            raise UnsupportedModel(f"{self.state.method} reads {reading} and this model has no class token: "
+                                   f"row 0 is another token's")
+
     def cls_attn(self) -> torch.Tensor:
         """The class token's attention over all tokens, averaged over heads: (B, N).
 
         Computed from the class query alone (B x H x 1 x N), with the same biases the block's
         attention used, so it equals row 0 of the block's softmax attention.
         """
-        if not self.state.class_token:  # the premise checked where it is used, declared or not
-            raise UnsupportedModel(f"{self.state.method} reads the class token's attention (ctx.cls_attn()) and this "
-                                   f"model has no class token: row 0 is another token's")
+        self.require_class_token("the class token's attention (ctx.cls_attn())")
         return self._once("cls_attn", lambda: self._logits(slice(0, 1)).float().softmax(-1).mean(1)[:, 0])
 
 
