@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -223,6 +224,19 @@ def build_atc(root: Path, spec, state: dict) -> nn.Module:
     return model.eval()
 
 
+def build_gtp(root: Path, spec, state: dict) -> nn.Module:
+    from scripts.gtp_golden import cuda_to_is_noop  # the golden script's shim: the spatial graph stays on the CPU
+
+    with on_path(root, ("models_v3",)), timm_registry_untouched(), cuda_to_is_noop():
+        import models_v3
+        model = models_v3.GraphPropagationTransformer(
+            mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=spec.num_classes,
+            selection="MixedAttnMax", propagation="GraphProp", sparsity=1.0, num_prop=9, num_neighbours=8,
+            alpha=0.1, token_scale=True, graph_type="Mixed", **_deit_dims(spec))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 NO_EDIT = "no edit to the repository's files"
 REGISTRY = "timm's register_model is a no-op while the repository's model file is imported (timm 1.x would overwrite deit_*)"
 CASES = [
@@ -249,6 +263,11 @@ CASES = [
          "r=50, threshold 7e-5 at blocks 3, 6, 9", (NO_EDIT, "only ppt_deit.py and its own tome.py imported")),
     Case("atc", "JoakimHaurum/ATC", "ATC", build_atc, 0.7, {}, "keep rate 0.7, average linkage, proportional attention",
          (NO_EDIT, "only ATC_setup/models/atc.py imported (needs scikit-learn)")),
+    Case("gtp", "Ackesnal/GTP-ViT", "GTP-ViT", build_gtp, 9, {},
+         "num_prop=9 (0.7 of the GMACs), MixedAttnMax, Mixed graph, alpha 0.1, token scales",
+         (NO_EDIT, "GraphPropagationTransformer built directly at the model's shape", REGISTRY,
+          "Tensor.to('cuda') a no-op while it is built (its spatial graph is moved to CUDA)",
+          "run in a temporary working directory (propagate() appends to ./missing on every call)")),
 ]
 
 
@@ -348,19 +367,30 @@ def run(args, cases: list[Case]) -> int:
     torch.set_grad_enabled(False)
     spec = resolve_model(args.model, {}, data_root())
     state = load_checkpoint(spec)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 224, 224)
     pairs, diffs = {}, {}
+    args.official_root = args.official_root.resolve()
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp, measure.autocast(torch.device("cpu"), args.dtype):
-        for case in cases:
-            official = case.build(args.official_root / case.folder, spec, state)
-            project = project_model(case, spec, state, args.official_root, Path(tmp))
-            diffs[case.method] = (first(official(x)).float() - first(project(x)).float()).abs().max().item()
-            pairs[case.method] = (official, project)
-        interleaved(pairs, x, 1)  # warm-up
-        times = interleaved(pairs, x, args.rounds)
+        os.chdir(tmp)  # GTP-ViT's propagate() writes ./missing
+        try:
+            times = _timed(args, cases, spec, state, Path(tmp), pairs, diffs)
+        finally:
+            os.chdir(cwd)
     print(report(args, cases, times, diffs))
     return 0
+
+
+def _timed(args, cases: list[Case], spec, state: dict, tmp: Path, pairs: dict, diffs: dict) -> dict:
+    """Build both models of each case, note their logits' difference, then time them interleaved."""
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 224, 224)
+    for case in cases:
+        official = case.build(args.official_root / case.folder, spec, state)
+        project = project_model(case, spec, state, args.official_root, tmp)
+        diffs[case.method] = (first(official(x)).float() - first(project(x)).float()).abs().max().item()
+        pairs[case.method] = (official, project)
+    interleaved(pairs, x, 1)  # warm-up
+    return interleaved(pairs, x, args.rounds)
 
 
 def report(args, cases: list[Case], times: dict, diffs: dict) -> str:
