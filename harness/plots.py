@@ -40,8 +40,8 @@ from harness import style as st
 from harness.errors import HarnessError
 from harness.store import ResultStore
 from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _loader, _num, baseline_of, budget_order, controls,
-                            current, environments, is_reference, load_frame, method_label, model_rows, scored_envs,
-                            speedup_of, top1_interval)
+                            current, environments, fine_tuned, is_reference, load_frame, method_label, model_rows,
+                            scored_envs, speedup_of, top1_interval)
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,8 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
     """
     if style not in STYLES:
         raise ValueError(f"unknown figure style {style!r}: choose from {', '.join(STYLES)}")
-    envs = environments(load_frame(results_dir))
+    df = load_frame(results_dir)
+    envs = environments(df)
     _check_methods(envs, methods)
     scored, load, out, written = scored_envs(envs), _loader(), Path(reports_dir) / "figures", []
     with paper_style(style) as plt:
@@ -559,8 +560,15 @@ def write_plots(results_dir: Path, reports_dir: Path, budget: Optional[str] = No
                 fig = draw() if shown else None
                 if fig is not None:
                     written += save(fig, out, name + WIDTHS[w])
-    from harness.protocol_report import plot_training_curves
-
-    written += plot_training_curves(ResultStore(results_dir).load_all(), Path(results_dir), out)
+    written += _training_curves(df, results_dir, out)
     log.info("wrote %d figure files to %s", len(written), out)
     return written
+
+
+def _training_curves(df, results_dir: Path, out: Path) -> list[Path]:
+    """The fine-tunes' loss and learning-rate curves, where any record was fine-tuned."""
+    if not fine_tuned(df):
+        return []
+    from harness.protocol_report import plot_training_curves
+
+    return plot_training_curves(ResultStore(results_dir).load_all(), Path(results_dir), out)

@@ -1262,7 +1262,7 @@ def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str
     parts += _control_parts(scored_envs(envs), reports_dir, load)
     parts += _summary_parts(envs, reports_dir, load)
     parts += _kernel_parts(df, reports_dir)
-    parts += _protocol_parts(results_dir, reports_dir)
+    parts += _protocol_parts(df, results_dir, reports_dir)
     parts += _unmeasured_parts(envs)
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
@@ -1304,10 +1304,17 @@ def _kernel_parts(df, reports_dir: Path) -> list[str]:
             kernel_markdown(settings, krows), ""]
 
 
-def _protocol_parts(results_dir: Path, reports_dir: Path) -> list[str]:
+def fine_tuned(df) -> bool:
+    """Whether any stored record was fine-tuned (records before protocols existed are off the shelf)."""
+    return "protocol" in df and bool(df["protocol"].map(lambda p: p not in (None, OFF_THE_SHELF) and p == p).any())
+
+
+def _protocol_parts(df, results_dir: Path, reports_dir: Path) -> list[str]:
     """Each fine-tuned cell beside its off-the-shelf partner (``protocol_pairs.csv``), where there are any."""
     from harness.protocol_report import pairs_markdown, protocol_pairs
 
+    if not fine_tuned(df):  # the raw records are read again only where there is something to pair
+        return []
     rows = protocol_pairs(ResultStore(results_dir).load_all(), Path(results_dir))
     if not rows:
         return []
