@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.official_code, run as a file too
+from scripts.official_code import git_head, on_path  # noqa: E402
 
 REPO = "https://github.com/Ackesnal/GTP-ViT"
 NUM_CLASSES = 10
@@ -161,13 +163,10 @@ def sanity_identity(models_v3, state_dict: dict, x: torch.Tensor, target: Target
 
 
 def commit_of(root: Path, given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True, capture_output=True,
-                              text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        raise SystemExit(f"{root} is not a git checkout: pass the commit it was exported from with --commit") from None
+    commit = given or git_head(root)
+    if commit is None:
+        raise SystemExit(f"{root} is not a git checkout: pass the commit it was exported from with --commit")
+    return commit
 
 
 def metadata(data_root: Path, commit: str, sanity: float, cases: dict, target: Target) -> dict:
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.data_root or data_root()
     commit = commit_of(args.official_root, args.commit)
-    sys.path.insert(0, str(args.official_root))
-    import models_v3  # the official module, from --official-root
+    with on_path(args.official_root, ("models_v3",)):
+        import models_v3  # the official module, from --official-root
 
     target = TARGETS[args.model]
     out = args.out or GOLDEN / f"{target.model}_gtp_golden"

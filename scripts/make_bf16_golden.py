@@ -18,17 +18,18 @@ official PPT / MCTF attention is written as).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.official_code, run as a file too
+from scripts.official_code import git_head, on_path  # noqa: E402
 
 MODEL, ARCH, NUM_CLASSES = "deit_tiny_cifar10", "deit_tiny_patch16_224", 10
 INPUTS = "fidelity/deit_tiny_cifar10_golden.npz"
@@ -68,18 +69,6 @@ def timm_model(weights: dict) -> torch.nn.Module:
     return model.eval()
 
 
-@contextlib.contextmanager
-def imported_from(root: Path, packages: tuple[str, ...]):
-    """``root`` first on sys.path while the body imports; its top-level ``packages`` removed after."""
-    sys.path.insert(0, str(root))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(root))
-        for name in [m for m in sys.modules if m.split(".")[0] in packages]:
-            del sys.modules[name]
-
-
 def mctf_model(root: Path, weights: dict) -> torch.nn.Module:
     """mlvlab/MCTF's ``models.deit.deit_tiny`` with the evaluation defaults, timm weights (strict)."""
     import warnings
@@ -89,7 +78,7 @@ def mctf_model(root: Path, weights: dict) -> torch.nn.Module:
     register = registry.register_model
     registry.register_model = lambda fn: fn  # keep its deit_* out of timm's registry
     try:
-        with warnings.catch_warnings(), imported_from(root, ("models", "utils")):
+        with warnings.catch_warnings(), on_path(root, ("models", "utils")):
             warnings.simplefilter("ignore", FutureWarning)
             deit = importlib.import_module("models.deit")
             model = deit.deit_tiny(pretrained=False, num_classes=NUM_CLASSES, drop_rate=0.0, drop_path_rate=0.0,
@@ -103,7 +92,7 @@ def mctf_model(root: Path, weights: dict) -> torch.nn.Module:
 
 def ppt_model(root: Path, weights: dict) -> torch.nn.Module:
     """xjwu1024/PPT's ``ppt_deit.apply_patch`` on timm's model, the README's knob, r = 50."""
-    with imported_from(root, ("ppt_deit", "tome")):
+    with on_path(root, ("ppt_deit", "tome")):
         ppt_deit = importlib.import_module("ppt_deit")
     model = timm_model(weights)
     ppt_deit.apply_patch(model, trace_source=False, prop_attn=True, pp_loc_list=[3, 6, 9], threshold=7e-5)
@@ -122,7 +111,7 @@ def pitome_repo_model(root: Path, weights: dict, algo: str, ratio: float) -> tor
         def forward(self, x):  # timm 0.4.12's forward for a model without distillation token
             return self.head(self.forward_features(x))
 
-    with imported_from(root, ("algo",)):
+    with on_path(root, ("algo",)):
         importlib.import_module("algo")  # constants only
         # the package __init__ files import the BERT / BLIP / CLIP patches (transformers, lavis): not run
         for package in (f"algo.{algo}", f"algo.{algo}.patch"):
@@ -155,13 +144,10 @@ def run(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[np.ndarray, 
 
 def commit(root: Path, given: str | None) -> str:
     """The checkout's commit: ``given`` (an export, ``git archive``, has no .git), else git's HEAD."""
-    if given:
-        return given
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    found = given or git_head(root)
+    if found is None:
         fail(f"{root} is not a git checkout: pass the commit you exported (--mctf-commit / --ppt-commit)")
+    return found
 
 
 CASES = {

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from harness.cell import prepare_cell  # noqa: E402
 from harness.models import load_checkpoint, resolve_model  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 from harness.registry import make_method  # noqa: E402
+from scripts.official_code import git_head, on_path  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,6 @@ ModelSpecLike = object  # harness.models.ModelSpec; kept loose so the table of c
 
 
 # ----------------------------------------------------------------------------- import helpers
-
-@contextlib.contextmanager
-def on_path(folder: Path, own_modules: tuple[str, ...] = ()):
-    """``folder`` first on sys.path; the top-level modules the repository brings are dropped afterwards."""
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(folder))
-        for name in [m for m in sys.modules if m.split(".")[0] in own_modules]:
-            del sys.modules[name]
-
 
 @contextlib.contextmanager
 def timm_registry_untouched():
@@ -296,11 +284,7 @@ def project_model(case: Case, spec, state: dict, official_root: Path, workdir: P
 # ----------------------------------------------------------------------------- timing
 
 def commit_of(folder: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+    return git_head(folder) or "unknown (not a git checkout)"
 
 
 # wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other jobs on a shared machine)

@@ -1,0 +1,34 @@
+"""What the scripts that run an official repository share: importing from a checkout, and its commit.
+
+Used by ``scripts/official_speed.py``, ``scripts/gtp_golden.py`` and ``scripts/make_bf16_golden.py``;
+the official code itself is never part of this project (each script takes ``--official-root``).
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+@contextlib.contextmanager
+def on_path(folder: Path, own_modules: tuple[str, ...] = ()):
+    """``folder`` first on sys.path; the top-level modules the repository brings are dropped afterwards
+    (two repositories may both ship a ``models`` or ``tome`` package)."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in [m for m in sys.modules if m.split(".")[0] in own_modules]:
+            del sys.modules[name]
+
+
+def git_head(folder: Path) -> Optional[str]:
+    """The commit a checkout holds, or None where ``folder`` is no git checkout (a ``git archive`` export)."""
+    try:
+        return subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
