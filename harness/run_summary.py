@@ -51,8 +51,8 @@ def best_text(rows: list[dict]) -> str:
     tied = [r["method"] for r in scored[1:] if r.get("tie")]
     if not tied:
         return f"{top['method']} {_interval(top)}"
-    names = ", ".join(tied[:2]) + (f" +{len(tied) - 2}" if len(tied) > 2 else "")
-    return f"{top['method']} {_interval(top)}, tied with {names} (no significant difference, Holm)"
+    names = ", ".join(tied[:2]) + (f" +{len(tied) - 2} more" if len(tied) > 2 else "")
+    return f"{top['method']} {_interval(top)}, tied with {names}"  # "tied": the header says what it means
 
 
 def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
@@ -69,7 +69,8 @@ def best_lines(results_dir: Path, cell_ids: set[str]) -> list[str]:
                 by_budget.setdefault(row["budget"], []).append(row)
         lines += [_fit(f"  {env['label']} @ {budget}: {best_text(rows)}") for budget, rows in by_budget.items()]
     if lines:
-        lines.insert(0, "highest top-1 % [95 % interval] per model and budget (best: significantly above all, Holm)")
+        lines.insert(0, "highest top-1 % [95 % interval] per model and budget (best: significantly above all others;\n"
+                     "  tied: the others not significantly below it; exact McNemar, Holm-adjusted)")
     return lines
 
 
