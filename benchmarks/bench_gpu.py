@@ -2,13 +2,13 @@
 
 asv counts a larger value as worse, so throughput is tracked as its inverse, milliseconds per
 image: a drop in images/s shows as an increase, i.e. a regression in ``asv compare``. Timing is the
-harness's own protocol (:func:`harness.measure.throughput`: warm-up, CUDA events, median).
+harness's own protocol (:func:`harness.measurement.measure.throughput`: warm-up, CUDA events, median).
 """
 from __future__ import annotations
 
 import torch
 
-from harness.measure import throughput
+from harness.measurement.measure import throughput
 
 from .common import METHODS, patched
 

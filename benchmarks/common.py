@@ -8,10 +8,10 @@ import functools
 
 import torch
 
-from harness.budget import Resolved, parse_budget, resolve
-from harness.cell import build_unpatched, prepare_cell
-from harness.config import ModelConfig, load_config
-from harness.models import ModelSpec, resolve_model
+from harness.sweep.budget import Resolved, parse_budget, resolve
+from harness.sweep.cell import build_unpatched, prepare_cell
+from harness.sweep.config import ModelConfig, load_config
+from harness.loading.models import ModelSpec, resolve_model
 from harness.paths import PROJECT_ROOT
 from harness.registry import Method, make_method, method_names
 from harness.schedule import ArchSpec

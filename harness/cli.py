@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from harness.config import PROP_ATTN, QUICK_METHODS, QUICK_RUN
+from harness.sweep.config import PROP_ATTN, QUICK_METHODS, QUICK_RUN
 from harness.errors import HarnessError
 from harness.paths import default_config
 
@@ -200,7 +200,7 @@ def _add_tokenmap(sub) -> None:
 
 
 def _load(args):
-    from harness.config import load_config
+    from harness.sweep.config import load_config
 
     return load_config(args.config or default_config())
 
@@ -253,7 +253,7 @@ def _recipe_rows(cfg) -> list[tuple[str, str]]:
 
 
 def _model_rows(cfg, data_root_flag) -> list[tuple[str, str]]:
-    from harness.models import reference_names
+    from harness.loading.models import reference_names
     from harness.paths import data_root
 
     root = data_root(data_root_flag or cfg.run.data_root)
@@ -277,7 +277,7 @@ def _check_methods(args, cfg) -> None:
 def cmd_run(args) -> int:
     cfg = _load(args)
     _check_methods(args, cfg)
-    from harness.runner import Sweep, override, submit
+    from harness.sweep.runner import Sweep, override, submit
 
     run_over = {k: getattr(args, k) for k in ("suite", "limit", "device", "dtype", "batch_size", "results_dir",
                                               "data_root", "overwrite", "recalibrate", "calib_limit", "compile",
@@ -303,13 +303,13 @@ def cmd_run(args) -> int:
 
 def _finish(sweep, cfg, no_report: bool) -> list[str]:
     """Write the report and its figures (unless ``no_report``); the short summary to print."""
-    from harness.run_summary import run_summary
+    from harness.sweep.run_summary import run_summary
 
     results, reports, figures = Path(cfg.run.results_dir), cfg.run.reports_path, 0
     ids = [sweep.cell_id(c) for c in sweep.cells]
     if not no_report:
-        from harness.plots import write_plots
-        from harness.report import build_report
+        from harness.reporting.plots import write_plots
+        from harness.reporting.report import build_report
 
         # first: report.html inlines them; double column only (`harness report` writes both widths)
         figures = len(write_plots(results, reports, widths=("double",)))
@@ -331,7 +331,7 @@ def _override_models(cfg, weights, data):
         return cfg
     import dataclasses
 
-    from harness.models import override_models
+    from harness.loading.models import override_models
     from harness.paths import DataRoot
 
     entries = override_models(cfg.suite.models, cfg.models, DataRoot(cfg.run.data_root), weights, data)
@@ -360,14 +360,14 @@ def _widths(args) -> tuple[str, ...]:
 
 
 def cmd_report(args) -> int:
-    from harness.report import build_report
+    from harness.reporting.report import build_report
 
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
     reports = _reports_dir(args, cfg)
     paths = []
     if not args.no_plots:  # first: report.html inlines them
-        from harness.plots import write_plots
+        from harness.reporting.plots import write_plots
 
         paths = write_plots(results, reports, methods=args.methods, style=args.style, widths=_widths(args))
     print(build_report(results, reports))
@@ -376,8 +376,8 @@ def cmd_report(args) -> int:
     if paths:
         print(f"(figures written to {reports / 'figures'}: {len(paths)} files)")
     for page in args.readme:
-        from harness.readme_block import results_block, rewrite
-        from harness.report import environments, load_frame, scored_envs
+        from harness.reporting.readme_block import results_block, rewrite
+        from harness.reporting.report import environments, load_frame, scored_envs
 
         changed = rewrite(page, results_block(scored_envs(environments(load_frame(results))), reports, page))
         print(f"({page}: results block {'rewritten' if changed else 'already up to date'})")
@@ -385,7 +385,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from harness.plots import write_plots
+    from harness.reporting.plots import write_plots
 
     cfg = _load(args)
     results = Path(args.results_dir or cfg.run.results_dir)
@@ -403,9 +403,9 @@ def _block_numbers(items: list[str]) -> list[int]:
 
 
 def cmd_tokenmap(args) -> int:
-    from harness.budget import parse_budget
+    from harness.sweep.budget import parse_budget
     from harness.paths import data_root
-    from harness.tokenmap import Search, token_maps
+    from harness.measurement.tokenmap import Search, token_maps
 
     cfg = _load(args)
     parse_budget(args.budget)  # a malformed budget fails before the model loads

@@ -132,7 +132,7 @@ class Method(abc.ABC):
     # options the cell ids stored before the harness filled defaults in left out at these values (their
     # defaults then): hashed only when different, so those ids stay; a new method leaves it empty
     implicit_defaults: ClassVar[dict] = {}
-    # fine-tuning (the ``finetune:<recipe>`` protocol, :mod:`harness.finetune`): None when the method's
+    # fine-tuning (the ``finetune:<recipe>`` protocol, :mod:`harness.training.finetune`): None when the method's
     # reducers train as they run (its paper fine-tunes with them in place); else why it cannot be
     # fine-tuned here, and its fine-tune cells are ``unsupported`` with that reason
     cannot_train: ClassVar[Optional[str]] = "it declares no fine-tuning (Method.cannot_train is not set to None)"
@@ -234,7 +234,7 @@ class Method(abc.ABC):
             model: the unpatched model, on the run's device, in eval mode (a fresh one is patched after).
             value: the knob value the search is for.
             arch: the model's ArchSpec.
-            calibration: a :class:`harness.calibration.Calibration`, the harness's service: training
+            calibration: a :class:`harness.sweep.calibration.Calibration`, the harness's service: training
                 images (``train``), ``device``, ``dtype``, a ``key`` naming weights and data, a cache
                 (``cached(name)``, ``store(name, found)``) and progress (``report``).
 

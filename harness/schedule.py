@@ -168,7 +168,7 @@ def _backbone_macs(embed) -> int:
     import torch
     from fvcore.nn import FlopCountAnalysis
 
-    from harness.flops import MAC_OPS, op_handles
+    from harness.measurement.flops import MAC_OPS, op_handles
 
     height, width = embed.img_size
     param = next(embed.backbone.parameters())

@@ -63,7 +63,7 @@ from harness.schedule import Schedule
 from harness.seam import check_blocks
 
 # the budget solver rounds a float knob to 6 decimals before it compares the two sides of a step
-# (harness.budget._candidates): quantising the same way puts each grid's threshold halfway between
+# (harness.sweep.budget._candidates): quantising the same way puts each grid's threshold halfway between
 # two such values, so the solver's lower and upper candidates always land on the two grids either side
 KNOB_DECIMALS = 6
 

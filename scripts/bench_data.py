@@ -110,8 +110,8 @@ def stream(folder: Path, cache: Path, batch: int, limit: int) -> dict:
     """In this process: load the cached set and pass over it as an evaluation does; img/s and peak RSS."""
     import torch
 
-    from harness.data import EvalSet, load_imagenet_folder
-    from harness.models import Transform
+    from harness.loading.data import EvalSet, load_imagenet_folder
+    from harness.loading.models import Transform
 
     t = Transform(**DEIT_S)
     t0 = time.perf_counter()
@@ -167,8 +167,8 @@ def run(args, tmp: Path) -> None:
     import logging
 
     from harness import progress
-    from harness.data import load_imagenet_folder
-    from harness.models import Transform
+    from harness.loading.data import load_imagenet_folder
+    from harness.loading.models import Transform
     from harness.paths import data_root
 
     logging.basicConfig(level=logging.WARNING)

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from harness.data import load_eval_set  # noqa: E402
-from harness.cell import build_unpatched  # noqa: E402
-from harness.models import eval_transform, load_checkpoint, resolve_model  # noqa: E402
+from harness.loading.data import load_eval_set  # noqa: E402
+from harness.sweep.cell import build_unpatched  # noqa: E402
+from harness.loading.models import eval_transform, load_checkpoint, resolve_model  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 from harness.seam import install  # noqa: E402
 

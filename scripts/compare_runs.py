@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.store import ResultStore  # noqa: E402
+from harness.sweep.store import ResultStore  # noqa: E402
 
 
 def spread_pct(values: list[float]) -> float:

@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from harness import budget as budgets, measure  # noqa: E402
-from harness.cell import CellSettings, prepare_cell  # noqa: E402
-from harness.config import ModelConfig  # noqa: E402
+from harness.sweep import budget as budgets  # noqa: E402
+from harness.measurement import measure
+from harness.sweep.cell import CellSettings, prepare_cell  # noqa: E402
+from harness.sweep.config import ModelConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.models import load_checkpoint, resolve_model  # noqa: E402
+from harness.loading.models import load_checkpoint, resolve_model  # noqa: E402
 from harness.registry import make_method, method_names  # noqa: E402
 
 # random weights learn nothing in a search: DiffRate runs the authors' published per-block counts

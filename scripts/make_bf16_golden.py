@@ -182,7 +182,7 @@ def provenance(root: Path, data_root: Path, commits: dict) -> dict:
     import safetensors
     import timm
 
-    from harness.fidelity import cpu_kernel_path
+    from harness.measurement.fidelity import cpu_kernel_path
 
     sha = hashlib.sha256((data_root / CHECKPOINT).read_bytes()).hexdigest()
     return {

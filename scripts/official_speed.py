@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from harness import measure  # noqa: E402
-from harness.cell import prepare_cell  # noqa: E402
-from harness.models import load_checkpoint, resolve_model  # noqa: E402
+from harness.measurement import measure  # noqa: E402
+from harness.sweep.cell import prepare_cell  # noqa: E402
+from harness.loading.models import load_checkpoint, resolve_model  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 from harness.registry import make_method  # noqa: E402
 from scripts.official_code import git_head, on_path  # noqa: E402
@@ -61,7 +61,7 @@ class Case:
     shims: tuple[str, ...]
 
 
-ModelSpecLike = object  # harness.models.ModelSpec; kept loose so the table of cases reads first
+ModelSpecLike = object  # harness.loading.models.ModelSpec; kept loose so the table of cases reads first
 
 
 # ----------------------------------------------------------------------------- import helpers

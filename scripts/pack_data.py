@@ -36,7 +36,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from harness.data import CIFAR10_ARCHIVE  # noqa: E402
+from harness.loading.data import CIFAR10_ARCHIVE  # noqa: E402
 from harness.paths import data_root  # noqa: E402
 
 WHEELS = ["fvcore==0.1.5.post20221221", "iopath==0.1.10", "yacs==0.1.8", "termcolor==3.3.0", "portalocker==4.4.2"]

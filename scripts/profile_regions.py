@@ -20,10 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from harness import budget as budgets, measure, seam  # noqa: E402
-from harness.cell import CellSettings, prepare_cell  # noqa: E402
-from harness.config import ModelConfig  # noqa: E402
-from harness.models import load_checkpoint, resolve_model  # noqa: E402
+from harness.sweep import budget as budgets  # noqa: E402
+from harness.measurement import measure
+from harness import seam
+from harness.sweep.cell import CellSettings, prepare_cell  # noqa: E402
+from harness.sweep.config import ModelConfig  # noqa: E402
+from harness.loading.models import load_checkpoint, resolve_model  # noqa: E402
 from harness.registry import make_method  # noqa: E402
 
 REGIONS = ("attention", "sdpa", "mlp", "reduce")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from harness import distributed, finetune
-from harness.data import EvalSet
-from harness.models import Transform
-from harness.recipes import Recipe
+from harness.sweep import distributed
+from harness.training import finetune
+from harness.loading.data import EvalSet
+from harness.loading.models import Transform
+from harness.training.recipes import Recipe
 
 # drop path 0: its draws come from each process's own RNG, so two ranks cannot match one process
 RECIPE = Recipe(lr=1e-3, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5, epochs=2, batch_size=8, train_limit=0,

@@ -54,6 +54,6 @@ def near_ties(request) -> list:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     accepted = config.stash.get(_NEAR_TIES, [])
     if accepted:
-        terminalreporter.section("golden logits: near-tie images accepted (harness/fidelity.py)")
+        terminalreporter.section("golden logits: near-tie images accepted (harness/measurement/fidelity.py)")
         for line in accepted:
             terminalreporter.write_line(line)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from harness import stats
+from harness.measurement import stats
 from harness.errors import HarnessError
-from harness.report import environments, load_frame, mark_best, markdown_table, scored_envs, summary
+from harness.reporting.report import environments, load_frame, mark_best, markdown_table, scored_envs, summary
 
 P_FIXED = [0.01, 0.04, 0.03, 0.005, 0.5, 0.04, 0.2, 1.0, 0.0001, 0.049]
 
@@ -79,7 +79,7 @@ REFERENCE = Path(__file__).parents[1] / "results" / "reference"
 
 
 def test_readme_block_rewritten_from_the_report(tmp_path):
-    from harness.readme_block import END, START, results_block, rewrite
+    from harness.reporting.readme_block import END, START, results_block, rewrite
 
     envs = scored_envs(environments(load_frame(REFERENCE)))
     page = tmp_path / "README.md"
@@ -106,7 +106,7 @@ def test_readme_block_rewritten_from_the_report(tmp_path):
 
 def test_committed_readme_block_is_the_generated_one():
     """README.md's block is what `report --readme` writes for the committed reference run."""
-    from harness.readme_block import END, START_KEY, results_block
+    from harness.reporting.readme_block import END, START_KEY, results_block
 
     root = Path(__file__).parents[1]
     envs = scored_envs(environments(load_frame(REFERENCE)))

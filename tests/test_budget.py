@@ -1,7 +1,7 @@
 import pytest
 import timm
 
-from harness.budget import parse_budget, resolve
+from harness.sweep.budget import parse_budget, resolve
 from harness.errors import HarnessError
 from harness.registry import get_method_class
 from harness.schedule import arch_spec
@@ -51,7 +51,7 @@ def test_knob_budget_checked(arch):
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_reach_tolerance_is_two_percent(arch, side):
     """A GMACs target 1 % past what the knob reaches is solved at the end; 3 % past it is a skip."""
-    from harness.budget import _gmacs_at
+    from harness.sweep.budget import _gmacs_at
 
     method = get_method_class("random")()
     end = _gmacs_at(method, arch, method.knob.low if side == "below" else method.knob.high)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import multiprocessing as mp
 
-from harness import calibration as calibration_mod
-from harness.calibration import RUN_FIELD, Calibration, Calibrator
-from harness.cell import CellSettings
-from harness.distributed import Dist
+from harness.sweep import calibration as calibration_mod
+from harness.sweep.calibration import RUN_FIELD, Calibration, Calibrator
+from harness.sweep.cell import CellSettings
+from harness.sweep.distributed import Dist
 from harness.errors import HarnessError, UnsupportedModel
-from harness.models import ModelSpec
+from harness.loading.models import ModelSpec
 
 SPEC = ModelSpec("m", "deit_tiny_patch16_224", "random", None, 10, "cifar10")
 

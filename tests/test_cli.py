@@ -181,7 +181,7 @@ def test_a_reference_name_without_a_data_root_says_so(monkeypatch, tmp_path):
     """A fresh clone placed away from the data: one line naming the missing data root, not 400 timm names."""
     import harness.paths as paths
     from harness.errors import HarnessError
-    from harness.models import resolve_model
+    from harness.loading.models import resolve_model
 
     monkeypatch.delenv(paths.ENV_DATA_ROOT, raising=False)
     monkeypatch.setattr(paths, "_data_root_candidates", lambda: [tmp_path / "nowhere" / "shared"])
@@ -204,9 +204,9 @@ budgets = ["0.7"]
 
 def test_a_random_model_name_means_the_same_in_a_config_file(tmp_path):
     """``arch.random`` in a config's models, with no [models] entry: the cells of ``--models arch.random``."""
-    from harness.config import load_config
+    from harness.sweep.config import load_config
     from harness.paths import DEFAULT_CONFIG
-    from harness.runner import Sweep, override
+    from harness.sweep.runner import Sweep, override
 
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(RANDOM_SUITE.format(results=tmp_path / "r", model="deit_tiny_patch16_224.random"))

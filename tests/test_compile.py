@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-from harness.budget import parse_budget, resolve
+from harness.sweep.budget import parse_budget, resolve
 from harness.paths import PROJECT_ROOT
 from harness.registry import make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec

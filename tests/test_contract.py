@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from harness.budget import parse_budget, resolve
+from harness.sweep.budget import parse_budget, resolve
 from harness.registry import get_method_class, method_infos, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 

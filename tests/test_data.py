@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from harness.data import balanced_subset, load_cifar10, load_imagenet_folder, stretch_and_normalize
+from harness.loading.data import balanced_subset, load_cifar10, load_imagenet_folder, stretch_and_normalize
 from harness.errors import HarnessError
-from harness.models import Transform
+from harness.loading.models import Transform
 
 IMAGENET_T = Transform(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic")
 
@@ -78,8 +78,8 @@ def test_grayscale_image_becomes_rgb(tmp_path):
 
 
 def test_take_equals_the_single_image_batches():
-    from harness.data import EvalSet
-    from harness.models import Transform
+    from harness.loading.data import EvalSet
+    from harness.loading.models import Transform
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import datacache
-from harness.data import EvalSet, load_cifar10, load_imagenet_folder, stretch_and_normalize
-from harness.models import Transform
+from harness.loading import datacache
+from harness.loading.data import EvalSet, load_cifar10, load_imagenet_folder, stretch_and_normalize
+from harness.loading.models import Transform
 from harness.paths import PROJECT_ROOT
 
 CPU = torch.device("cpu")
@@ -193,7 +193,7 @@ def test_a_torn_cache_is_rebuilt_never_read(tmp_path, tear, caplog):
         marker = json.loads((cache / "COMPLETE").read_text())
         (cache / "COMPLETE").write_text(json.dumps({**marker, "key": "0" * 20}))
     del good
-    with caplog.at_level(logging.WARNING, logger="harness.datacache"):
+    with caplog.at_level(logging.WARNING, logger="harness.loading.datacache"):
         again = load_imagenet_folder(folder, SMALL)
     assert "not trusted" in caplog.text
     assert torch.equal(again.images, want) and (cache / "COMPLETE").is_file()
@@ -202,9 +202,9 @@ def test_a_torn_cache_is_rebuilt_never_read(tmp_path, tear, caplog):
 KILLED_BUILD = """
 import sys, time
 from pathlib import Path
-from harness import datacache
-from harness.data import load_imagenet_folder
-from harness.models import Transform
+from harness.loading import datacache
+from harness.loading.data import load_imagenet_folder
+from harness.loading.models import Transform
 
 crop_item = datacache._crop_item
 def slow(item, crop):

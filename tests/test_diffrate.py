@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 
-from harness.budget import parse_budget, resolve
-from harness.data import EvalSet
+from harness.sweep.budget import parse_budget, resolve
+from harness.loading.data import EvalSet
 from harness.errors import HarnessError
-from harness.models import Transform
-from harness.calibration import Calibration
+from harness.loading.models import Transform
+from harness.sweep.calibration import Calibration
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.methods.diffrate import (PUBLISHED_KEYS, DiffRate, Rates, closest_entry, kept_probability, land_on_target,
                               masked_softmax, uniform_rate_start,
@@ -306,7 +306,7 @@ data = "synthetic"
 def test_unreachable_search_budget_is_a_stored_skip_not_retried(tmp_path, capsys):
     """A fraction below the knob's 0.05 and a target above the baseline: skipped with the reason, done on resume."""
     from harness.cli import main
-    from harness.store import ResultStore
+    from harness.sweep.store import ResultStore
 
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(UNREACHABLE_TOML.format(results=tmp_path / "results"))
@@ -324,7 +324,7 @@ def test_unreachable_search_budget_is_a_stored_skip_not_retried(tmp_path, capsys
 
 def test_search_reach_tolerance_matches_other_methods():
     """Within budgets.REACH_TOLERANCE of the knob's range the search runs at the range's end; beyond, a skip."""
-    from harness.cell import calibration_knob, search_skip
+    from harness.sweep.cell import calibration_knob, search_skip
 
     arch, method = _arch("deit_tiny_patch16_224"), DiffRate()
     base = analytic_gmacs(arch, Schedule.full(arch))

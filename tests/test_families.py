@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from harness.budget import parse_budget, resolve
+from harness.sweep.budget import parse_budget, resolve
 from harness.errors import HarnessError, UnsupportedModel
 from harness.registry import get_method_class, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
@@ -271,7 +271,7 @@ def test_methods_that_do_not_track_positions_are_refused_on_rope_models():
 @pytest.mark.parametrize("arch_id", list(ARCHS))
 @pytest.mark.parametrize("method_name", ["none", "random", "tome"])
 def test_analytic_gmacs_match_fvcore(arch_id, method_name):
-    from harness.flops import count_gmacs
+    from harness.measurement.flops import count_gmacs
 
     cls = get_method_class(method_name)
     model = copy.deepcopy(_template(arch_id)[0])
@@ -292,7 +292,7 @@ def test_analytic_gmacs_match_fvcore(arch_id, method_name):
 
 @pytest.mark.parametrize("arch_id", ["beit", "eva02", "relpos cls"])
 def test_eager_attention_runs_no_sdpa_on_reduced_position_blocks(arch_id, monkeypatch):
-    from harness.measure import attention_kernel, set_attention
+    from harness.measurement.measure import attention_kernel, set_attention
 
     template, x, _ = _template(arch_id)
     fused, eager = copy.deepcopy(template), copy.deepcopy(template)

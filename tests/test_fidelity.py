@@ -5,17 +5,17 @@ normalised with and one logits array per case, made by running the official repo
 the ``.json`` beside it) in fp32 on CPU. The ``.json`` names the model and describes each case:
 method, knob, drop blocks, kept counts, and the tokens each block left in the official forward.
 
-A case passes when the project's method, patched into a fresh model by :func:`harness.cell.prepare_cell`, plans
+A case passes when the project's method, patched into a fresh model by :func:`harness.sweep.cell.prepare_cell`, plans
 and leaves the same tokens per block and gives the same logits to 1e-4 and the same argmax on every
 image, except for at most one image whose difference a near-tie in the project's own run explains
-(:mod:`harness.fidelity`: the rule, :mod:`harness.margins`: the decisions' margins). The near-ties
+(:mod:`harness.measurement.fidelity`: the rule, :mod:`harness.margins`: the decisions' margins). The near-ties
 accepted are printed at the end of the run. A mutant that applies one block's selection to the
 wrong tokens must still fail its cases: the exception is no loophole. A golden file for another model is checked the moment it is dropped there; a case whose
 method is not registered yet is skipped, and checked the moment a method of that name registers.
 
 A case may say how it ran (``dtype``: "fp32" or "bf16", run under CPU autocast; ``attention``:
 "fused" or "eager", timm's kernel), and the project's model runs the same way. bf16 rounding depends
-on the CPU's kernel path (:func:`harness.fidelity.cpu_kernel_path`): a bf16 file records the path it
+on the CPU's kernel path (:func:`harness.measurement.fidelity.cpu_kernel_path`): a bf16 file records the path it
 was made on (``run.kernel_path``) and its cases run only on that path, skipped with the reason
 elsewhere; ``tests/fixtures/golden`` holds one file per path measured (AVX512 and, with
 ``ATEN_CPU_CAPABILITY=avx2``, AVX2, both on an AMD EPYC with avx512_bf16).
@@ -32,12 +32,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cell import build_unpatched, prepare_cell
+from harness.sweep.cell import build_unpatched, prepare_cell
 from harness import margins
 from harness.errors import HarnessError
-from harness.fidelity import cpu_kernel_path, judge
-from harness.measure import autocast, set_attention
-from harness.models import eval_transform, load_checkpoint, resolve_model
+from harness.measurement.fidelity import cpu_kernel_path, judge
+from harness.measurement.measure import autocast, set_attention
+from harness.loading.models import eval_transform, load_checkpoint, resolve_model
 from harness.paths import data_root
 from harness.registry import Method, get_method_class, make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
@@ -107,7 +107,7 @@ def _case_params() -> list:
     return params
 
 
-# the dtype names golden files use, as the harness spells them (harness.measure.autocast)
+# the dtype names golden files use, as the harness spells them (harness.measurement.measure.autocast)
 DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
 
 
@@ -277,7 +277,7 @@ def _case(path: Path, case: str, tmp_path: Path):
 
 
 def _judge(path: Path, case: str, logits: torch.Tensor, log: margins.MarginLog):
-    """The per-image rule (:func:`harness.fidelity.judge`) on this case's logits, and its bound."""
+    """The per-image rule (:func:`harness.measurement.fidelity.judge`) on this case's logits, and its bound."""
     golden = torch.from_numpy(_golden(path)[case])
     default = ATOL if _how(path, _meta(path)["cases"][case])[0] == "fp32" else BF16_ATOL
     why, atol = DEVIATIONS.get((path.stem, case), ("", default))

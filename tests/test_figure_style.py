@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from matplotlib.lines import Line2D
 
-from harness import plots
-from harness.report import environments, load_frame, method_label, scored_envs
+from harness.reporting import plots
+from harness.reporting.report import environments, load_frame, method_label, scored_envs
 
 REFERENCE = Path(__file__).parents[1] / "results" / "reference"
 
@@ -83,7 +83,7 @@ def test_titles_from_the_card_fields(figures):
 
 
 def test_unknown_method_gets_a_style_of_its_own():
-    from harness.style import KNOWN
+    from harness.reporting.style import KNOWN
 
     s = plots.method_style("someones_plugin")
     assert s == plots.method_style("someones_plugin")  # deterministic (sha1; a cross-process test is in test_plots)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import finetune
+from harness.training import finetune
 from harness.errors import HarnessError
-from harness.recipes import OFF_THE_SHELF, Recipe, parse_protocol
+from harness.training.recipes import OFF_THE_SHELF, Recipe, parse_protocol
 from harness.registry import make_method, method_names
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -129,8 +129,8 @@ def test_the_papers_that_train_fine_tune_with_their_reduction(name, tmp_path):
 @pytest.mark.parametrize("name", ["zerotprune", "mctf", "diffrate"])
 def test_a_method_that_cannot_train_is_unsupported_with_its_reason(name):
     from harness.errors import UnsupportedModel
-    from harness.execute import Executor
-    from harness.recipes import Protocol
+    from harness.sweep.execute import Executor
+    from harness.training.recipes import Protocol
 
     protocol = Protocol("finetune:x", "x", Recipe())
     executor = Executor.__new__(Executor)  # the refusal comes before anything is built or read
@@ -149,8 +149,8 @@ def test_protocols_parse_and_unknown_recipes_are_named():
 
 
 def _ids(tmp_path, protocols: str, recipe_lr: float = 5e-5) -> dict:
-    from harness.config import load_config
-    from harness.plan import Machine, Plan, cell_id
+    from harness.sweep.config import load_config
+    from harness.sweep.plan import Machine, Plan, cell_id
 
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(f'[suites.default]\nmodels = ["deit_tiny_patch16_224"]\nmethods = ["tome", "evit"]\n'
@@ -233,7 +233,7 @@ def _record(tmp_path: Path, cell: str, protocol: str, correct: list[int], **extr
 
 
 def test_the_report_pairs_each_fine_tune_with_its_off_the_shelf_cell(tmp_path):
-    from harness.protocol_report import pairs_markdown, protocol_pairs
+    from harness.reporting.protocol_report import pairs_markdown, protocol_pairs
 
     shelf = _record(tmp_path, "a", OFF_THE_SHELF, [1] * 10 + [0] * 10)
     tuned = _record(tmp_path, "b", "finetune:smoke", [1] * 10 + [1] * 8 + [0] * 2, train_steps=62)

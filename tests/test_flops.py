@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.budget import parse_budget, resolve
-from harness.flops import FlopCount, count_gmacs, op_handles, reducer_scopes
+from harness.sweep.budget import parse_budget, resolve
+from harness.measurement.flops import FlopCount, count_gmacs, op_handles, reducer_scopes
 from harness.registry import make_method, method_names
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.seam import install

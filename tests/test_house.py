@@ -7,8 +7,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from harness.config import load_config
-from harness.plan import Machine, Plan, cell_id
+from harness.sweep.config import load_config
+from harness.sweep.plan import Machine, Plan, cell_id
 from harness.registry import Calibrated, Method, make_method
 
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
@@ -63,7 +63,7 @@ def test_cell_ids_are_pinned(tmp_path):
 
 
 def test_sweep_ids_are_the_plans(tmp_path):
-    from harness.runner import Sweep
+    from harness.sweep.runner import Sweep
 
     path = tmp_path / "benchmark.toml"
     path.write_text(TOML.format(results=tmp_path / "r", attention="fused"))
@@ -74,7 +74,7 @@ def test_sweep_ids_are_the_plans(tmp_path):
 
 
 def _functions():
-    for path in sorted(HARNESS.glob("*.py")):
+    for path in sorted(HARNESS.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 yield f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1
@@ -92,9 +92,9 @@ def test_the_line_counter_sees_a_long_function(tmp_path):
 
 
 def test_models_are_built_and_patched_in_one_place():
-    """Only harness/cell.py builds a model (``build_model``) or patches one (``.patch(``)."""
+    """Only harness/sweep/cell.py builds a model (``build_model``) or patches one (``.patch(``)."""
     pattern = re.compile(r"\bbuild_model\(|\.patch\(model")
-    found = [p.name for p in HARNESS.glob("*.py") if p.name not in ("cell.py", "models.py", "registry.py")
+    found = [p.name for p in HARNESS.rglob("*.py") if p.name not in ("cell.py", "models.py", "registry.py")
              and pattern.search(p.read_text())]
     assert found == []
 
@@ -120,7 +120,7 @@ def test_reference_records_keep_their_ids():
 
     from harness.errors import HarnessError
     from harness.paths import PROJECT_ROOT, data_root
-    from harness.runner import override
+    from harness.sweep.runner import override
 
     records = [json.loads(p.read_text()) for p in sorted((PROJECT_ROOT / "results" / "reference" / "records").glob("*.json"))]
     if not records:
@@ -138,3 +138,21 @@ def test_reference_records_keep_their_ids():
         machine = Machine(rec["dtype"], rec["device_name"], rec["throughput_batch_size"])
         ids = {cell_id(plan.cell_key(c, rec["checkpoint_sha"], machine)) for c in plan.cells if c.model == rec["model"]}
         assert rec["cell_id"] in ids, f"{rec['model']} | {rec['method']} | {rec['budget']}: id {rec['cell_id']} not planned"
+
+
+def test_moved_modules_keep_their_old_import_path():
+    """``harness.plan`` (moved to ``harness/sweep/``) still imports, as the same module, with a warning."""
+    import importlib
+    import sys
+    import warnings
+
+    from harness import _moved
+
+    for old, new in _moved.MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+        assert not (HARNESS / (old.split(".")[1] + ".py")).exists(), f"{old}: the flat module is still there"

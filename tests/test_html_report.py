@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import build_report
+from harness.reporting.report import build_report
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = Path(__file__).parents[1] / "results" / "reference"
@@ -61,7 +61,7 @@ def test_html_report_in_a_headless_browser(tmp_path):
     import numpy as np
     from matplotlib.image import imread
 
-    from harness.plots import write_plots
+    from harness.reporting.plots import write_plots
 
     browser = _chromium()
     write_plots(REFERENCE, tmp_path, widths=("double",))

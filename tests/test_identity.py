@@ -9,9 +9,9 @@ import typing
 
 import pytest
 
-from harness.budget import parse_budget
-from harness.config import load_config
-from harness.plan import Machine, Measurement, Plan, cell_id, remeasure_reasons
+from harness.sweep.budget import parse_budget
+from harness.sweep.config import load_config
+from harness.sweep.plan import Machine, Measurement, Plan, cell_id, remeasure_reasons
 from harness.registry import get_method_class, make_method, method_names
 
 TOML = """
@@ -151,7 +151,7 @@ def test_records_from_before_measurement_was_stored_are_read():
 
 
 def test_repeats_1_then_7_measures_again(tmp_path):
-    from harness.runner import Sweep
+    from harness.sweep.runner import Sweep
 
     lines = []
     first = Sweep(_config(tmp_path, methods=["none"], repeats=1), progress=lines.append).execute()

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import budget, measure
+from harness.sweep import budget
+from harness.measurement import measure
 from harness.cli import main
 from harness.registry import Knob, Method, make_method, register_method
 from harness.schedule import Schedule
 from harness.seam import install
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 
 TOML = """
 [run]
@@ -123,9 +124,9 @@ land = false
 # ---------------------------------------------------------------- identity ---------------------
 
 def test_cell_identity_holds_what_changes_a_result(tmp_path):
-    from harness.config import load_config
-    from harness.runner import Cell, Sweep, override
-    from harness.budget import parse_budget
+    from harness.sweep.config import load_config
+    from harness.sweep.runner import Cell, Sweep, override
+    from harness.sweep.budget import parse_budget
 
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(TOML.format(results=tmp_path / "r", methods='["tome", "random", "diffrate"]', budgets='["0.7"]',

@@ -9,15 +9,15 @@ import pytest
 import timm
 import torch
 
-from harness import measure
+from harness.measurement import measure
 from harness.cli import main
-from harness.config import RunConfig, load_config
+from harness.sweep.config import RunConfig, load_config
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
 from harness.registry import make_method
-from harness.report import SPEED_TABLE, build_report, latex_table, model_rows
+from harness.reporting.report import SPEED_TABLE, build_report, latex_table, model_rows
 from harness.schedule import arch_spec
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 
 CONFIG = """
 [run]
@@ -88,7 +88,7 @@ def test_eager_and_fused_tome_give_the_same_logits():
 
 def test_the_record_states_the_kernel_every_block_ran_or_refuses_the_cell():
     from harness.errors import UnsupportedModel
-    from harness.execute import attention_ran
+    from harness.sweep.execute import attention_ran
 
     model = timm.create_model("deit_tiny_patch16_224", depth=3, num_classes=10, img_size=64)
     measure.set_attention(model, "eager")
@@ -169,8 +169,8 @@ def test_timing_counts_defaults_by_device():
 
 
 def test_random_weights_rebuilt_from_the_first_build_are_identical():
-    from harness.config import ModelConfig
-    from harness.models import build_model, load_checkpoint, resolve_model
+    from harness.sweep.config import ModelConfig
+    from harness.loading.models import build_model, load_checkpoint, resolve_model
 
     spec = resolve_model("t", {"t": ModelConfig(timm="deit_tiny_patch16_224", weights="random", data="synthetic")}, None)
     sd = load_checkpoint(spec)
@@ -211,8 +211,8 @@ def _jpeg(value: int) -> bytes:
 
 
 def test_pack_data_keeps_the_test_split_and_the_first_train_images(tmp_path):
-    from harness.data import CIFAR10_CLASSES, load_cifar10
-    from harness.models import Transform
+    from harness.loading.data import CIFAR10_CLASSES, load_cifar10
+    from harness.loading.models import Transform
 
     pack = _module(PROJECT_ROOT / "scripts" / "pack_data.py")
     src = tmp_path / "full.tar.gz"

@@ -1,4 +1,4 @@
-"""Decision margins (harness/margins.py) and the golden-logit rule that reads them (harness/fidelity.py)."""
+"""Decision margins (harness/margins.py) and the golden-logit rule that reads them (harness/measurement/fidelity.py)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import timm
 import torch
 
 from harness import margins
-from harness.fidelity import MAX_NEAR_TIE_IMAGES, NEAR_TIE_RELATIVE, judge
+from harness.measurement.fidelity import MAX_NEAR_TIE_IMAGES, NEAR_TIE_RELATIVE, judge
 from harness.margins import Margin
 from harness.methods.evit import select_tokens
 from harness.registry import make_method

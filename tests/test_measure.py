@@ -6,9 +6,9 @@ import timm
 import torch
 from torch import nn
 
-from harness import measure
-from harness.data import EvalSet
-from harness.models import Transform
+from harness.measurement import measure
+from harness.loading.data import EvalSet
+from harness.loading.models import Transform
 from harness.registry import make_method
 from harness.schedule import arch_spec
 
@@ -193,9 +193,9 @@ def test_only_the_current_models_baseline_stays_resident(monkeypatch):
     import gc
     import weakref
 
-    from harness import inputs as inputs_mod
-    from harness.cell import CellSettings
-    from harness.models import ModelSpec
+    from harness.loading import inputs as inputs_mod
+    from harness.sweep.cell import CellSettings
+    from harness.loading.models import ModelSpec
     from harness.paths import DataRoot
 
     built = []

@@ -13,7 +13,7 @@ import pytest
 
 from harness import paths
 from harness.cli import main
-from harness.config import load_config
+from harness.sweep.config import load_config
 from harness.paths import DEFAULT_CONFIG, PROJECT_ROOT, data_root, default_config
 
 

@@ -11,13 +11,13 @@ import pytest
 import timm
 import torch
 
-from harness.plots import (FIGURES, FORMATS, KNOWN, WIDTHS, accuracy_vs_gmacs, method_style, paper_style,
+from harness.reporting.plots import (FIGURES, FORMATS, KNOWN, WIDTHS, accuracy_vs_gmacs, method_style, paper_style,
                            speedup_vs_ideal, write_plots)
-from harness.report import environments, load_frame
-from harness.stats import wilson
+from harness.reporting.report import environments, load_frame
+from harness.measurement.stats import wilson
 from harness.registry import make_method
 from harness.schedule import arch_spec
-from harness.tokenmap import DROPPED, KEPT, MERGED, patch_roles, render, trace
+from harness.measurement.tokenmap import DROPPED, KEPT, MERGED, patch_roles, render, trace
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -97,7 +97,7 @@ def test_builtin_styles_fixed_and_distinct():
 
 
 def test_okabe_ito_first_then_tol():
-    from harness.style import OKABE_ITO, TOL
+    from harness.reporting.style import OKABE_ITO, TOL
 
     reducing = [m for m in KNOWN if m not in ("none", "resolution", "random")]
     colours = [KNOWN[m][0] for m in reducing]
@@ -116,7 +116,7 @@ def test_follower_is_its_leaders_control():
 def test_unknown_style_stable_across_processes():
     names = ["mymethod", "another-method", "zero-tprune-v2"]
     here = [method_style(n) for n in names]
-    code = f"from harness.plots import method_style; print([method_style(n) for n in {names!r}])"
+    code = f"from harness.reporting.plots import method_style; print([method_style(n) for n in {names!r}])"
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout

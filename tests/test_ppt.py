@@ -107,8 +107,8 @@ def test_identity_patches_nothing_so_checks_nothing():
 def test_importance_variance_and_branch_match_the_official_code(shared, monkeypatch):
     """S_op per image at each pp block and the branch it picks, as the official forward recorded them."""
     import harness.methods.ppt as ppt
-    from harness.cell import prepare_cell
-    from harness.models import load_checkpoint, resolve_model
+    from harness.sweep.cell import prepare_cell
+    from harness.loading.models import load_checkpoint, resolve_model
 
     meta = json.loads((shared / "fidelity" / "deit_tiny_cifar10_newmethods_golden.json").read_text())
     case = meta["cases"]["ppt_r50_thr7e-05"]

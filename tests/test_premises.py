@@ -19,7 +19,7 @@ from harness.errors import UnsupportedModel
 from harness.registry import make_method
 from harness.schedule import arch_spec
 from harness.seam import prefix_layout
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 
 SMALL = dict(depth=2, num_classes=10)
 
@@ -106,7 +106,7 @@ def test_published_diffrate_schedule_must_match_the_token_count(shared):
 def test_a_hybrid_stems_cnn_is_counted_in_the_gmacs():
     """vit_small_r26_s32_224's ResNet stem: counted once by fvcore in the ArchSpec (it was left out:
     1.124 analytic vs 3.464 GMACs measured), so the analytic total equals fvcore's."""
-    from harness.flops import count_gmacs
+    from harness.measurement.flops import count_gmacs
     from harness.schedule import Schedule, analytic_gmacs
 
     model = timm.create_model("vit_small_r26_s32_224", depth=2, num_classes=10).eval()
@@ -200,7 +200,7 @@ GMACS_FAMILIES = {
 def test_analytic_gmacs_match_fvcore_on_each_family(family, name):
     """Analytic GMACs within 0.5 % of fvcore's count, at the full model and pruned/merged at 0.6 (the
     attention-pool head's MACs scale with the tokens reaching it)."""
-    from harness.flops import count_gmacs
+    from harness.measurement.flops import count_gmacs
     from harness.schedule import Schedule, analytic_gmacs
 
     model = timm.create_model("vit_small_patch16_224", depth=4, num_classes=10, **GMACS_FAMILIES[family]).eval()

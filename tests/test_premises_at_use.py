@@ -16,7 +16,7 @@ import timm
 import torch
 
 from harness import seam
-from harness.budget import parse_budget, resolve
+from harness.sweep.budget import parse_budget, resolve
 from harness.errors import UnsupportedModel
 from harness.seam import bipartite_soft_matching, merge_wavg
 from harness.registry import get_method_class, method_names
@@ -80,7 +80,7 @@ def test_a_premise_the_model_gives_runs():
 
 
 def test_a_refusal_at_use_is_an_unsupported_record(monkeypatch):
-    from harness import execute
+    from harness.sweep import execute
 
     def measure(self, *args):
         model, x = _model("class token")

@@ -250,7 +250,7 @@ def test_prop_attn_is_a_cell_setting_stored_in_the_record(tmp_path, monkeypatch)
     """``--prop-attn fold`` runs the fold path in a sweep, is stored, and makes its own cell id;
     on synthetic inputs (no accuracy) the GMACs are the mask cell's."""
     from harness.cli import main
-    from harness.store import ResultStore
+    from harness.sweep.store import ResultStore
     from test_integrity import TOML
 
     cfg = tmp_path / "benchmark.toml"
@@ -281,6 +281,6 @@ def test_prop_attn_refuses_what_it_cannot_honour(tmp_path, capsys, argv, words):
 
 def test_the_config_knows_every_path_the_seam_has():
     """config.PROP_ATTN is kept apart from the seam's list so a config loads without torch: the two agree."""
-    from harness.config import PROP_ATTN
+    from harness.sweep.config import PROP_ATTN
 
     assert PROP_ATTN == PROP_ATTN_IMPLS

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import NOISY_SPREAD, accuracy_at, budget_order, build_report, tex_escape, version_key
-from harness.stats import wilson
+from harness.reporting.report import NOISY_SPREAD, accuracy_at, budget_order, build_report, tex_escape, version_key
+from harness.measurement.stats import wilson
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPU = "cpu (x86_64, 2 threads)"
@@ -278,7 +278,7 @@ def test_noisy_flag_when_rounds_spread_more_than_ten_percent(sweep):
 
 def test_too_few_timing_rounds_read_n_a_with_the_reason(tmp_path):
     """A spread or a speed-up from fewer than 3 rounds is "n/a" (with why in the CSV), never a number."""
-    from harness.measure import rate_stats, speedup_stats
+    from harness.measurement.measure import rate_stats, speedup_stats
 
     env = {k: v for k, v in _sweep_module()._env("2.4.0").items() if k not in ("limit", "eval_set_sha")}
     env.update(data="synthetic")
@@ -313,7 +313,7 @@ def test_too_few_timing_rounds_read_n_a_with_the_reason(tmp_path):
     assert "needs at least 3" in csv_rows["tome"]["speedup_na"] and csv_rows["tome"]["noisy"] == ""
     assert "1 timing round:" in csv_rows["random"]["speedup_na"] and "an IQR" in csv_rows["random"]["iqr_pct_na"]
     assert csv_rows["topk"]["speedup_na"] == "" and csv_rows["topk"]["noisy"] == "False"
-    from harness.runner import summary_line
+    from harness.sweep.runner import summary_line
 
     line = summary_line({**recs[1], "gmacs_ratio": 0.7, "cell_s": 1.0})  # the terminal says it too
     assert "speed-up n/a (2 timing rounds: a speed-up needs at least 3)" in line

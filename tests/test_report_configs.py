@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.report import build_report, environments, load_frame, method_curve, variant_labels
+from harness.reporting.report import build_report, environments, load_frame, method_curve, variant_labels
 
 N = 100
 LABEL = np.arange(N) % 10
@@ -131,7 +131,7 @@ def test_a_default_written_out_is_the_same_configuration():
 
 
 def test_variant_styles_differ_from_their_method():
-    from harness.plots import method_order, method_style
+    from harness.reporting.plots import method_order, method_style
 
     assert method_style("random[seed=1]") != method_style("random")
     assert method_style("random[seed=1]")["marker"] == method_style("random")["marker"]
@@ -143,7 +143,7 @@ def test_figures_draw_each_configuration(results, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from harness import plots
+    from harness.reporting import plots
 
     root, rep, _ = results
     drawn = []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from harness.budget import off_target, parse_budget, resolve
+from harness.sweep.budget import off_target, parse_budget, resolve
 from harness.errors import UnsupportedModel
 from harness.methods.resolution import allowed_grids, grid_for_fraction, native_side
 from harness.registry import get_method_class, make_method
@@ -125,7 +125,7 @@ def _sweep_with_resolution(root):
 
 
 def test_report_lists_the_reference_after_none_and_says_so(tmp_path):
-    from harness.report import environments, is_reference, load_frame, markdown_table, method_rank, model_rows
+    from harness.reporting.report import environments, is_reference, load_frame, markdown_table, method_rank, model_rows
 
     from harness.registry import _builtin_modules, _read_sources
 
@@ -143,8 +143,8 @@ def test_report_lists_the_reference_after_none_and_says_so(tmp_path):
 
 
 def test_plots_draw_the_reference_as_a_black_dashed_line(tmp_path):
-    from harness.plots import accuracy_vs_gmacs, method_order, method_style, paper_style
-    from harness.report import environments, load_frame
+    from harness.reporting.plots import accuracy_vs_gmacs, method_order, method_style, paper_style
+    from harness.reporting.report import environments, load_frame
 
     assert method_style("resolution")["color"] == "#000000" and method_style("resolution")["linestyle"] == "--"
     assert method_style("tome")["linestyle"] == "-"

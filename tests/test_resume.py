@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store import SCHEMA_VERSION, ResultStore
+from harness.sweep.store import SCHEMA_VERSION, ResultStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "schema_v1"
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 
 
 def _records(results):

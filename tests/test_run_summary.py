@@ -5,10 +5,10 @@ import re
 import pytest
 
 from harness.cli import _parser, main, quick_overrides
-from harness.config import QUICK_RUN
+from harness.sweep.config import QUICK_RUN
 from harness.progress import duration_text, eta_text
-from harness.report import build_report
-from harness.run_summary import WIDTH, best_text, status_counts
+from harness.reporting.report import build_report
+from harness.sweep.run_summary import WIDTH, best_text, status_counts
 
 
 def test_eta_is_the_mean_finished_cell_time_the_cells_left():
@@ -37,9 +37,9 @@ def test_quick_is_documented_in_run_help(capsys):
 
 def test_quick_cells_are_not_full_cells(tmp_path, shared):
     """limit and calib_limit are in a cell's id: a quick sweep never finds (or is taken for) a full one."""
-    from harness.config import load_config
+    from harness.sweep.config import load_config
     from harness.paths import default_config
-    from harness.runner import Sweep, override
+    from harness.sweep.runner import Sweep, override
 
     base = load_config(default_config())
     full = override(base, {"device": "cpu", "results_dir": str(tmp_path), "limit": 200}, {"methods": ["diffrate", "tome"]})

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from harness.flops import count_gmacs
+from harness.measurement.flops import count_gmacs
 from harness.schedule import Schedule, analytic_gmacs, arch_spec
 from harness.seam import install
 

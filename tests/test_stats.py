@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from harness.stats import Paired, load_predictions, mcnemar, mcnemar_exact, paired_test, ratio_summary, wilson
+from harness.measurement.stats import Paired, load_predictions, mcnemar, mcnemar_exact, paired_test, ratio_summary, wilson
 
 
 def test_wilson_by_hand():

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 
 # A sweep in miniature: each racer walks the same cells in the same order through ResultStore's
 # claim / is_done / write / release, computing (sleeping) inside the lock and counting each computation.
 RACER = r"""
 import os, sys, time
 from pathlib import Path
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 root, counter, go, cells = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 store = ResultStore(root)
 store.ensure_writable()
@@ -94,7 +94,7 @@ def test_a_racer_killed_mid_cell_then_the_sweep_restarted(tmp_path):
 HOLDER = r"""
 import sys, time
 from pathlib import Path
-from harness.store import ResultStore
+from harness.sweep.store import ResultStore
 store = ResultStore(Path(sys.argv[1]))
 store.ensure_writable()
 assert store.claim(sys.argv[2])

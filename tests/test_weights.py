@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import ModelConfig
+from harness.sweep.config import ModelConfig
 from harness.errors import HarnessError
-from harness.models import build_model, checkpoint_sha, load_checkpoint, resolve_model
-from harness.store import ResultStore
+from harness.loading.models import build_model, checkpoint_sha, load_checkpoint, resolve_model
+from harness.sweep.store import ResultStore
 
 ARCH = "deit_tiny_patch16_224"
 HUB_ID = "timm--deit_tiny_patch16_224.fb_in1k"  # the hf_hub_id of timm's default deit_tiny tag
@@ -171,7 +171,7 @@ def test_pretrained_from_cache_on_an_imagenet_folder(capsys, tmp_path, monkeypat
 
 def test_weights_path_on_a_reference_card_keeps_its_input(tmp_path, shared):
     from harness.paths import DataRoot
-    from harness.models import override_models
+    from harness.loading.models import override_models
 
     entries = override_models(["deit_tiny_cifar10"], {}, DataRoot(str(shared)), str(shared / "models/deit_tiny_cifar10.safetensors"),
                               "synthetic")
@@ -186,7 +186,7 @@ def test_an_unreachable_hub_is_named_at_once():
     """Without HF_HUB_OFFLINE, an unreachable hub ends the search at once, not after a minute of retries."""
     import time
 
-    from harness.models import _unreachable
+    from harness.loading.models import _unreachable
 
     t0 = time.monotonic()
     why = _unreachable("http://127.0.0.1:9", timeout_s=1)

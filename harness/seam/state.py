@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from harness.config import PROP_ATTN as PROP_ATTN_IMPLS  # defined where a config loads without torch
+from harness.sweep.config import PROP_ATTN as PROP_ATTN_IMPLS  # defined where a config loads without torch
 from harness.schedule import STAGES  # where in a block a method's reducer runs: "pre", "mid", "post"
 
 __all__ = ["PROP_ATTN_IMPLS", "STAGES", "TokenState", "attention_bias", "attention_dtype", "check_impl", "log_size"]

@@ -246,7 +246,7 @@ def _batch(train, index: torch.Tensor, device: torch.device):
 
 def _teacher_labels(model, rates: Rates, x: torch.Tensor, device: torch.device, dtype: str) -> torch.Tensor:
     """The unpatched model's predictions, the labels of unlabelled (synthetic) search data."""
-    from harness.measure import autocast
+    from harness.measurement.measure import autocast
 
     rates.enabled = False
     try:
@@ -258,7 +258,7 @@ def _teacher_labels(model, rates: Rates, x: torch.Tensor, device: torch.device, 
 
 def _search_step(model, rates: Rates, optimizer, x, y, target_gmacs: float, opts: dict, device, dtype) -> tuple:
     """One AdamW step on the rate logits; returns the task loss and the differentiable GMACs."""
-    from harness.measure import autocast
+    from harness.measurement.measure import autocast
 
     rates.refresh()
     with autocast(device, dtype):

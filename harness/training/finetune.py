@@ -36,8 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import distributed, measure, progress
-from harness.recipes import Recipe
+from harness.sweep import distributed
+from harness.measurement import measure
+from harness import progress
+from harness.training.recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Layout written by :func:`build_report` (``reports_dir``):
 - ``results.md``: every table below, in Markdown (tabulate), with each model's environment, notes
   (failures, off-target cells, superseded method versions), pairwise tests and every cell not in the
   tables with its reason; ``report.html``: the same as one self-contained page, tables sortable and
-  filterable, figures inline (:mod:`harness.html_report`);
+  filterable, figures inline (:mod:`harness.reporting.html_report`);
 - ``results.csv``: the stored records themselves, one tidy row per cell;
 - ``tables/<env>.csv`` / ``.tex``: per model (environment), budgets x methods with top-1 and its 95 %
   Wilson interval, its change against ``none`` with the exact McNemar p-value (raw, Holm, BH), GMACs,
@@ -49,10 +49,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from harness import stats
+from harness.measurement import stats
 from harness.errors import HarnessError
-from harness.recipes import OFF_THE_SHELF
-from harness.store import ResultStore
+from harness.training.recipes import OFF_THE_SHELF
+from harness.sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def load_frame(results_dir: Path):
 
 def canonical_budget(text) -> str:
     """A stored budget in its one spelling (``0.70`` -> ``0.7``, as the plan writes it); other text as it is."""
-    from harness.budget import parse_budget
+    from harness.sweep.budget import parse_budget
 
     if text is None or text == "baseline" or (isinstance(text, float) and text != text):
         return str(text) if text is not None else text
@@ -214,7 +214,7 @@ def _variant_label(method: str, config: dict, keys: list[str]) -> str:
 
 def _value_text(v) -> str:
     if isinstance(v, float):
-        from harness.budget import number_text
+        from harness.sweep.budget import number_text
 
         return number_text(v)
     return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
@@ -654,7 +654,7 @@ def control_of(label: str) -> Optional[str]:
 def controls(envs: list[tuple[dict, object]], load: Optional[Callable] = None) -> list[dict]:
     """Each method against its paired control (``random@<method>``: random tokens at the method's own
     schedule), per environment and budget: the difference in top-1 with Newcombe's interval for
-    paired proportions (:func:`harness.stats.newcombe_paired`) and the exact McNemar p, adjusted
+    paired proportions (:func:`harness.measurement.stats.newcombe_paired`) and the exact McNemar p, adjusted
     (Holm, BH) over the whole report's control tests: one family.
 
     Returns:
@@ -1248,7 +1248,7 @@ def _write(path: Path, text: str) -> None:
 def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str:
     """Write every table (see the module docstring) under ``reports_dir``; return the Markdown.
 
-    With ``html``, also ``report.html`` (:mod:`harness.html_report`), with the figures already in
+    With ``html``, also ``report.html`` (:mod:`harness.reporting.html_report`), with the figures already in
     ``<reports_dir>/figures`` inlined: write the figures first to have them there.
     """
     import pandas as pd
@@ -1267,7 +1267,7 @@ def build_report(results_dir: Path, reports_dir: Path, html: bool = True) -> str
     text = "\n".join(parts)
     _write(reports_dir / "results.md", text)
     if html:
-        from harness.html_report import write_html
+        from harness.reporting.html_report import write_html
 
         write_html(text, reports_dir)
     df.drop(columns=[c for c in ("traceback", "results_dir") if c in df]).to_csv(reports_dir / "results.csv", index=False)
@@ -1311,7 +1311,7 @@ def fine_tuned(df) -> bool:
 
 def _protocol_parts(df, results_dir: Path, reports_dir: Path) -> list[str]:
     """Each fine-tuned cell beside its off-the-shelf partner (``protocol_pairs.csv``), where there are any."""
-    from harness.protocol_report import pairs_markdown, protocol_pairs
+    from harness.reporting.protocol_report import pairs_markdown, protocol_pairs
 
     if not fine_tuned(df):  # the raw records are read again only where there is something to pair
         return []

@@ -3,7 +3,7 @@
 Each figure is written at two widths, double column (6.75 in: ``<name>.png|pdf|pgf``) and single
 column (3.25 in: ``<name>-single.*``), with fonts for an 8-9 pt paper (``style="paper"``) or larger
 for slides (``style="slides"``). Every method keeps one colour, marker and line pattern in every
-figure (:mod:`harness.style`); panels are titled from the model's card fields ("DeiT-S · CIFAR-10 ·
+figure (:mod:`harness.reporting.style`); panels are titled from the model's card fields ("DeiT-S · CIFAR-10 ·
 200 images"), one legend sits below the panels, outside the data. Written by :func:`write_plots`
 under ``<reports>/figures/``:
 
@@ -26,7 +26,7 @@ under ``<reports>/figures/``:
 - ``tokens_per_block``: small multiples, one panel per method: its schedule (tokens after each
   block) at one budget, one line pattern per model, ``none``'s in grey.
 
-Only each method's newest version is drawn (:func:`harness.report.current`).
+Only each method's newest version is drawn (:func:`harness.reporting.report.current`).
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from harness import style as st
+from harness.reporting import style as st
 from harness.errors import HarnessError
-from harness.store import ResultStore
-from harness.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _loader, _num, baseline_of, budget_order, controls,
+from harness.sweep.store import ResultStore
+from harness.reporting.report import (BASELINE, MEASURED, REFERENCE_SUFFIX, _loader, _num, baseline_of, budget_order, controls,
                             current, environments, fine_tuned, is_reference, load_frame, method_label, model_rows,
                             scored_envs, speedup_of, top1_interval)
 
@@ -63,7 +63,7 @@ FIGURES = ("accuracy_vs_gmacs", "matched_budget", "controls", "speedup_vs_ideal"
 
 
 def method_style(name: str) -> dict:
-    """Colour, marker, marker face and line pattern of a method label (:func:`harness.style.method_style`);
+    """Colour, marker, marker face and line pattern of a method label (:func:`harness.reporting.style.method_style`);
     a reference method (``Method.baseline``) is black."""
     return st.method_style(name, reference=name != BASELINE and is_reference(st.base_method(name)))
 
@@ -569,6 +569,6 @@ def _training_curves(df, results_dir: Path, out: Path) -> list[Path]:
     """The fine-tunes' loss and learning-rate curves, where any record was fine-tuned."""
     if not fine_tuned(df):
         return []
-    from harness.protocol_report import plot_training_curves
+    from harness.reporting.protocol_report import plot_training_curves
 
     return plot_training_curves(ResultStore(results_dir).load_all(), Path(results_dir), out)

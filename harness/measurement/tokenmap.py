@@ -220,8 +220,8 @@ class Search:
 
     @classmethod
     def defaults(cls) -> "Search":
-        """A sweep's defaults (:class:`harness.config.RunConfig`): its results folder and ``calib_limit``."""
-        from harness.config import RunConfig
+        """A sweep's defaults (:class:`harness.sweep.config.RunConfig`): its results folder and ``calib_limit``."""
+        from harness.sweep.config import RunConfig
 
         run = RunConfig()
         return cls(Path(run.results_dir) / "cache", run.calib_limit)
@@ -237,8 +237,8 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
     Writes ``<reports_dir>/figures/tokenmap_<model>_<budget>_<k>.png`` per image and returns their
     paths (PNG only: the figure is raster images, which a PDF would only wrap at twice the size).
     """
-    from harness.data import CIFAR10_CLASSES
-    from harness.models import load_checkpoint, resolve_model
+    from harness.loading.data import CIFAR10_CLASSES
+    from harness.loading.models import load_checkpoint, resolve_model
     from harness.paths import data_root
 
     root = root or data_root()
@@ -257,9 +257,9 @@ def token_maps(model_name: str, methods: list[str], budget_text: str, n_images: 
 
 def _calibrator(root: Path, n_images: int, search: Search):
     """The runner's calibration service, on the CPU in fp32 (what a token map runs in)."""
-    from harness.calibration import Calibrator
-    from harness.cell import CellSettings
-    from harness.inputs import Inputs
+    from harness.sweep.calibration import Calibrator
+    from harness.sweep.cell import CellSettings
+    from harness.loading.inputs import Inputs
     from harness.paths import DataRoot
 
     return Calibrator(Inputs(DataRoot(str(root)), n_images, log.info), CellSettings(), search.cache_root,
@@ -268,8 +268,8 @@ def _calibrator(root: Path, n_images: int, search: Search):
 
 def _traces(spec, state_dict, methods: list[str], budget_text: str, method_options: dict, calibrate=None):
     """Each method's trace on the images, and the model's arch and transform (from the first cell)."""
-    from harness.budget import parse_budget
-    from harness.cell import prepare_cell
+    from harness.sweep.budget import parse_budget
+    from harness.sweep.cell import prepare_cell
     from harness.registry import make_method
 
     budget, found, first = parse_budget(budget_text), {}, None
@@ -293,7 +293,7 @@ def _traces(spec, state_dict, methods: list[str], budget_text: str, method_optio
 
 
 def _images(spec, transform, root: Path, n_images: int):
-    from harness.data import load_cifar10, load_eval_set
+    from harness.loading.data import load_cifar10, load_eval_set
 
     evalset = (load_cifar10(root, "test", transform, n_images) if spec.data == "cifar10"
                else load_eval_set(spec, transform, root, n_images))
@@ -304,7 +304,7 @@ def _images(spec, transform, root: Path, n_images: int):
 
 def _draw(found: dict, images, labels, transform, names, depths: list[int], grid: int, reports_dir: Path,
           stem: str) -> list[Path]:
-    from harness.plots import paper_style, save
+    from harness.reporting.plots import paper_style, save
 
     traces = {}
     for name, (make, _) in found.items():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.config import ModelConfig
+from harness.sweep.config import ModelConfig
 from harness.errors import HarnessError, did_you_mean
 from harness.paths import require_file
 

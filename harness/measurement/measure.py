@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from harness import stats
+from harness.measurement import stats
 from harness.errors import HarnessError
 from harness.paths import checkout_root
 
@@ -458,7 +458,7 @@ def end_to_end(model, jpegs: list[bytes], transform, batch_size: int, device: to
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from harness.data import stretch_and_normalize
+    from harness.loading.data import stretch_and_normalize
 
     batch = jpegs[:batch_size] if len(jpegs) >= batch_size else (jpegs * (batch_size // len(jpegs) + 1))[:batch_size]
     pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None

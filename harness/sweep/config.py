@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.errors import HarnessError
-from harness.recipes import Recipe
+from harness.training.recipes import Recipe
 
 
 ATTENTION = ("fused", "eager")

@@ -1,14 +1,14 @@
 """The short summary ``run`` ends with: what the sweep's cells came to, and where the full report is.
 
 Everything here fits a 100-column terminal (:data:`WIDTH`); the full tables stay in the files
-:func:`harness.report.build_report` writes. From stored records only, like the report.
+:func:`harness.reporting.report.build_report` writes. From stored records only, like the report.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from harness.report import BASELINE, environments, load_frame, model_rows
+from harness.reporting.report import BASELINE, environments, load_frame, model_rows
 
 WIDTH = 100
 # the statuses counted, in the order printed; "failed" is the store's "error"
@@ -40,7 +40,7 @@ def best_text(rows: list[dict]) -> str:
     it (the report's ``tie``), named after it.
 
     Args:
-        rows: the table rows of one budget (:func:`harness.report.model_rows`), ``none`` excluded.
+        rows: the table rows of one budget (:func:`harness.reporting.report.model_rows`), ``none`` excluded.
     """
     scored = sorted((r for r in rows if r.get("top1") is not None), key=lambda r: (-r["top1"], r["method"]))
     if not scored:

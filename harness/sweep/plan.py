@@ -2,7 +2,7 @@
 
 A cell's id is the hash of its key, its configuration canonically resolved: model, weights and data,
 the method, its version and every option with its default filled in (:meth:`Method.identity_options`),
-the budget in one spelling (:func:`harness.budget.canonical_text`), dtype, device, the eval and
+the budget in one spelling (:func:`harness.sweep.budget.canonical_text`), dtype, device, the eval and
 throughput batch sizes (kept from before, so stored ids stay) and kernel settings.
 Stored records are found by it (resume, the reference results), so a key changes only when a result
 would: a setting added later enters the key only when not at its default, and ``tests/test_house.py``
@@ -17,11 +17,11 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from harness import budget as budgets
-from harness.config import Config, RunConfig
+from harness.sweep import budget as budgets
+from harness.sweep.config import Config, RunConfig
 from harness.errors import HarnessError
-from harness.models import ModelSpec, resolve_model
-from harness.recipes import OFF_THE_SHELF, Protocol, parse_protocol, with_partners
+from harness.loading.models import ModelSpec, resolve_model
+from harness.training.recipes import OFF_THE_SHELF, Protocol, parse_protocol, with_partners
 from harness.registry import Method, make_method, method_names
 
 

@@ -1,6 +1,6 @@
 """``report.html``: the Markdown report as one self-contained page, every table sortable and filterable.
 
-The page is made from ``results.md`` (:func:`harness.report.build_report`'s text) and the PNG figures
+The page is made from ``results.md`` (:func:`harness.reporting.report.build_report`'s text) and the PNG figures
 beside it, so it shows the same numbers, notes and provenance, never others: headings, paragraphs,
 lists and GitHub tables are turned into HTML; the figures are inlined as base64; the style sheet and
 the script are inline too (no external asset: it opens offline). Rows carry ``data-model``,

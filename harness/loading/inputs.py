@@ -6,9 +6,9 @@ from typing import Callable, Optional
 
 import torch
 
-from harness.cell import CellSettings, build_unpatched
-from harness.data import EvalSet, load_calibration_set, load_eval_set
-from harness.models import ModelSpec, Transform, checkpoint_sha, eval_transform, load_checkpoint
+from harness.sweep.cell import CellSettings, build_unpatched
+from harness.loading.data import EvalSet, load_calibration_set, load_eval_set
+from harness.loading.models import ModelSpec, Transform, checkpoint_sha, eval_transform, load_checkpoint
 from harness.paths import DataRoot
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning recipes (``[recipes.<name>]`` in benchmark.toml) and a cell's protocol.
 
 A cell is measured ``off-the-shelf`` (the default: the method patched into the given weights) or
-``finetune:<recipe>`` (the patched model trained by :mod:`harness.finetune` with the recipe, then
+``finetune:<recipe>`` (the patched model trained by :mod:`harness.training.finetune` with the recipe, then
 measured like any cell). A recipe is data: every field below, resolved, enters the cell's id, so
 two recipes never share a record. No torch here: the plan reads recipes without it.
 """

@@ -1,7 +1,7 @@
 """Eval data: the CIFAR-10 archive, an ImageNet-style folder, and synthetic inputs for speed-only runs.
 
 Each (data set, eval transform) pair is decoded once, by worker processes, into an on-disk uint8
-cache of the transformed crops (:mod:`harness.datacache`); every cell then streams batches from it:
+cache of the transformed crops (:mod:`harness.loading.datacache`); every cell then streams batches from it:
 read into (pinned) host memory, copied to the device without blocking, normalised there. Memory does
 not grow with the number of images, and a second sweep over the same data decodes nothing.
 
@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from harness import datacache
+from harness.loading import datacache
 from harness.errors import HarnessError
-from harness.models import ModelSpec, Transform
+from harness.loading.models import ModelSpec, Transform
 from harness.paths import cache_dir, require_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class EvalSet:
         labels: (N,) class indices; None for synthetic data.
         transform: the model's eval transform (``img_size``, mean, std, crop).
         num_synthetic: the size of a synthetic set.
-        cache: the :class:`~harness.datacache.CropCache` the images stream from, ``rows`` its rows
+        cache: the :class:`~harness.loading.datacache.CropCache` the images stream from, ``rows`` its rows
             in this set's order (all of them by default).
         identity: see :attr:`identity`; derived from the content when not given.
     """

@@ -1,8 +1,8 @@
 """The sweep: models x methods x budgets, one tidy record per cell, written the moment it ends.
 
-The loop: for each planned cell (:mod:`harness.plan`), claim it, run it (:mod:`harness.execute`,
-which prepares it with :func:`harness.cell.prepare_cell` from inputs read once,
-:mod:`harness.inputs`) and store its record (:mod:`harness.store`).
+The loop: for each planned cell (:mod:`harness.sweep.plan`), claim it, run it (:mod:`harness.sweep.execute`,
+which prepares it with :func:`harness.sweep.cell.prepare_cell` from inputs read once,
+:mod:`harness.loading.inputs`) and store its record (:mod:`harness.sweep.store`).
 Bad input fails before any cell runs (HarnessError, exit 2); a cell that fails at run time is a
 record with ``status`` and ``error`` and the sweep goes on.
 """
@@ -16,17 +16,18 @@ from typing import Callable, Optional
 
 import torch
 
-from harness import distributed, measure
-from harness.cell import CellSettings
-from harness.config import Config
+from harness.sweep import distributed
+from harness.measurement import measure
+from harness.sweep.cell import CellSettings
+from harness.sweep.config import Config
 from harness.errors import HarnessError
-from harness.execute import Executor
-from harness.inputs import Inputs
+from harness.sweep.execute import Executor
+from harness.loading.inputs import Inputs
 from harness.paths import DataRoot
-from harness.plan import Cell, Machine, Measurement, Plan, cell_id, remeasure_reasons
+from harness.sweep.plan import Cell, Machine, Measurement, Plan, cell_id, remeasure_reasons
 from harness.progress import eta_text
-from harness.recipes import OFF_THE_SHELF
-from harness.store import DONE, ResultStore
+from harness.training.recipes import OFF_THE_SHELF
+from harness.sweep.store import DONE, ResultStore
 
 log = logging.getLogger(__name__)
 

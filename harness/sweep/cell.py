@@ -7,7 +7,7 @@ The runner, token maps, the profiling script, the asv benchmarks and the fidelit
     cell.model(images)   # patched, on its device, in eval mode
 
 A method that searches its schedule first (DiffRate) gets the search from ``calibrate`` (the
-harness's :class:`harness.calibration.Calibrator`), on a model of its own; the patched model is a
+harness's :class:`harness.sweep.calibration.Calibrator`), on a model of its own; the patched model is a
 fresh one.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Callable, Optional
 
 import torch
 
-from harness import budget as budgets
-from harness import measure, seam
+from harness.sweep import budget as budgets
+from harness.measurement import measure
+from harness import seam
 from harness.errors import HarnessError
-from harness.models import ModelSpec, Transform, build_model, eval_transform
+from harness.loading.models import ModelSpec, Transform, build_model, eval_transform
 from harness.registry import Method
 from harness.schedule import ArchSpec, Schedule, analytic_gmacs, arch_spec
 
@@ -117,12 +118,12 @@ def prepare_cell(spec: ModelSpec, method: Method, budget: Optional[budgets.Budge
     """Build ``spec``'s model, resolve ``budget`` (or take ``knob_value``), patch it with ``method``, place it.
 
     Args:
-        spec: the model (:func:`harness.models.resolve_model`).
+        spec: the model (:func:`harness.loading.models.resolve_model`).
         method: the method instance (:func:`harness.registry.make_method`).
         budget: what the user asked (None: no knob, or ``knob_value`` given).
         settings: device and kernels (default: CPU, fp32, fused attention, mask).
         knob_value: a fixed knob value instead of solving ``budget``.
-        state_dict: the model's weights already read (:func:`harness.models.load_checkpoint`).
+        state_dict: the model's weights already read (:func:`harness.loading.models.load_checkpoint`).
         calibrate: the harness's search service, for a method that ``needs_calibration``.
 
     Raises:
@@ -193,7 +194,7 @@ def calibration_knob(method: Method, arch: ArchSpec, budget: budgets.Budget) -> 
 def search_skip(method: Method, arch: ArchSpec, budget: budgets.Budget) -> Optional[budgets.Resolved]:
     """The skipped budget of a calibrating method whose GMACs target its knob cannot reach (None: reachable).
 
-    The same rule as :func:`harness.budget.resolve` for every other method: a target further than
+    The same rule as :func:`harness.sweep.budget.resolve` for every other method: a target further than
     ``REACH_TOLERANCE`` outside the knob's range is a recorded skip with the reason, never an error.
     A knob budget is checked against the knob's range when the sweep is planned.
     """

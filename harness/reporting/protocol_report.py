@@ -1,8 +1,8 @@
 """Off the shelf against fine-tuned, from stored records only: the pairs, their table, the training curves.
 
-For the report (``harness/report.py``, ``harness/plots.py`` call these): each fine-tuned record is
+For the report (``harness/reporting/report.py``, ``harness/reporting/plots.py`` call these): each fine-tuned record is
 paired with the off-the-shelf record of the same model, weights, method, options, budget and eval
-set, and the two are compared per image (exact McNemar, :func:`harness.stats.paired_test`).
+set, and the two are compared per image (exact McNemar, :func:`harness.measurement.stats.paired_test`).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from harness import stats
-from harness.recipes import OFF_THE_SHELF
+from harness.measurement import stats
+from harness.training.recipes import OFF_THE_SHELF
 
 MEASURED = ("ok", "off_target")
 # what a fine-tuned record shares with its off-the-shelf partner (the key less the protocol's fields)
@@ -113,6 +113,6 @@ def plot_training_curves(records: list[dict], results_dir: Path, figures_dir: Pa
     ax_lr.set(xlabel="update", ylabel="learning rate")
     ax_loss.legend(fontsize=6)
     fig.tight_layout()
-    from harness.plots import save
+    from harness.reporting.plots import save
 
     return save(fig, Path(figures_dir), "training_curves")  # PNG, PDF and PGF, no dates in the files

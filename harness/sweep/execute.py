@@ -14,16 +14,18 @@ from typing import Optional
 
 import torch
 
-from harness import budget as budgets
-from harness import distributed, measure, progress
-from harness.calibration import Calibrator
-from harness.cell import CellSettings, PreparedCell, prepare_cell
-from harness.config import RunConfig
-from harness.data import EvalSet
+from harness.sweep import budget as budgets
+from harness.sweep import distributed
+from harness.measurement import measure
+from harness import progress
+from harness.sweep.calibration import Calibrator
+from harness.sweep.cell import CellSettings, PreparedCell, prepare_cell
+from harness.sweep.config import RunConfig
+from harness.loading.data import EvalSet
 from harness.errors import UnsupportedModel
-from harness.inputs import Inputs
-from harness.models import ModelSpec
-from harness.recipes import Protocol
+from harness.loading.inputs import Inputs
+from harness.loading.models import ModelSpec
+from harness.training.recipes import Protocol
 from harness.registry import Method
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ class Executor:
 
         Its checkpoints and log live in ``<results>/finetune/<cell id>``; a finished one is read back.
         """
-        from harness import finetune
+        from harness.training import finetune
 
         recipe = protocol.recipe
         train = self.inputs.calibration_set(spec, cell.transform, recipe.train_limit)
@@ -143,7 +145,7 @@ class Executor:
             return {}
         out = self.time(cell.model, evalset, baseline)
         if self.run.flops:
-            from harness import flops
+            from harness.measurement import flops
 
             n = max(1, min(self.run.flops_images, len(evalset)))
             images, _ = evalset.batch(0, n, self.settings.device)

@@ -26,10 +26,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from harness import distributed, progress
-from harness.data import EvalSet
+from harness.sweep import distributed
+from harness import progress
+from harness.loading.data import EvalSet
 from harness.errors import HarnessError, UnsupportedModel
-from harness.models import ModelSpec, eval_transform
+from harness.loading.models import ModelSpec, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Calibration:
 
 
 class Calibrator:
-    """The service :func:`harness.cell.prepare_cell` calls for a method that searches first.
+    """The service :func:`harness.sweep.cell.prepare_cell` calls for a method that searches first.
 
     Args:
         inputs: the sweep's shared inputs (calibration sets, checkpoint hashes).
