@@ -201,6 +201,9 @@ class GTP(Method):
 
     name = "gtp"
     version = "1"
+    cannot_train = ("GTP-ViT is training-free by design: the paper reports every result on pre-trained "
+                    "DeiT / ViT weights 'without finetuning' (arXiv 2311.03035, abstract and experiments; "
+                    "the official README gives evaluation commands only)")
     tracks_positions = True
     merges = True  # token scales (option token_scale, on by default) are sizes: the head must pool by them
     knob = Knob("num_prop", int, 0, NUM_PROP_MAX, identity=0)

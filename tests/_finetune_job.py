@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from harness import distributed, finetune
+from harness.calibration import Calibration
 from harness.data import EvalSet
 from harness.models import Transform
 from harness.recipes import Recipe
@@ -46,6 +47,8 @@ def train(workdir: Path, steps: int, recipe: Recipe = RECIPE, method=None, dist=
 
     model, method = tiny_model(), method or make_method("none")
     knob = None if method.knob is None else method.knob.identity if method.name == "none" else method.knob.high * 0.7
+    if method.needs_calibration:  # DiffRate: the rates are searched on the weights as given, then stay fixed
+        method.calibrate(tiny_model(), knob, arch_spec(model), Calibration(toy_set(), torch.device("cpu"), "fp32", {"model": "tiny"}))
     if method.knob is not None:
         method.patch(model, knob, arch_spec(model))
     losses = []
