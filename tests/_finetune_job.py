@@ -1,9 +1,9 @@
 """A tiny fine-tune, shared by tests/test_finetune.py and run by it as a subprocess (kill -9, DDP).
 
-``python tests/_finetune_job.py WORKDIR STEPS OUT DROP_PATH SLEEP_S`` trains the tiny model for
-STEPS updates in WORKDIR (resuming from its checkpoint), sleeping SLEEP_S after each step (so a test
-can kill it mid-run), and saves the final weights and loss curve to OUT; under torchrun every rank
-trains its share of each global batch.
+``python tests/_finetune_job.py WORKDIR STEPS OUT DROP_PATH SLEEP_S [AUGMENT]`` trains the tiny model
+for STEPS updates in WORKDIR (resuming from its checkpoint), sleeping SLEEP_S after each step (so a
+test can kill it mid-run), and saves the final weights and loss curve to OUT; under torchrun every
+rank trains its share of each global batch. AUGMENT ``1`` adds DeiT's RandAugment and random erasing.
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from harness.recipes import Recipe
 # drop path 0: its draws come from each process's own RNG, so two ranks cannot match one process
 RECIPE = Recipe(lr=1e-3, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5, epochs=2, batch_size=8, train_limit=0,
                 label_smoothing=0.1, hflip=0.5, drop_path=0.0, seed=3, checkpoint_every=2)
+
+
+AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -75,6 +78,8 @@ if __name__ == "__main__":
     workdir, steps, out, drop_path, sleep_s = sys.argv[1:6]
     dist = distributed.init_from_env(torch.device("cpu"))
     recipe = dataclasses.replace(RECIPE, drop_path=float(drop_path))
+    if sys.argv[6:] == ["1"]:
+        recipe = dataclasses.replace(recipe, auto_augment=AUTO_AUGMENT, reprob=0.25)
     model, fields, losses = train(Path(workdir), int(steps), recipe, dist=dist,
                                   on_step=lambda step, loss: time.sleep(float(sleep_s)))
     if dist.is_main:
