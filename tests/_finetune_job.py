@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,13 +44,18 @@ def toy_set(n: int = 48) -> EvalSet:
     return EvalSet("toy", images, labels, Transform(32, (0.5,) * 3, (0.5,) * 3))
 
 
+def knob_of(method) -> Optional[float]:
+    """The knob a tiny fine-tune patches ``method`` at: 0.7 of its range (none: its identity)."""
+    return None if method.knob is None else method.knob.identity if method.name == "none" else method.knob.high * 0.7
+
+
 def train(workdir: Path, steps: int, recipe: Recipe = RECIPE, method=None, dist=None, on_step=None):
     """Train the tiny model (patched by ``method``'s patch at its knob when given) for ``steps``; (model, fields, losses)."""
     from harness.registry import make_method
     from harness.schedule import arch_spec
 
     model, method = tiny_model(), method or make_method("none")
-    knob = None if method.knob is None else method.knob.identity if method.name == "none" else method.knob.high * 0.7
+    knob = knob_of(method)
     if method.needs_calibration:  # DiffRate: the rates are searched on the weights as given, then stay fixed
         method.calibrate(tiny_model(), knob, arch_spec(model), Calibration(toy_set(), torch.device("cpu"), "fp32", {"model": "tiny"}))
     if method.knob is not None:

@@ -163,11 +163,18 @@ def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(na
     assert min(moved.values()) > 0, [k for k, v in moved.items() if v == 0]
     assert not model.training  # measured in eval mode after training
     model.train()
+    if hasattr(model, "_seam_state"):
+        model._seam_state.recording = True
     x, y = job.toy_set().take(torch.arange(4), torch.device("cpu"))
     torch.nn.functional.cross_entropy(model(x), y).backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
     assert all(g is not None and bool(torch.isfinite(g).all()) and g.abs().max() > 0 for g in grads.values()), \
         [k for k, g in grads.items() if g is None or not g.abs().max() > 0]
+    if hasattr(model, "_seam_state"):  # the training forward reduced at the cell's schedule (DiffRate: the searched one)
+        from harness.schedule import arch_spec
+
+        planned = method.schedule(arch_spec(job.tiny_model()), job.knob_of(method)).tokens_out
+        assert model._seam_state.observed == list(planned)
 
 
 def _assert_unsupported(method):
