@@ -7,7 +7,7 @@ resize and normalisation, then ``timm.data.random_erasing.RandomErasing`` (``pix
 Only the augmentation is timm's: the images stay the harness's eval crops (no random resized crop).
 
 timm draws from the global Python, NumPy and torch generators. Here each image draws inside its own
-seeded scope, keyed by (recipe seed, step, image index), and the global states are put back after:
+seeded scopes, keyed by (recipe seed, step, image index, stage), and the global states are put back after:
 an image's augmentation at a step is the same whatever ran before, whatever the number of ranks,
 and after a resume from a checkpoint (whose step is the sampler's position); drop path and Mixup
 draw from the global generators exactly as without augmentation.
@@ -25,6 +25,7 @@ from harness.data import stretch_and_normalize
 from harness.recipes import Recipe
 
 ERASE_MODE = "pixel"  # DeiT's --remode default: erased pixels are normal noise in the normalised space
+RAND_AUGMENT, ERASE = 0, 1  # the stages, each its own seed
 
 
 class Augmenter:
@@ -40,23 +41,22 @@ class Augmenter:
     def __call__(self, train_set, index: torch.Tensor, step: int, device: torch.device):
         """The images at ``index`` augmented for ``step``: the model's input on ``device``, and the labels."""
         images, labels = train_set.host_take(index)
-        out = []
-        for image, i in zip(images, index.tolist()):
-            with seeded(image_seed(self.seed, step, i)):
-                out.append(self._one(image, train_set.transform))
-        return torch.cat(out).to(device), labels.to(device)
-
-    def _one(self, image: torch.Tensor, transform) -> torch.Tensor:
+        keys = index.tolist()
         if self.config:
-            image = self._augment(image, transform)
-        x = stretch_and_normalize(image[None], transform)
-        return x if self.erase is None else self.erase(x)
+            images = torch.stack([self._augment(image, train_set.transform, step, i) for image, i in zip(images, keys)])
+        x = stretch_and_normalize(images, train_set.transform)  # the whole batch at once: per image it is slow
+        if self.erase is not None:
+            for row, i in zip(x, keys):
+                with seeded(image_seed(self.seed, step, i, ERASE)):
+                    self.erase(row)  # in place
+        return x.to(device), labels.to(device)
 
-    def _augment(self, image: torch.Tensor, transform) -> torch.Tensor:
+    def _augment(self, image: torch.Tensor, transform, step: int, index: int) -> torch.Tensor:
         from PIL import Image
 
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-        out = self._rand_augment(pil.size, transform.mean)(pil)
+        with seeded(image_seed(self.seed, step, index, RAND_AUGMENT)):
+            out = self._rand_augment(pil.size, transform.mean)(pil)
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
     def _rand_augment(self, size: tuple[int, int], mean: tuple) -> object:
@@ -75,21 +75,23 @@ def augmenter(recipe: Recipe) -> Optional[Augmenter]:
     return Augmenter(recipe) if recipe.auto_augment or recipe.reprob > 0 else None
 
 
-def image_seed(seed: int, step: int, index: int) -> int:
-    """A well-mixed 32-bit seed for one image at one step (NumPy's SeedSequence of the three)."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
+def image_seed(seed: int, step: int, index: int, stage: int) -> int:
+    """A well-mixed 32-bit seed for one stage of one image at one step (NumPy's SeedSequence of the four):
+    RandAugment and erasing draw from unrelated streams."""
+    return int(np.random.SeedSequence([seed, step, index, stage]).generate_state(1)[0])
 
 
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Python's, NumPy's and torch's CPU generators seeded with ``seed`` inside, as they were after."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+    """Python's, NumPy's and torch's CPU generators seeded with ``seed`` inside, as they were after
+    (saved by hand: ``torch.random.fork_rng`` costs more than a RandAugment of the image)."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
