@@ -284,11 +284,13 @@ def test_kill_9_mid_epoch_then_restart_ends_with_the_same_weights(tmp_path, augm
 
 
 @pytest.mark.slow
-def test_ddp_on_two_gloo_ranks_follows_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["flips", "randaugment+erasing"])
+def test_ddp_on_two_gloo_ranks_follows_one_process_with_the_same_global_batch(tmp_path, augment):
     """Two gloo ranks, 4 images each of every global batch of 8, give one process's loss curve
-    (to 1e-5: the gradient all-reduce sums in another order) and its weights (to 1e-4)."""
-    one = _worker(tmp_path, "one", 8, 0.0, 0.0)
-    two = _worker(tmp_path, "two", 8, 0.0, 0.0, torchrun=True)
+    (to 1e-5: the gradient all-reduce sums in another order) and its weights (to 1e-4); an image's
+    augmentation is drawn from its own key, so it is the same on either rank count."""
+    one = _worker(tmp_path, "one", 8, 0.0, 0.0, augment=augment)
+    two = _worker(tmp_path, "two", 8, 0.0, 0.0, torchrun=True, augment=augment)
     assert one.wait(timeout=300) == 0 and two.wait(timeout=300) == 0, two.stdout.read().decode()[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert len(a["losses"]) == len(b["losses"]) == 8
