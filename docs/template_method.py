@@ -11,7 +11,7 @@ Modifications (what the method changes in the model, block by block):
  - prefix tokens (class, distillation, registers) always stay, first and in order;
  - at least one non-prefix token is always kept, so ``r`` is clamped per block; the schedule applies
    the same clamp, so it reports exactly what the forward does;
- - any other method's schedule can be followed (``patch_schedule``): ``keynorm@tome`` prunes by key
+ - any other method's schedule can be followed (``follow``): ``keynorm@tome`` prunes by key
    norm at ToMe's token counts.
 
 This file lives in ``docs/``, outside ``methods/``, so the harness does not register it. Register it
@@ -20,11 +20,13 @@ entry-point group (see ``docs/adding-a-method.md``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, keep_tokens
+from harness.seam import BlockContext, keep_tokens, shrinking_blocks
 
 # The knob's upper end: 98 drops half of DeiT's 196 patches in the first block. Larger r would
 # clamp in every block anyway, and the contract tests check the schedule is monotone up to here.
@@ -33,9 +35,9 @@ R_MAX = 98
 
 # --- The algorithm: pure tensor functions, testable with hand-made tensors and no model. ---------
 
-def clamp_r(r: int, num_tokens: int, num_prefix: int) -> int:
-    """Tokens a block can drop: ``r``, but never the prefix tokens nor the last non-prefix token."""
-    return max(0, min(r, num_tokens - num_prefix - 1))
+def clamp_r(r: int, num_tokens: int, num_prefix: int, min_kept: int = 1) -> int:
+    """Tokens a block can drop: ``r``, but never the prefix tokens nor the last ``min_kept`` others."""
+    return max(0, min(r, num_tokens - num_prefix - min_kept))
 
 
 def smallest_norm_drop(metric: torch.Tensor, num_drop: int, num_prefix: int) -> torch.Tensor:
@@ -83,27 +85,38 @@ class KeyNormPruning(Method):
     version = "1"
     # The native knob: its name is what budgets like ``r=8`` refer to; ``identity`` removes nothing.
     knob = Knob("r", int, 0, R_MAX, identity=0)
-    # Premises, declared for `ls` and the docs (the seam also checks each where it is used): pruning with
+    # What it assumes of a model (the seam also checks each premise where it is used): pruning with
     # harness.seam.keep_tokens keeps token positions in sync, so rope / relpos models are supported.
-    tracks_positions = True
+    premises = Premises(tracks_positions=True)
+    # Where in each block the reducers run: "mid" (after the attention residual, before the MLP) is
+    # the default and what most papers do; written out here to show it.
+    stage = "mid"
+
+    @dataclass(frozen=True)
+    class Options:
+        """Every option a config may set ([methods.keynorm] in benchmark.toml), typed, with its default."""
+
+        min_kept: int = 1  # non-prefix tokens every block keeps, at least
+
+        def __post_init__(self):
+            if self.min_kept < 1:
+                raise ValueError(f"min_kept={self.min_kept}: at least one non-prefix token must stay")
 
     def schedule(self, arch, value: int) -> Schedule:
         """Tokens leaving each block: ``value`` fewer each time, clamped as the forward clamps."""
         tokens, out = arch.tokens_in, []
         for _ in range(arch.depth):
-            tokens -= clamp_r(int(value), tokens, arch.num_prefix)
+            tokens -= clamp_r(int(value), tokens, arch.num_prefix, self.options.min_kept)
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def patch(self, model, value: int, arch) -> None:
-        """Install the reducers for knob ``value`` (the model is fresh and unpatched)."""
-        self.patch_schedule(model, self.schedule(arch, value))
+    def reducers(self, model, arch, value: int) -> dict:
+        """A reducer for each block that drops tokens at knob ``value``; the harness installs them."""
+        return self.follow(model, arch, self.schedule(arch, value))
 
-    def patch_schedule(self, model, schedule: Schedule) -> None:
-        """Optional: prune to any schedule, which lets ``keynorm@<leader>`` follow another method."""
-        reducers, prev = {}, schedule.tokens_in
-        for i, n in enumerate(schedule.tokens_out):
-            if round(n) < prev:  # only blocks that shrink get a reducer (and pay for ctx.keys())
-                reducers[i] = keynorm_reducer(round(n))
-            prev = round(n)
-        install(model, reducers, method=self.name, tracks_positions=self.tracks_positions)
+    def follow(self, model, arch, schedule: Schedule) -> dict:
+        """Optional: prune to any schedule, which lets ``keynorm@<leader>`` follow another method.
+
+        Only blocks whose count drops get a reducer (and pay for ``ctx.keys()``).
+        """
+        return {i: keynorm_reducer(n) for i, n in shrinking_blocks(schedule).items()}

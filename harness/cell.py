@@ -140,7 +140,7 @@ def prepare_cell(spec: ModelSpec, method: Method, budget: Optional[budgets.Budge
             raise HarnessError(f"{method.name} searches its schedule on data first: prepare_cell needs calibrate")
         # the search meets the target itself: the knob is the GMACs ratio, no bisection
         knob_value = calibration_knob(method, arch, budget)
-        searched = calibrate(method, spec, model, arch, knob_value)
+        method, searched = bind_calibration(method, calibrate(method, spec, model, arch, knob_value))
         model = build_model(spec, state_dict)  # patch a fresh model after the search
     resolved, baseline = solve(method, arch, budget, knob_value)
     cell = PreparedCell(None, transform, arch, method, resolved, baseline, searched)
@@ -148,6 +148,14 @@ def prepare_cell(spec: ModelSpec, method: Method, budget: Optional[budgets.Budge
         cell.model = _patch_and_place(model, method, resolved.knob_value, arch, settings)
         cell.described = method.describe(arch, resolved.knob_value)
     return cell
+
+
+def bind_calibration(method: Method, found) -> tuple[Method, dict]:
+    """The method bound to what its search found (a copy: the searching instance is left as it was)
+    and the record fields of the search. A plugin of the first contract returned the fields alone."""
+    if isinstance(found, dict):
+        return method, found
+    return method.with_calibration(found.state), dict(found.fields)
 
 
 def _patch_and_place(model, method: Method, value, arch: ArchSpec, settings: CellSettings) -> torch.nn.Module:

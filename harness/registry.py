@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import abc
 import ast
+import copy
 import dataclasses
 import importlib
 import importlib.util
 import logging
 import pkgutil
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -55,77 +58,146 @@ class Knob:
         return self.kind(value)
 
 
+@dataclass(frozen=True)
+class Premises:
+    """What a method assumes of a model, declared once on the class (``premises = Premises(...)``).
+
+    The harness passes them to the seam when it installs the method's reducers, so a model that
+    cannot give them is ``unsupported`` before any work; the seam also checks each where it is
+    used, declared or not (:mod:`harness.seam.premises`), and ``tests/test_premises_at_use.py``
+    asserts that what a method declares equals what it is seen to need.
+
+    Attributes:
+        needs_class_token: tokens are ranked by the class token's attention (``ctx.cls_attn()``).
+        merges: tokens are merged (they carry sizes): the head's pooling must weigh tokens by size.
+        tracks_positions: the reducers keep each token's original position in sync
+            (``harness.seam.keep_tokens`` / ``merge_positions``), so rope / relative-position models run.
+    """
+
+    needs_class_token: bool = False
+    merges: bool = False
+    tracks_positions: bool = False
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What :meth:`Method.calibrate` returns: the searched state and the record fields about the search.
+
+    Attributes:
+        state: what :meth:`Method.schedule` and :meth:`Method.reducers` need of the search (e.g.
+            DiffRate's kept counts); the harness binds it to a copy of the method
+            (:meth:`Method.with_calibration`), never to the instance that searched.
+        fields: added to the cell's record (``search_s``, ``search_images``, ``search_cached``, ...).
+    """
+
+    state: object = None
+    fields: dict = dataclasses.field(default_factory=dict)
+
+
 class Method(abc.ABC):
-    """The plugin contract. Subclasses set ``name``, ``version``, ``knob`` and implement two methods.
+    """The plugin contract: what a method is, how many tokens each block keeps, and what reduces them.
 
-    ``schedule`` says how many tokens leave each block for a knob value (the harness derives GMACs,
-    budget solving and plots from it); ``patch`` installs the method's reducers on a fresh timm
-    model through :func:`harness.seam.install`. The first line of the class docstring is the
-    description ``python -m harness ls methods`` shows.
+    Eight names make a method (``docs/adding-a-method.md``): ``name``, ``version``, ``knob``,
+    ``Options`` (a frozen dataclass of the options with their defaults, typed), ``premises``
+    (:class:`Premises`), ``stage`` (where in the block the reducers run), :meth:`schedule` (tokens
+    leaving each block at a knob value) and :meth:`reducers` (a reducer per block). The harness
+    installs the reducers at the seam, reading ``stage``, ``premises`` and ``prop_attn`` from the
+    class; the first line of the class docstring is what ``python -m harness ls methods`` shows.
 
-    Every other hook the harness calls is declared below with its default, so a method overrides
-    only what it needs (``docs/adding-a-method.md`` lists them): ``option_names``,
-    ``resolved_options``, ``describe``, ``patch_schedule`` (to follow another method's schedule),
-    the premises ``needs_class_token`` and ``merges``, and, for a method that searches its schedule
-    on data first, ``needs_calibration``, ``calibrate``, ``calibration_identity`` and ``cache_name``.
+    Optional, each with a default: :meth:`follow` (reducers for another method's schedule, for
+    ``random@tome``), :meth:`calibrate` (a search on data before the schedule is known; returns
+    :class:`Calibrated`), ``prop_attn``, :meth:`describe`, the fine-tuning hooks (``cannot_train``,
+    :meth:`train_knob`, :meth:`set_train_knob`, :meth:`training_identity`), ``baseline``, and
+    :meth:`patch` for a method that changes the model itself rather than its tokens (``resolution``).
     """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     knob: ClassVar[Optional[Knob]] = None
-    needs_calibration: ClassVar[bool] = False
-    # premises the seam checks at patch time (harness.seam.check_premises): a model that cannot give
-    # them makes the cell ``unsupported`` with the reason, never a silent ``ok``
-    needs_class_token: ClassVar[bool] = False  # ranks tokens by the class token's attention (ctx.cls_attn)
-    merges: ClassVar[bool] = False             # merges tokens: the head's pooling must weigh tokens by size
+    Options: ClassVar[type] = NoOptions
+    premises: ClassVar[Premises] = Premises()
     # where in each block the reducers run (harness.seam.STAGES): "mid" between attention and MLP,
     # "pre" before the attention (MCTF), "post" after the MLP (DCT); schedules carry the same stage
     stage: ClassVar[str] = "mid"
-    # keeps ``state.positions`` (each token's original index) in sync when it reduces, so models whose
-    # blocks need token positions (rotary embeddings, relative-position bias) can be reduced
-    tracks_positions: ClassVar[bool] = False
+    # a merging method's attention adds log(token size) to its logits (ToMe's proportional attention)
+    prop_attn: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
     # a reference line every other method must beat (``resolution``): drawn and listed as such
     baseline: ClassVar[bool] = False
-    # every option a config may set, with its default: the harness fills the defaults in before the
-    # method reads ``self.options``, so an option written at its default and one left out are the same
-    option_defaults: ClassVar[dict] = {}
     # options the cell ids stored before the harness filled defaults in left out at these values (their
-    # defaults then): hashed only when different, so those ids stay; a default later changed in code
-    # differs from these and makes new ids (:meth:`identity_options`)
+    # defaults then): hashed only when different, so those ids stay; a new method leaves it empty
     implicit_defaults: ClassVar[dict] = {}
     # fine-tuning (the ``finetune:<recipe>`` protocol, :mod:`harness.finetune`): None when the method's
     # reducers train as they run (its paper fine-tunes with them in place); else why it cannot be
     # fine-tuned here, and its fine-tune cells are ``unsupported`` with that reason
     cannot_train: ClassVar[Optional[str]] = "it declares no fine-tuning (Method.cannot_train is not set to None)"
+    calibration: object = None  # the state bound by with_calibration (None until a search is bound)
+    # a first-contract plugin's ``patch_schedule`` (read by _adopt_legacy_declarations; kept for one release)
+    legacy_patch_schedule: ClassVar[Optional[object]] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _adopt_legacy_declarations(cls)
 
     def __init__(self, **options):
-        unknown = set(options) - set(self.option_names())
-        if unknown:
-            raise HarnessError(f"method {self.name!r} has no option(s) {sorted(unknown)}; options: {self.option_names()}")
         self.given_options = dict(options)  # as the config wrote them (the calibration cache's key)
-        self.options = {**self.option_defaults, **options}
+        self.options = resolve_options(self.name, self.Options, options)
 
     @classmethod
     def option_names(cls) -> list[str]:
-        """Options a config may set for this method (``[methods.<name>]`` in benchmark.toml): those with defaults."""
-        return list(cls.option_defaults)
+        """Options a config may set for this method (``[methods.<name>]`` in benchmark.toml)."""
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """Each option's default, as declared in ``Options``."""
+        return {k: getattr(v, "default_factory", lambda: v.default)() if v.default is dataclasses.MISSING else v.default
+                for k, v in ((f.name, f) for f in dataclasses.fields(cls.Options))}
 
     @abc.abstractmethod
     def schedule(self, arch, value) -> "Schedule":  # noqa: F821
         """Tokens leaving each block at knob ``value`` for a model of shape ``arch`` (an ArchSpec)."""
 
-    @abc.abstractmethod
+    def reducers(self, model, arch, value) -> dict:
+        """Block index -> reducer ``(x, ctx) -> x`` at knob ``value``, for a fresh ``model`` of shape ``arch``.
+
+        Only blocks that reduce get one (at the identity knob: none). The harness installs them
+        (:meth:`patch`); a method that changes the model itself overrides :meth:`patch` instead.
+        """
+        raise NotImplementedError(f"method {self.name!r} defines neither reducers() nor patch()")
+
+    def follow(self, model, arch, schedule: "Schedule") -> dict:  # noqa: F821
+        """Reducers that reduce to any ``schedule`` (another method's): what ``follower@leader`` installs.
+
+        A method that can follow overrides this; the default refuses.
+        """
+        raise HarnessError(f"method {self.name!r} cannot follow another method's schedule (no follow())")
+
     def patch(self, model, value, arch) -> None:
-        """Patch ``model`` in place so it runs the method at knob ``value``."""
+        """Install :meth:`reducers` on ``model`` (fresh, unpatched, eval mode), with the class's declarations."""
+        self.install(model, self.reducers(model, arch, value))
+
+    def install(self, model, reducers: dict, stage: Optional[str] = None) -> None:
+        """Install ``reducers`` at the seam with this method's stage, premises and proportional attention."""
+        from harness.seam import install
+
+        p = self.premises
+        install(model, reducers, prop_attn=bool(self.prop_attn), needs_class_token=p.needs_class_token,
+                merges=p.merges, method=self.name, stage=stage or self.stage, tracks_positions=p.tracks_positions)
 
     def resolved_options(self) -> dict:
         """Every option that changes results, defaults filled in, each in its default's type (``1`` for
-        a float default is ``1.0``): what :meth:`identity_options` hashes.
+        a float default is ``1.0``, a tuple a list): what :meth:`identity_options` hashes.
 
         A method overrides this only to leave out options that do not change its results in some mode
-        (DiffRate's search settings when it reads published schedules) or to check values.
+        (DiffRate's search settings when it reads published schedules).
         """
-        return {k: canonical_option(self.option_defaults.get(k), v) for k, v in self.options.items()}
+        return {k: canonical_option(v, v) for k, v in dataclasses.asdict(self.options).items()}
 
     def identity_options(self) -> dict:
         """The options in a cell's id: :meth:`resolved_options` less those at :attr:`implicit_defaults`."""
@@ -150,20 +222,13 @@ class Method(abc.ABC):
         """What of the method's training (beyond its options) enters a fine-tune cell's id; none by default."""
         return {}
 
-    def patch_schedule(self, model, schedule: "Schedule") -> None:  # noqa: F821
-        """Patch ``model`` to follow any ``schedule`` (another method's): what ``follower@leader`` calls.
-
-        A method that can follow overrides this; the default refuses.
-        """
-        raise HarnessError(f"method {self.name!r} cannot follow another method's schedule (no patch_schedule)")
-
     @property
     def can_follow(self) -> bool:
-        """Whether the method overrides :meth:`patch_schedule` (``random@tome`` needs it of ``random``)."""
-        return type(self).patch_schedule is not Method.patch_schedule
+        """Whether the method overrides :meth:`follow` (``random@tome`` needs it of ``random``)."""
+        return type(self).follow is not Method.follow or self.legacy_patch_schedule is not None
 
-    def calibrate(self, model, value, arch, calibration) -> dict:
-        """The search before ``patch``, run when ``needs_calibration`` is set (DiffRate); nothing by default.
+    def calibrate(self, model, value, arch, calibration) -> Calibrated:
+        """The search before the schedule is known, run when ``needs_calibration`` is set (DiffRate).
 
         Args:
             model: the unpatched model, on the run's device, in eval mode (a fresh one is patched after).
@@ -174,9 +239,16 @@ class Method(abc.ABC):
                 (``cached(name)``, ``store(name, found)``) and progress (``report``).
 
         Returns:
-            Fields added to the cell's record (e.g. ``search_s``, ``search_images``, ``search_cached``).
+            :class:`Calibrated`: the state the schedule and reducers read (the harness binds it to a
+            copy of the method, :meth:`with_calibration`) and the fields added to the cell's record.
         """
-        return {}
+        return Calibrated()
+
+    def with_calibration(self, state) -> "Method":
+        """A copy of this method that reads ``state`` (what :meth:`calibrate` found) as ``self.calibration``."""
+        bound = copy.copy(self)
+        bound.calibration = state
+        return bound
 
     def calibration_identity(self) -> dict:
         """What of the method makes its search's result: part of the calibration key.
@@ -213,6 +285,67 @@ def canonical_option(default, value):
 def _same_value(a, b) -> bool:
     """Equal and of one kind: ``True`` is not ``1`` here, as JSON (the id's hash) tells them apart."""
     return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def resolve_options(method: str, options_cls: type, given: dict):
+    """``options_cls`` (a method's ``Options`` dataclass) filled from ``given``: unknown names, values of
+    the wrong type and the dataclass's own checks (``__post_init__``) raise one clear HarnessError."""
+    names = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise HarnessError(f"method {method!r} has no option(s) {unknown}; options: {names}")
+    hints = typing.get_type_hints(options_cls)
+    values = {k: _typed(method, k, hints.get(k), v) for k, v in given.items()}
+    try:
+        return options_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise HarnessError(f"method {method!r}: {exc}") from exc
+
+
+def _typed(method: str, key: str, hint, value):
+    """``value`` as option ``key``'s declared type ``hint`` (int from 2.0, float from 2, tuple from a list)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    base = typing.get_origin(hint) or hint
+    if base in (tuple, list) and isinstance(value, (tuple, list)):
+        item = args[0] if args else None
+        return tuple(_typed(method, key, item, v) for v in value)
+    cast = _CASTS.get(base)
+    if base in (None, object, typing.Any) or (cast is None and isinstance(value, base)):
+        return value
+    if cast is not None and cast[0](value):
+        return cast[1](value)
+    raise HarnessError(f"method {method!r}: option {key} must be {getattr(base, '__name__', base)}, got {value!r}")
+
+
+# declared type -> (accepts, cast): 2.0 is an int, 2 a float; a bool is neither
+_CASTS = {
+    bool: (lambda v: isinstance(v, bool), bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(), int),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), float),
+    str: (lambda v: isinstance(v, str), str),
+}
+
+
+def _adopt_legacy_declarations(cls) -> None:
+    """A plugin written for the first contract (``option_defaults``, the premises as three booleans)
+    still loads: its declarations are read into ``Options`` and ``premises``. Kept for one release."""
+    body = vars(cls)
+    if isinstance(body.get("option_defaults"), dict) and "Options" not in body:
+        defaults = body["option_defaults"]
+        fields = [(k, object if v is None else type(v), dataclasses.field(default=tuple(v) if isinstance(v, list) else v))
+                  for k, v in defaults.items()]
+        cls.Options = dataclasses.make_dataclass(f"{cls.__name__}Options", fields, frozen=True)
+        delattr(cls, "option_defaults")
+    legacy = {k: body[k] for k in ("needs_class_token", "merges", "tracks_positions") if isinstance(body.get(k), bool)}
+    if legacy and "premises" not in body:
+        cls.premises = dataclasses.replace(cls.premises, **legacy)
+    if callable(body.get("patch_schedule")):
+        cls.legacy_patch_schedule = body["patch_schedule"]
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -460,20 +593,35 @@ class FollowSchedule(Method):
     def stage(self) -> str:
         return self.follower.stage
 
+    @property
+    def premises(self) -> Premises:
+        return self.follower.premises
+
+    @property
+    def prop_attn(self) -> bool:
+        return self.follower.prop_attn
+
+    def with_calibration(self, state) -> "FollowSchedule":
+        return FollowSchedule(self.follower, self.leader.with_calibration(state))
+
     def schedule(self, arch, value):
         # the leader's token counts, paid for where the follower reduces (random@dct prunes between
         # attention and MLP at DCT's counts: its GMACs are those of a "mid" schedule)
         return dataclasses.replace(self.leader.schedule(arch, value), stage=self.follower.stage)
 
     def patch(self, model, value, arch) -> None:
-        self.follower.patch_schedule(model, self.schedule(arch, value))
+        schedule = self.schedule(arch, value)
+        legacy = self.follower.legacy_patch_schedule
+        if legacy is not None and type(self.follower).follow is Method.follow:  # a plugin of the first contract
+            return legacy(model, schedule)  # bound: it was the class's own method
+        self.follower.install(model, self.follower.follow(model, arch, schedule))
 
 
 def make_method(name: str, options: Optional[dict] = None) -> Method:
     """A method instance by name, with ``options[name]`` from the config.
 
     ``follower@leader`` (e.g. ``random@tome``) builds the follower at the leader's schedule, for
-    "random pruning at the schedule of method X"; the follower must override ``patch_schedule``.
+    "random pruning at the schedule of method X"; the follower must override :meth:`Method.follow`.
     """
     options = options or {}
     follower, sep, leader = name.partition("@")
@@ -481,7 +629,7 @@ def make_method(name: str, options: Optional[dict] = None) -> Method:
         return get_method_class(name)(**options.get(name, {}))
     f, lead = make_method(follower, options), make_method(leader, options)
     if not f.can_follow:
-        raise HarnessError(f"method {follower!r} cannot follow another method's schedule (no patch_schedule)")
+        raise HarnessError(f"method {follower!r} cannot follow another method's schedule (it defines no follow())")
     if lead.knob is None:
         raise HarnessError(f"method {leader!r} has no knob, so no schedule to follow")
     if lead.baseline:

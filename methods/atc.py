@@ -88,9 +88,9 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from harness import margins
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, chosen_blocks, current_positions, install
+from harness.seam import BlockContext, chosen_blocks, current_positions
 
 LINKAGES = ("average", "complete", "single")
 # the distance of a merged-away cluster and of a cluster to itself: finite, so that merging never
@@ -379,39 +379,38 @@ class ATC(Method):
     """ATC: agglomerative clustering of the keys into keep-rate**s clusters at 3 blocks (Haurum et al., ECCV 2024)."""
 
     name = "atc"
-    merges = True
-    tracks_positions = True
+    premises = Premises(merges=True, tracks_positions=True)
     version = "2"  # 2: distances in fp32 under bf16 autocast (as the docstring says; the matmul ran in bf16)
     # the paper fine-tunes DeiT with ATC in place (30 epochs; the README's "Fine-tuning DeiT model",
     # train_deit.py): the clustering is not differentiated, the cluster averages are
     cannot_train = None
     knob = Knob("keep_rate", float, 0.2, 1.0, identity=1.0)
 
-    option_defaults = {"linkage": "average", "prop_attn": True, "reduction_loc": None}
-    implicit_defaults = {"reduction_loc": None}  # left out of ids at None since ATC's first version
+    @dataclass(frozen=True)
+    class Options:
+        linkage: str = "average"  # "average", "complete" or "single"
+        prop_attn: bool = True  # log(cluster size) added to the attention logits
+        reduction_loc: Optional[tuple[int, ...]] = None  # 0-based reduction blocks (default: 3, 6, 9 of 12)
 
-    def resolved_options(self) -> dict:
-        options = {"linkage": self.linkage, "prop_attn": self.prop_attn}
-        if self.options.get("reduction_loc") is not None:
-            options["reduction_loc"] = [int(i) for i in self.options["reduction_loc"]]
-        return options
+        def __post_init__(self):
+            if self.linkage not in LINKAGES:
+                raise HarnessError(f"atc linkage {self.linkage!r} unknown; choices: {', '.join(LINKAGES)}")
+
+    implicit_defaults = {"reduction_loc": None}  # left out of ids at None since ATC's first version
 
     @property
     def linkage(self) -> str:
         """The linkage function: "average" (default), "complete" or "single"."""
-        linkage = str(self.options.get("linkage", "average"))
-        if linkage not in LINKAGES:
-            raise HarnessError(f"atc linkage {linkage!r} unknown; choices: {', '.join(LINKAGES)}")
-        return linkage
+        return self.options.linkage
 
     @property
     def prop_attn(self) -> bool:
         """Whether log(size) is added to the attention logits."""
-        return bool(self.options.get("prop_attn", True))
+        return self.options.prop_attn
 
     def reduction_loc(self, depth: int) -> tuple[int, ...]:
         """0-based reduction blocks for a model of ``depth`` blocks."""
-        return chosen_blocks(self.options.get("reduction_loc"), depth, "atc reduction_loc")
+        return chosen_blocks(self.options.reduction_loc, depth, "atc reduction_loc")
 
     def block_clusters(self, arch, value: float) -> dict[int, int]:
         """Block index -> clusters its reduction aims at (before clamping to the tokens present)."""
@@ -428,12 +427,8 @@ class ATC(Method):
             out.append(arch.num_prefix + body)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def patch(self, model, value: float, arch) -> None:
-        linkage = self.linkage
-        clusters = self.block_clusters(arch, value)
+    def reducers(self, model, arch, value: float) -> dict:
         schedule = self.schedule(arch, value)
         # only blocks that do reduce get a reducer, so the identity knob installs none
-        reducers = {i: atc_reducer(k, linkage) for i, k in clusters.items()
-                    if schedule.tokens_out[i] < schedule.tokens_entering(i)}
-        install(model, reducers, prop_attn=self.prop_attn, merges=self.merges, method=self.name,
-                tracks_positions=self.tracks_positions)
+        return {i: atc_reducer(k, self.linkage) for i, k in self.block_clusters(arch, value).items()
+                if schedule.tokens_out[i] < schedule.tokens_entering(i)}

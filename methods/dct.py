@@ -55,14 +55,15 @@ Deviations:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install
+from harness.seam import BlockContext, shrinking_blocks
 
 
 def tokens_kept(tokens: int, ratio: float) -> int:
@@ -172,12 +173,12 @@ class DCTFilter(Method):
     cannot_train = None
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
     stage = "post"
-    merges = False  # mixes tokens but resamples them evenly: no unequal sizes to weigh (module docstring)
+    # mixes tokens but resamples them evenly: no unequal sizes to weigh (module docstring), so it does not merge
+    premises = Premises()
 
-    option_defaults = {"half_tokens": False}
-
-    def resolved_options(self) -> dict:
-        return {"half_tokens": bool(self.options.get("half_tokens", False))}
+    @dataclass(frozen=True)
+    class Options:
+        half_tokens: bool = False  # the official variant that keeps half the tokens in one block
 
     def schedule(self, arch, value: float) -> Schedule:
         if value >= 1.0:
@@ -188,30 +189,26 @@ class DCTFilter(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out), stage=self.stage)
 
-    def patch(self, model, value: float, arch) -> None:
-        half = self.resolved_options()["half_tokens"]
+    def reducers(self, model, arch, value: float) -> dict:
+        half = self.options.half_tokens
         reducers = {} if value >= 1.0 else {
-            i: lowpass_reducer(lambda t: tokens_kept(t, value), half) for i in range(len(model.blocks))}
-        self._install(model, reducers, self.schedule(arch, value))
+            i: lowpass_reducer(lambda t: tokens_kept(t, value), half) for i in range(arch.depth)}
+        return self._with_matrices(model, reducers, self.schedule(arch, value))
 
-    def patch_schedule(self, model, schedule: Schedule) -> None:
+    def follow(self, model, arch, schedule: Schedule) -> dict:
         """Low-pass after each block whose count drops to ``schedule``'s count (rounded to whole tokens)."""
-        half = self.resolved_options()["half_tokens"]
-        p = model.num_prefix_tokens
-        reducers, prev = {}, schedule.tokens_in
-        for i, n in enumerate(schedule.tokens_out):
-            if round(n) < prev:
-                reducers[i] = lowpass_reducer(lambda t, keep=round(n) - p: keep, half)
-            prev = round(n)
-        self._install(model, reducers, schedule)
+        half, p = self.options.half_tokens, arch.num_prefix
+        reducers = {i: lowpass_reducer(lambda t, keep=n - p: keep, half) for i, n in shrinking_blocks(schedule).items()}
+        return self._with_matrices(model, reducers, schedule)
 
-    def _install(self, model, reducers: dict, schedule: Schedule) -> None:
-        install(model, reducers, capture_qkv=False, merges=self.merges, needs_class_token=self.needs_class_token,
-                method=self.name, stage=self.stage)
-        # each block's low-pass matrix depends only on its token counts: built once here, not in every
-        # forward; a non-persistent buffer, so it follows the model to its device and stays out of weights
+    @staticmethod
+    def _with_matrices(model, reducers: dict, schedule: Schedule) -> dict:
+        """``reducers``, each block's low-pass matrix registered on it: it depends only on the block's token
+        counts, so it is built once here, not in every forward (a non-persistent buffer: it follows the model
+        to its device and stays out of the weights)."""
         p = model.num_prefix_tokens
         for i in reducers:
             patches, kept = round(schedule.tokens_entering(i)) - p, round(schedule.tokens_out[i]) - p
             if kept < patches:
                 model.blocks[i].register_buffer("_dct_lowpass", lowpass_matrix(patches, kept), persistent=False)
+        return reducers

@@ -23,14 +23,15 @@ Modifications:
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from harness.keeprate import KeepRate, KeepRateWarmup
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import (BlockContext, attentive_split, chosen_blocks, current_positions, gather_tokens, install,
+from harness.seam import (BlockContext, attentive_split, chosen_blocks, current_positions, gather_tokens,
                           keep_tokens, num_keep, top_attentive)
 
 
@@ -101,23 +102,26 @@ class EViT(KeepRateWarmup, Method):
     """EViT: keep the tokens the class token attends to, fuse the rest into one (Liang et al., ICLR 2022)."""
 
     name = "evit"
-    needs_class_token = True
-    tracks_positions = True
+    premises = Premises(needs_class_token=True, tracks_positions=True)
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
     # the paper trains with the reorganisation in place, the keep rate warmed up (harness.keeprate)
 
-    option_defaults = {"fuse": True, "drop_loc": None}
+    @dataclass(frozen=True)
+    class Options:
+        fuse: bool = True  # the dropped tokens fused into one, weighted by attention (False: Top-K's drop)
+        drop_loc: Optional[tuple[int, ...]] = None  # 0-based drop blocks (default: the paper's 3, 6, 9 on 12)
+
     implicit_defaults = {"fuse": True, "drop_loc": None}  # ids stored before defaults were filled
 
     @property
     def fuse(self) -> bool:
         """Whether dropped tokens are fused into one extra token."""
-        return bool(self.options["fuse"])
+        return self.options.fuse
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that drop tokens for a model of ``depth`` blocks."""
-        return chosen_blocks(self.options["drop_loc"], depth, f"{self.name} drop_loc")
+        return chosen_blocks(self.options.drop_loc, depth, f"{self.name} drop_loc")
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []
@@ -128,12 +132,10 @@ class EViT(KeepRateWarmup, Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def patch(self, model, value: float, arch) -> None:
-        reducers = {}
+    def reducers(self, model, arch, value: float) -> dict:
         # every drop block reads the model's one keep rate (the warm-up changes it while training);
         # at the identity the blocks are patched without reducers, so the warm-up cannot start from 1
         keep_rate = self.keep_rate(model, value)
-        if value < 1.0:
-            reducers = {i: evit_reducer(keep_rate, self.fuse) for i in self.drop_loc(len(model.blocks))}
-        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
-                tracks_positions=self.tracks_positions)
+        if value >= 1.0:
+            return {}
+        return {i: evit_reducer(keep_rate, self.fuse) for i in self.drop_loc(arch.depth)}

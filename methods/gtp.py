@@ -47,15 +47,16 @@ Deviations and choices:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from harness import margins
 from harness.errors import HarnessError
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, attention_bias, gather_tokens, install, keep_tokens
+from harness.seam import BlockContext, attention_bias, gather_tokens, keep_tokens
 
 GRAPH_TYPES = ("Mixed", "Spatial", "Semantic")
 # The knob's upper end: every block removing 98 tokens empties a 196-patch model in the second block;
@@ -204,18 +205,31 @@ class GTP(Method):
     cannot_train = ("GTP-ViT is training-free by design: the paper reports every result on pre-trained "
                     "DeiT / ViT weights 'without finetuning' (arXiv 2311.03035, abstract and experiments; "
                     "the official README gives evaluation commands only)")
-    tracks_positions = True
-    merges = True  # token scales (option token_scale, on by default) are sizes: the head must pool by them
     knob = Knob("num_prop", int, 0, NUM_PROP_MAX, identity=0)
 
-    option_defaults = {"alpha": 0.1, "num_neighbours": 8, "graph_type": "Mixed", "token_scale": True}
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.1  # the share of a removed token propagated into its neighbours
+        num_neighbours: int = 8  # the semantic graph's neighbours per token
+        graph_type: str = "Mixed"  # the token graph (GRAPH_TYPES)
+        token_scale: bool = True  # kept tokens carry scales (sizes): proportional attention, size pooling
+
+        def __post_init__(self):
+            if self.graph_type not in GRAPH_TYPES:
+                raise HarnessError(f"gtp graph_type {self.graph_type!r}; choices: {', '.join(GRAPH_TYPES)}")
+
+    @property
+    def premises(self) -> Premises:
+        # token scales (option token_scale, on by default) are sizes: the head must pool by them
+        return Premises(merges=self.options.token_scale, tracks_positions=True)
+
+    @property
+    def prop_attn(self) -> bool:
+        return self.options.token_scale
 
     @property
     def graph_type(self) -> str:
-        how = str(self.options["graph_type"])
-        if how not in GRAPH_TYPES:
-            raise HarnessError(f"gtp graph_type {how!r}; choices: {', '.join(GRAPH_TYPES)}")
-        return how
+        return self.options.graph_type
 
     def schedule(self, arch, value: int) -> Schedule:
         tokens, out = arch.tokens_in, []
@@ -229,15 +243,13 @@ class GTP(Method):
         rows, cols = model.patch_embed.grid_size
         spatial = spatial_graph(rows, cols)
         # the official k counts the class token in N: one neighbour more on a model without one
-        kth = arch.num_patches - int(self.options["num_neighbours"]) - (0 if arch.num_prefix else 1)
+        kth = arch.num_patches - self.options.num_neighbours - (0 if arch.num_prefix else 1)
         graph_type = self.graph_type
         return lambda patches: token_graph(patches, spatial, kth, graph_type)
 
-    def patch(self, model, value: int, arch) -> None:
-        reducers, scale = {}, bool(self.options["token_scale"])
-        if int(value) > 0:
-            alpha, graph_of = float(self.options["alpha"]), self.graph_builder(model, arch)
-            reducers = {i: gtp_reducer(int(value), alpha, scale, graph_of if i == 0 else None)
-                        for i in range(arch.depth)}
-        install(model, reducers, prop_attn=scale, merges=self.merges and scale,
-                method=self.name, tracks_positions=self.tracks_positions)
+    def reducers(self, model, arch, value: int) -> dict:
+        if int(value) <= 0:
+            return {}
+        graph_of, options = self.graph_builder(model, arch), self.options
+        return {i: gtp_reducer(int(value), options.alpha, options.token_scale, graph_of if i == 0 else None)
+                for i in range(arch.depth)}

@@ -56,14 +56,15 @@ equal the official logits bit for bit on this machine.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from harness import margins
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install
+from harness.seam import BlockContext
 
 Merge = Callable[..., torch.Tensor]
 
@@ -245,13 +246,15 @@ class MCTF(Method):
                     "loss added, and the squared distance of the two passes' class tokens, weight 3, for images "
                     "classified with confidence > 0.4), which is not implemented here: only the inference step")
     knob = Knob("r", int, 0, R_MAX, identity=0)
-    merges = True
+    premises = Premises(merges=True)
+    prop_attn = True
     stage = "pre"
 
-    option_defaults = dict(DEFAULT_TAUS)
-
-    def resolved_options(self) -> dict:
-        return {k: float(self.options.get(k, v)) for k, v in DEFAULT_TAUS.items()}
+    @dataclass(frozen=True)
+    class Options:
+        tau_sim: float = DEFAULT_TAUS["tau_sim"]  # temperature of the similarity term
+        tau_info: float = DEFAULT_TAUS["tau_info"]  # of the informativeness term
+        tau_size: float = DEFAULT_TAUS["tau_size"]  # of the size term
 
     @staticmethod
     def active(block: int) -> bool:
@@ -268,9 +271,6 @@ class MCTF(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out), stage=self.stage)
 
-    def patch(self, model, value: int, arch) -> None:
+    def reducers(self, model, arch, value: int) -> dict:
         taus = self.resolved_options()
-        reducers = {} if not value else {i: mctf_reducer(int(value), **taus)
-                                         for i in range(len(model.blocks)) if self.active(i)}
-        install(model, reducers, prop_attn=True, capture_qkv=False, merges=self.merges,
-                needs_class_token=self.needs_class_token, method=self.name, stage=self.stage)
+        return {} if not value else {i: mctf_reducer(int(value), **taus) for i in range(arch.depth) if self.active(i)}

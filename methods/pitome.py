@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from harness import margins
 from harness.errors import UnsupportedModel
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, gather_tokens, install, merge_tokens
+from harness.seam import BlockContext, gather_tokens, merge_tokens
 
 Merge = Callable[..., torch.Tensor]
 
@@ -144,8 +144,7 @@ class PiToMe(Method):
     # the paper reports off-the-shelf and retrained rows; the official main_ic.py trains image
     # classifiers with PiToMe in place. Gradients flow through the size-weighted merge
     cannot_train = None
-    merges = True
-    tracks_positions = True
+    premises = Premises(merges=True, tracks_positions=True)
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
 
     @staticmethod
@@ -174,11 +173,10 @@ class PiToMe(Method):
                         f"tokens, where the official code raises IndexError (a maximum over no token): undefined")
         return None
 
-    def patch(self, model, value: float, arch) -> None:
+    def reducers(self, model, arch, value: float) -> dict:
         why = self.undefined_at(arch, value)
         if why:
             raise UnsupportedModel(why)
-        depth = len(model.blocks)
-        reducers = {} if value >= 1.0 else {
+        depth = arch.depth
+        return {} if value >= 1.0 else {
             i: pitome_reducer(value, self.margin(i, depth), self.bipartite(i, depth)) for i in range(depth)}
-        install(model, reducers, merges=self.merges, method=self.name, tracks_positions=self.tracks_positions)

@@ -49,12 +49,13 @@ code's bit for bit on this machine (``tests/fixtures/golden/deit_tiny_cifar10_bf
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from harness import margins
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
 from harness.seam import (BlockContext, bipartite_soft_matching, chosen_blocks, clamp_r, gather_tokens,
                           install, log_size, merge_wavg)
@@ -184,39 +185,37 @@ class PPT(Method):
     """PPT: pool (ToMe) or prune r tokens at blocks 3, 6, 9, per image by importance variance (Wu et al., 2023)."""
 
     name = "ppt"
-    needs_class_token = True
-    merges = True
+    premises = Premises(needs_class_token=True, merges=True)
+    prop_attn = True
     version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
     # the official README fine-tunes DeiT-S for 30 epochs with PPT in place ("Training"); both
     # branches are differentiable in the tokens (the branch choice and the top-k are not)
     cannot_train = None
     knob = Knob("r", int, 0, 98, identity=0)
 
-    option_defaults = {"threshold": THRESHOLD, "pp_loc_list": None}
-
-    def resolved_options(self) -> dict:
-        loc = self.options.get("pp_loc_list")
-        return {"threshold": self.threshold, "pp_loc_list": None if loc is None else [int(i) for i in loc]}
+    @dataclass(frozen=True)
+    class Options:
+        threshold: float = THRESHOLD  # importance variance below which an image is pooled, not pruned
+        pp_loc_list: Optional[tuple[int, ...]] = None  # 0-based pp blocks (default: 3, 6, 9 of 12 scaled)
 
     @property
     def threshold(self) -> float:
         """The importance variance below which an image is pooled rather than pruned."""
-        return float(self.options.get("threshold", THRESHOLD))
+        return self.options.threshold
 
     def pp_blocks(self, depth: int) -> tuple[int, ...]:
         """0-based pp blocks of a model of ``depth`` blocks: the option's, or 3, 6, 9 of 12 scaled."""
-        return chosen_blocks(self.options.get("pp_loc_list"), depth, f"{self.name} pp_loc_list")
+        return chosen_blocks(self.options.pp_loc_list, depth, f"{self.name} pp_loc_list")
 
     def schedule(self, arch, value: int) -> Schedule:
         return Schedule(arch.tokens_in, tokens_after(arch.tokens_in, int(value), self.pp_blocks(arch.depth),
                                                      arch.depth, arch.num_prefix))
 
-    def patch(self, model, value: int, arch) -> None:
-        reducers = {}
-        if int(value) > 0:
-            pp_blocks = self.pp_blocks(len(model.blocks))
-            reducers = {i: ppt_reducer(int(value), self.threshold) for i in pp_blocks}
-            if min(pp_blocks) > 0:
-                reducers[min(pp_blocks) - 1] = sizes_start
-        install(model, reducers, prop_attn=True, needs_class_token=self.needs_class_token, merges=self.merges,
-                method=self.name)
+    def reducers(self, model, arch, value: int) -> dict:
+        if int(value) <= 0:
+            return {}
+        pp_blocks = self.pp_blocks(arch.depth)
+        reducers = {i: ppt_reducer(int(value), self.threshold) for i in pp_blocks}
+        if min(pp_blocks) > 0:
+            reducers[min(pp_blocks) - 1] = sizes_start
+        return reducers

@@ -25,12 +25,13 @@ advanced by every forward, so its draws depended on how many batches ran before.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, drop_blocks, install, keep_tokens
+from harness.seam import BlockContext, drop_blocks, keep_tokens, shrinking_blocks
 
 
 _MASK32 = 0xFFFFFFFF
@@ -71,17 +72,16 @@ class RandomPruning(Method):
     """Random pruning: seeded uniform token dropping at EViT's drop blocks (or any schedule)."""
 
     name = "random"
-    tracks_positions = True
+    premises = Premises(tracks_positions=True)
     version = "2"  # 2: counter-based hash draws (traceable, independent of earlier forwards)
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
     # trained as EViT's random-keep control (its official main.py --random): the draws depend on the
     # block and image, not on training, so the pruning trains as it evaluates
     cannot_train = None
 
-    option_defaults = {"seed": 0}
-
-    def resolved_options(self) -> dict:
-        return {"seed": int(self.options.get("seed", 0))}
+    @dataclass(frozen=True)
+    class Options:
+        seed: int = 0  # the draws' seed (with the block and the image: counter-based, module docstring)
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []
@@ -92,12 +92,12 @@ class RandomPruning(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def patch(self, model, value: float, arch) -> None:
-        self.patch_schedule(model, self.schedule(arch, value))
+    def reducers(self, model, arch, value: float) -> dict:
+        return self.follow(model, arch, self.schedule(arch, value))
 
-    def patch_schedule(self, model, schedule: Schedule) -> None:
+    def follow(self, model, arch, schedule: Schedule) -> dict:
         """Prune at random to follow ``schedule`` (rounded to whole tokens)."""
-        seed = int(self.options.get("seed", 0))
+        seed = self.options.seed
 
         def reducer_for(target: int, key: int):
             def reduce(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
@@ -110,10 +110,4 @@ class RandomPruning(Method):
 
             return reduce
 
-        reducers, prev = {}, schedule.tokens_in
-        for i, n in enumerate(schedule.tokens_out):
-            if round(n) < prev:
-                reducers[i] = reducer_for(round(n), block_key(seed, i))
-            prev = round(n)
-        install(model, reducers, capture_qkv=False, stage=schedule.stage, method=self.name,
-                tracks_positions=self.tracks_positions)
+        return {i: reducer_for(n, block_key(seed, i)) for i, n in shrinking_blocks(schedule).items()}

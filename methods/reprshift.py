@@ -37,15 +37,16 @@ Choices, against the paper:
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from harness import margins
 from harness.errors import HarnessError
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, chosen_blocks, install, keep_tokens
+from harness.seam import BlockContext, chosen_blocks, keep_tokens, shrinking_blocks
 
 
 def representation_shift(x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -96,22 +97,25 @@ class RepresentationShift(Method):
     cannot_train = ("Representation Shift is a training-free metric (arXiv 2508.00367, abstract: token "
                     "compression 'without attention maps or retraining'); the README gives evaluation only")
     stage = "post"
-    tracks_positions = True
+    premises = Premises(tracks_positions=True)
     knob = Knob("drop_r", float, 0.0, 0.99, identity=0.0)
 
-    option_defaults = {"drop_loc": None, "layer": "mlp"}
+    @dataclass(frozen=True)
+    class Options:
+        drop_loc: Optional[tuple[int, ...]] = None  # 0-based pruning blocks (default: 0, 3, 6 of 12 scaled)
+        layer: str = "mlp"  # the shift across the MLP (the paper's) or across the whole "block"
 
     @property
     def layer(self) -> str:
         """Where the shift is measured: "mlp" (the paper's) or "block"."""
-        layer = str(self.options["layer"])
+        layer = self.options.layer
         if layer not in LAYERS:
             raise HarnessError(f"reprshift layer {layer!r}; choices: {', '.join(LAYERS)}")
         return layer
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that prune, for a model of ``depth`` blocks."""
-        loc = self.options["drop_loc"]
+        loc = self.options.drop_loc
         return prune_blocks(depth) if loc is None else chosen_blocks(loc, depth, f"{self.name} drop_loc")
 
     def schedule(self, arch, value: float) -> Schedule:
@@ -125,15 +129,9 @@ class RepresentationShift(Method):
             return Schedule.full(arch)  # nothing pruned: the unpatched model (the stage is moot)
         return Schedule(arch.tokens_in, tuple(out), stage=self.stage)
 
-    def patch(self, model, value: float, arch) -> None:
-        self.patch_schedule(model, self.schedule(arch, value))
+    def reducers(self, model, arch, value: float) -> dict:
+        return self.follow(model, arch, self.schedule(arch, value))
 
-    def patch_schedule(self, model, schedule: Schedule) -> None:
+    def follow(self, model, arch, schedule: Schedule) -> dict:
         """Prune by representation shift to ``schedule`` (whole tokens), after each block's MLP."""
-        reducers, prev = {}, schedule.tokens_in
-        for i, n in enumerate(schedule.tokens_out):
-            if round(n) < prev:
-                reducers[i] = reprshift_reducer(round(n), self.layer)
-            prev = round(n)
-        install(model, reducers, capture_qkv=False, method=self.name, stage=self.stage,
-                tracks_positions=self.tracks_positions)
+        return {i: reprshift_reducer(n, self.layer) for i, n in shrinking_blocks(schedule).items()}

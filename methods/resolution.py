@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from harness.errors import UnsupportedModel
 from harness.registry import Knob, Method, register_method
 from harness.schedule import Schedule
-from harness.seam import check_blocks, install
+from harness.seam import check_blocks
 
 # the budget solver rounds a float knob to 6 decimals before it compares the two sides of a step
 # (harness.budget._candidates): quantising the same way puts each grid's threshold halfway between
@@ -154,4 +154,4 @@ class LowerResolution(Method):
                 raise UnsupportedModel("resolution: a hybrid stem's grid cell is not one patch of pixels (its CNN "
                                        "downsamples first), so the image size for a grid is not patch x grid")
             set_grid(model, grid)
-        install(model, {}, capture_qkv=False, method=self.name)  # records each block's tokens; reduces nothing
+        self.install(model, {})  # records each block's tokens; reduces nothing

@@ -42,9 +42,9 @@ from typing import Callable, Optional
 import torch
 
 from harness.errors import UnsupportedModel
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_positions
+from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, merge_positions
 
 
 def tokens_removed(tokens: int, ratio: float, num_prefix: int) -> int:
@@ -85,7 +85,7 @@ class ToFu(Method):
     """ToFu: prune early, fuse late by norm-preserving merging, at one keep ratio per block (Kim et al., WACV 2024)."""
 
     name = "tofu"
-    tracks_positions = True
+    premises = Premises(tracks_positions=True)
     version = "1"
     # the paper: "applicable to ViTs with or without additional training" (abstract, WACV 2024);
     # pruning and MLERP merging both pass gradients to the kept tokens
@@ -115,10 +115,8 @@ class ToFu(Method):
             tokens -= tokens_removed(tokens, value, arch.num_prefix)
         return None
 
-    def patch(self, model, value: float, arch) -> None:
+    def reducers(self, model, arch, value: float) -> dict:
         why = self.undefined_at(arch, value)
         if why:
             raise UnsupportedModel(why)
-        depth = len(model.blocks)
-        reducers = {} if value >= 1.0 else {i: tofu_reducer(value, self.fuses(i, depth)) for i in range(depth)}
-        install(model, reducers, method=self.name, tracks_positions=self.tracks_positions)
+        return {} if value >= 1.0 else {i: tofu_reducer(value, self.fuses(i, arch.depth)) for i in range(arch.depth)}

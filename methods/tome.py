@@ -27,14 +27,15 @@ Modifications:
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from harness.errors import HarnessError
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, install, merge_tokens
+from harness.seam import BlockContext, bipartite_soft_matching, clamp_r, merge_tokens
 
 # r at which a 224 px /16 model (197 tokens) merges half its tokens in the first block; the forward
 # clamps larger r to half the tokens anyway.
@@ -77,21 +78,24 @@ class ToMe(Method):
     """ToMe: merge r similar tokens per block by bipartite soft matching (Bolya et al., ICLR 2023)."""
 
     name = "tome"
-    merges = True
-    tracks_positions = True
+    premises = Premises(merges=True, tracks_positions=True)
     version = "1"
     knob = Knob("r", int, 0, R_MAX, identity=0)
     # the paper trains with merging in place (Sec. 4, "with training"): gradients flow through the
     # size-weighted merge, the matching itself is not differentiated (no_grad, as the official code)
     cannot_train = None
 
-    option_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}
+    @dataclass(frozen=True)
+    class Options:
+        prop_attn: bool = True  # proportional attention: log(size) added to the logits
+        inflection: float = 0.0  # the schedule's slope over depth (the official parse_r), in [-1, 1]
+        r_list: Optional[tuple[int, ...]] = None  # r per block, overriding the knob's constant r
+
     implicit_defaults = {"prop_attn": True, "inflection": 0.0, "r_list": None}  # ids stored before defaults were filled
 
     def layer_r(self, depth: int, r: int) -> list[int]:
         """r for each of ``depth`` blocks at knob value ``r`` under this method's schedule options."""
-        r_list = self.options["r_list"]
-        inflection = float(self.options["inflection"])
+        r_list, inflection = self.options.r_list, self.options.inflection
         if r_list is not None and len(r_list) > depth:
             raise HarnessError(f"tome r_list has {len(r_list)} entries, the model {depth} blocks")
         if not -1.0 <= inflection <= 1.0:
@@ -106,8 +110,9 @@ class ToMe(Method):
         rs = self.layer_r(arch.depth, value)
         return Schedule(arch.tokens_in, tokens_after(arch.tokens_in, rs, arch.num_prefix))
 
-    def patch(self, model, value: int, arch) -> None:
-        rs = self.layer_r(len(model.blocks), value)
-        reducers = {i: tome_reducer(r) for i, r in enumerate(rs) if r > 0}
-        install(model, reducers, prop_attn=bool(self.options["prop_attn"]), merges=self.merges, method=self.name,
-                tracks_positions=self.tracks_positions)
+    @property
+    def prop_attn(self) -> bool:
+        return self.options.prop_attn
+
+    def reducers(self, model, arch, value: int) -> dict:
+        return {i: tome_reducer(r) for i, r in enumerate(self.layer_r(arch.depth, value)) if r > 0}

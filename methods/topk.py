@@ -13,14 +13,15 @@ kept tokens keep theirs.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from harness.keeprate import KeepRate, KeepRateWarmup
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, attentive_split, chosen_blocks, install, keep_tokens, num_keep
+from harness.seam import BlockContext, attentive_split, chosen_blocks, keep_tokens, num_keep
 
 
 def topk_reducer(keep_rate: KeepRate) -> Callable[[torch.Tensor, BlockContext], torch.Tensor]:
@@ -38,28 +39,27 @@ class TopK(KeepRateWarmup, Method):
     """Top-K: keep the tokens the class token attends to most, drop the rest (EViT without fusion)."""
 
     name = "topk"
-    needs_class_token = True
-    tracks_positions = True
+    premises = Premises(needs_class_token=True, tracks_positions=True)
     version = "1"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
 
-    option_defaults = {"drop_loc": None}
+    @dataclass(frozen=True)
+    class Options:
+        drop_loc: Optional[tuple[int, ...]] = None  # 0-based drop blocks (default: EViT's 3, 6, 9 on 12)
+
     implicit_defaults = {"drop_loc": None}  # ids stored before defaults were filled
 
     def schedule(self, arch, value: float) -> Schedule:
         tokens, out = arch.tokens_in, []
-        drops = chosen_blocks(self.options["drop_loc"], arch.depth, f"{self.name} drop_loc")
+        drops = chosen_blocks(self.options.drop_loc, arch.depth, f"{self.name} drop_loc")
         for i in range(arch.depth):
             if i in drops:
                 tokens = arch.num_prefix + min(num_keep(tokens - arch.num_prefix, value), tokens - arch.num_prefix)
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out))
 
-    def patch(self, model, value: float, arch) -> None:
-        reducers = {}
+    def reducers(self, model, arch, value: float) -> dict:
         keep_rate = self.keep_rate(model, value)  # trained with EViT's keep-rate warm-up (harness.keeprate)
-        if value < 1.0:
-            drops = chosen_blocks(self.options["drop_loc"], len(model.blocks), f"{self.name} drop_loc")
-            reducers = {i: topk_reducer(keep_rate) for i in drops}
-        install(model, reducers, needs_class_token=self.needs_class_token, method=self.name,
-                tracks_positions=self.tracks_positions)
+        if value >= 1.0:
+            return {}
+        return {i: topk_reducer(keep_rate) for i in chosen_blocks(self.options.drop_loc, arch.depth, f"{self.name} drop_loc")}

@@ -64,6 +64,7 @@ Our choices where the paper is silent (named):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -71,9 +72,9 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from harness import margins
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, chosen_blocks, gather_tokens, install
+from harness.seam import BlockContext, chosen_blocks, gather_tokens
 
 HEAD_AGGREGATIONS = ("rms", "mean")
 INITS = ("sqrt", "uniform")
@@ -248,17 +249,20 @@ class ZeroTPrune(Method):
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
     stage = "post"
 
-    option_defaults = {"drop_loc": None, "iters": None, "head_agg": "rms", "s_fraction": 0.5, "init": "sqrt",
-                       "head_filter": list(HEAD_FILTER)}
+    premises = Premises()
 
-    def resolved_options(self) -> dict:
-        return {"drop_loc": self.options.get("drop_loc"), "iters": self.options.get("iters"),
-                "head_agg": self.head_agg, "s_fraction": self.s_fraction, "init": self.init,
-                "head_filter": None if self.head_filter is None else list(self.head_filter)}
+    @dataclass(frozen=True)
+    class Options:
+        drop_loc: Optional[tuple[int, ...]] = None  # 0-based pruning blocks (default: the paper's placement)
+        iters: Optional[int] = None  # WPR rounds in every block (default: the paper's per-layer counts)
+        head_agg: str = "rms"  # how per-head importance is combined: "rms" or "mean"
+        s_fraction: float = 0.5  # share of each block's removal done by the similarity stage
+        init: str = "sqrt"  # WPR's initial scores: "sqrt" (the paper) or "uniform" (its "-uni")
+        head_filter: Optional[tuple[float, ...]] = HEAD_FILTER  # variance range of the heads that count
 
     def iters(self, index: int, depth: int) -> int:
         """WPR rounds of block ``index``: the ``iters`` option, or the paper's per-layer counts."""
-        fixed = self.options.get("iters")
+        fixed = self.options.iters
         if fixed is None:
             return page_rank_iters(index, depth)
         if int(fixed) < 1:
@@ -268,7 +272,7 @@ class ZeroTPrune(Method):
     @property
     def head_agg(self) -> str:
         """How per-head importance is combined: "rms" or "mean"."""
-        how = str(self.options.get("head_agg", "rms"))
+        how = self.options.head_agg
         if how not in HEAD_AGGREGATIONS:
             raise HarnessError(f"zerotprune head_agg {how!r}; choices: {', '.join(HEAD_AGGREGATIONS)}")
         return how
@@ -276,7 +280,7 @@ class ZeroTPrune(Method):
     @property
     def init(self) -> str:
         """WPR's initial scores: "sqrt" (class token weighted by sqrt(N), the paper) or "uniform"."""
-        init = str(self.options.get("init", "sqrt"))
+        init = self.options.init
         if init not in INITS:
             raise HarnessError(f"zerotprune init {init!r}; choices: {', '.join(INITS)}")
         return init
@@ -284,7 +288,7 @@ class ZeroTPrune(Method):
     @property
     def head_filter(self) -> Optional[tuple[float, float]]:
         """(low, high) variance range of the heads that count, or None (every head)."""
-        value = self.options.get("head_filter", list(HEAD_FILTER))
+        value = self.options.head_filter
         if value is None:
             return None
         low, high = (float(v) for v in value)
@@ -295,14 +299,14 @@ class ZeroTPrune(Method):
     @property
     def s_fraction(self) -> float:
         """Share of each block's removal done by the S-stage (similarity), in [0, 1]."""
-        value = float(self.options.get("s_fraction", 0.5))
+        value = self.options.s_fraction
         if not 0.0 <= value <= 1.0:
             raise HarnessError(f"zerotprune s_fraction={value} outside [0, 1]")
         return value
 
     def drop_loc(self, depth: int) -> tuple[int, ...]:
         """0-based blocks that prune, for a model of ``depth`` blocks."""
-        return chosen_blocks(self.options.get("drop_loc"), depth, f"{self.name} drop_loc")
+        return chosen_blocks(self.options.drop_loc, depth, f"{self.name} drop_loc")
 
     def plan(self, arch, value: float) -> dict[int, int]:
         """Non-prefix tokens kept by each prune block at knob ``value``."""
@@ -319,11 +323,9 @@ class ZeroTPrune(Method):
             out.append(tokens)
         return Schedule(arch.tokens_in, tuple(out), stage=self.stage)
 
-    def patch(self, model, value: float, arch) -> None:
-        reducers = {}
-        if value < 1.0:
-            options = (self.s_fraction, self.head_agg, self.init, self.head_filter)
-            reducers = {i: zerotprune_reducer(keep, options[0], self.iters(i, arch.depth), *options[1:])
-                        for i, keep in self.plan(arch, value).items() if keep < arch.num_patches}
-        install(model, reducers, merges=self.merges, needs_class_token=self.needs_class_token, method=self.name,
-                stage=self.stage)
+    def reducers(self, model, arch, value: float) -> dict:
+        if value >= 1.0:
+            return {}
+        options = (self.s_fraction, self.head_agg, self.init, self.head_filter)
+        return {i: zerotprune_reducer(keep, options[0], self.iters(i, arch.depth), *options[1:])
+                for i, keep in self.plan(arch, value).items() if keep < arch.num_patches}

@@ -49,6 +49,17 @@ def knob_of(method) -> Optional[float]:
     return None if method.knob is None else method.knob.identity if method.name == "none" else method.knob.high * 0.7
 
 
+def calibrated(method):
+    """``method`` ready to patch the tiny model: DiffRate's rates searched on the toy images with the
+    weights as given (then fixed while training, as its paper's fine-tune), others as they are."""
+    if not method.needs_calibration:
+        return method
+    from harness.schedule import arch_spec
+
+    model, data = tiny_model(), Calibration(toy_set(), torch.device("cpu"), "fp32", {"model": "tiny"})
+    return method.with_calibration(method.calibrate(model, knob_of(method), arch_spec(model), data).state)
+
+
 def train(workdir: Path, steps: int, recipe: Recipe = RECIPE, method=None, dist=None, on_step=None):
     """Train the tiny model (patched by ``method``'s patch at its knob when given) for ``steps``; (model, fields, losses)."""
     from harness.registry import make_method
@@ -56,8 +67,6 @@ def train(workdir: Path, steps: int, recipe: Recipe = RECIPE, method=None, dist=
 
     model, method = tiny_model(), method or make_method("none")
     knob = knob_of(method)
-    if method.needs_calibration:  # DiffRate: the rates are searched on the weights as given, then stay fixed
-        method.calibrate(tiny_model(), knob, arch_spec(model), Calibration(toy_set(), torch.device("cpu"), "fp32", {"model": "tiny"}))
     if method.knob is not None:
         method.patch(model, knob, arch_spec(model))
     losses = []

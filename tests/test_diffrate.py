@@ -189,8 +189,10 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
     arch = arch_spec(model)
     start = analytic_gmacs(arch, Schedule(arch.tokens_in, tokens_after(arch.tokens_in, *Rates(arch, [1, 2, 3], 4).hard())))
     official = dict(epochs=1, batch_size=4, lr=0.2, min_lr=0.2, init="uniform", land=False)
-    method = DiffRate(**official)
-    record = method.calibrate(model, 0.3, arch, _data(tmp_path))
+    searching = DiffRate(**official)
+    found = searching.calibrate(model, 0.3, arch, _data(tmp_path))
+    record, method = found.fields, searching.with_calibration(found.state)
+    assert searching.calibration is None  # the search's state is returned, not stored on the instance
     assert not record["search_cached"] and record["search_images"] == 32 and record["search_steps"] == 8
     target = 0.3 * analytic_gmacs(arch, Schedule.full(arch))
     assert record["search_gmacs_target"] == pytest.approx(target, rel=1e-3)
@@ -209,8 +211,8 @@ def test_search_lowers_gmacs_toward_target_and_caches(tmp_path):
 
     again = DiffRate(**official)
     cached = again.calibrate(_tiny_model(), 0.3, arch, _data(tmp_path))
-    assert cached["search_cached"] and cached["prune_kept"] == record["prune_kept"]
-    assert again.schedule(arch, 0.3) == schedule
+    assert cached.fields["search_cached"] and cached.fields["prune_kept"] == record["prune_kept"]
+    assert again.with_calibration(cached.state).schedule(arch, 0.3) == schedule
     other = DiffRate(**{**official, "flops_weight": 50.0})
     assert other.cache_key({"model": "tiny-random"}, 0.3) != again.cache_key({"model": "tiny-random"}, 0.3)
 
@@ -239,7 +241,7 @@ def test_search_on_unlabelled_data_uses_the_unpatched_predictions(tmp_path):
     arch = arch_spec(model)
     train = EvalSet("synthetic", None, None, Transform(224, (0.0,) * 3, (1.0,) * 3, 1.0, "bilinear"), num_synthetic=4)
     data = Calibration(train, torch.device("cpu"), "fp32", {"model": "tiny-random", "data": "synthetic"}, cache_dir=tmp_path)
-    record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data)
+    record = DiffRate(epochs=1, batch_size=4).calibrate(model, 0.5, arch, data).fields
     assert record["search_steps"] == 1 and len(record["prune_kept"]) == arch.depth
 
 
@@ -275,7 +277,7 @@ def test_landing_shifts_the_searched_shape_onto_the_target():
 def test_default_search_lands_within_two_percent(tmp_path, ratio):
     model = _tiny_model()
     arch = arch_spec(model)
-    record = DiffRate(epochs=1, batch_size=8).calibrate(model, ratio, arch, _data(tmp_path))
+    record = DiffRate(epochs=1, batch_size=8).calibrate(model, ratio, arch, _data(tmp_path)).fields
     assert abs(record["search_gmacs"] / record["search_gmacs_target"] - 1) <= 0.02
 
 

@@ -72,11 +72,12 @@ def _expected_refusals(arch_id: str, cls) -> list[str]:
         reasons.append(own[1])
     if arch_id in METHOD_ARCH_PREMISES.get(cls.name, {}):
         reasons.append(METHOD_ARCH_PREMISES[cls.name][arch_id])
-    if cls.needs_class_token and not class_token:
+    premises = cls().premises
+    if premises.needs_class_token and not class_token:
         reasons.append("no class token")
-    if cls.merges and pool not in ("token", "avg"):
+    if premises.merges and pool not in ("token", "avg"):
         reasons.append("pooling")
-    if family in POSITION_FAMILIES and not cls.tracks_positions:
+    if family in POSITION_FAMILIES and not premises.tracks_positions:
         reasons.append("does not keep token positions")
     if family in POSITION_FAMILIES and cls.stage == "pre":
         reasons.append("stage 'pre'")
@@ -143,7 +144,8 @@ def test_reduced_runs_to_schedule_or_is_refused_with_its_reason(arch_id, method_
         if cls.needs_calibration:  # no schedule before its search on data: the premises alone here
             from harness.seam import check_premises
 
-            check_premises(model, method_name, cls.needs_class_token, cls.merges, cls.tracks_positions)
+            p = method.premises
+            check_premises(model, method_name, p.needs_class_token, p.merges, p.tracks_positions)
             if not reasons:
                 pytest.skip(f"{method_name} searches its schedule on data first (its own tests run it)")
         else:

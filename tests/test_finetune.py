@@ -156,7 +156,7 @@ def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(na
     if method.cannot_train:
         _assert_unsupported(method)
         return
-    before = job.tiny_model().state_dict()
+    before, method = job.tiny_model().state_dict(), job.calibrated(method)
     model, fields, losses = job.train(tmp_path, 2, RNG_RECIPE, method=method)
     assert fields["train_steps"] == 2 and len(losses) == 2 and all(map(math.isfinite, losses))
     moved = {k: (v.float() - before[k].float()).abs().max().item() for k, v in model.state_dict().items()}

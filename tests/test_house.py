@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness.config import load_config
 from harness.plan import Machine, Plan, cell_id
-from harness.registry import Method, make_method
+from harness.registry import Calibrated, Method, make_method
 
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
 MAX_FUNCTION_LINES = 40  # a function in harness/ is shorter than this (STYLE.md: a cell's run reads as named steps)
@@ -101,11 +101,12 @@ def test_models_are_built_and_patched_in_one_place():
 
 def test_every_hook_is_declared_on_method():
     """A hook the harness calls exists on Method with a default: no ``hasattr`` probing of plugins."""
-    hooks = ["option_names", "resolved_options", "describe", "patch_schedule", "can_follow", "calibrate",
-             "calibration_identity", "cache_name", "needs_calibration", "description"]
+    hooks = ["Options", "premises", "stage", "prop_attn", "reducers", "follow", "option_names", "resolved_options",
+             "describe", "can_follow", "calibrate", "with_calibration", "calibration_identity", "cache_name",
+             "needs_calibration", "description", "legacy_patch_schedule"]
     assert all(hasattr(Method, h) for h in hooks)
     tome = make_method("tome")
-    assert tome.calibrate(None, 4, None, None) == {} and tome.describe(None, 4) == {} and not tome.can_follow
+    assert tome.calibrate(None, 4, None, None) == Calibrated() and tome.describe(None, 4) == {} and not tome.can_follow
     assert make_method("random").can_follow
     assert make_method("random@diffrate").calibration_identity() == make_method("diffrate").calibration_identity()
 

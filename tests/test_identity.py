@@ -3,7 +3,9 @@ with its default filled in by the harness; how it is measured is stored beside i
 asks for more measurement than a record has measures it again."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 
 import pytest
 
@@ -65,10 +67,11 @@ def test_one_budget_written_twice_plans_one_cell(tmp_path):
 @pytest.mark.parametrize("name", method_names())
 def test_every_option_has_a_default_the_harness_fills_in(name):
     cls = get_method_class(name)
-    assert set(cls.option_names()) <= set(cls.option_defaults), f"{name}: options without a declared default"
+    defaults = cls.option_defaults()
+    assert set(cls.option_names()) == set(defaults), f"{name}: options without a declared default"
     method = make_method(name)
-    assert set(method.options) >= set(cls.option_defaults)  # filled before the method reads them
-    explicit = make_method(name, {name: dict(cls.option_defaults)})
+    assert {k: getattr(method.options, k) for k in defaults} == defaults  # filled before the method reads them
+    explicit = make_method(name, {name: dict(defaults)})
     assert explicit.identity_options() == method.identity_options()
 
 
@@ -95,9 +98,12 @@ def test_a_default_changed_in_code_is_a_new_id(monkeypatch, name, option, other)
     """ToMe and EViT hashed {} for their defaults; a default changed in code must not reuse their records."""
     before = make_method(name).identity_options()
     cls = get_method_class(name)
-    monkeypatch.setattr(cls, "option_defaults", {**cls.option_defaults, option: other})
+    hints = typing.get_type_hints(cls.Options)
+    changed = [(f.name, hints[f.name], dataclasses.field(default=other if f.name == option else f.default))
+               for f in dataclasses.fields(cls.Options)]
+    monkeypatch.setattr(cls, "Options", dataclasses.make_dataclass("Options", changed, frozen=True))
     after = make_method(name)
-    assert after.options[option] == other  # the code runs the new default ...
+    assert getattr(after.options, option) == other  # the code runs the new default ...
     assert after.identity_options() != before  # ... under a new id
 
 

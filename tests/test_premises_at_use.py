@@ -119,16 +119,16 @@ REDUCING = [n for n in method_names() if get_method_class(n).knob is not None
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REDUCING)
 def test_declared_premises_equal_the_observed_ones(name, monkeypatch):
-    cls = get_method_class(name)
+    declared = get_method_class(name)().premises
     needs_cls = "has no class token" in _observed_refusal(name, "class token", monkeypatch)
-    assert needs_cls == cls.needs_class_token, f"{name}: needs_class_token declared {cls.needs_class_token}"
+    assert needs_cls == declared.needs_class_token, f"{name}: needs_class_token declared {declared.needs_class_token}"
     merges = "counts a merged token once" in _observed_refusal(name, "size-aware pooling", monkeypatch)
-    assert merges == cls.merges, f"{name}: merges declared {cls.merges}"
+    assert merges == declared.merges, f"{name}: merges declared {declared.merges}"
     positions = _observed_refusal(name, "positions", monkeypatch)
     if "stage 'pre'" in positions or "fused qkv projection" in positions:
         # refused on position families before positions matter (it attends before the block's
         # attention, or reads a projection these blocks lack): it must not claim to track them
-        assert not cls.tracks_positions, f"{name} declares tracks_positions but cannot run there: {positions}"
+        assert not declared.tracks_positions, f"{name} declares tracks_positions but cannot run there: {positions}"
         return
-    assert ("token positions" not in positions) == cls.tracks_positions, \
-        f"{name}: tracks_positions declared {cls.tracks_positions}, observed: {positions or 'runs'}"
+    assert ("token positions" not in positions) == declared.tracks_positions, \
+        f"{name}: tracks_positions declared {declared.tracks_positions}, observed: {positions or 'runs'}"

@@ -48,7 +48,7 @@ from harness.seam.forward import REDUCER_ATTR, BlockSeam, patch_block
 from harness.seam.lookahead import one_step_ahead_probs
 from harness.seam.ops import (attentive_split, bipartite_soft_matching, chosen_blocks, clamp_r, current_positions, drop_blocks,
                               gather_tokens, keep_all, keep_tokens, merge_positions, merge_tokens, merge_wavg, num_keep,
-                              top_attentive)
+                              shrinking_blocks, top_attentive)
 from harness.seam.premises import (SIZE_AWARE_POOLS, PrefixLayout, check_premises, prefix_layout,
                                    size_weighted_head)
 from harness.seam.state import (PROP_ATTN_IMPLS, STAGES, TokenState, attention_bias, check_impl, log_size)
@@ -60,6 +60,7 @@ __all__ = [
     "current_positions", "drop_blocks", "eager_attention", "flex_attention_bias", "fold_attention",
     "gather_pair_bias", "gather_rope", "gather_tokens", "install", "keep_all", "keep_tokens", "log_size",
     "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "prefix_layout", "set_prop_attn_impl",
+    "shrinking_blocks",
     "split_heads", "token_state", "top_attentive", "wrap_attention", "wrap_reducers",
 ]
 

@@ -223,3 +223,18 @@ def chosen_blocks(loc, depth: int, what: str) -> tuple[int, ...]:
 
         raise HarnessError(f"{what} {bad} outside blocks 0..{depth - 1}")
     return tuple(sorted({int(i) for i in loc}))
+
+
+def shrinking_blocks(schedule) -> dict[int, int]:
+    """Block index -> whole tokens leaving it, for each block where ``schedule``'s count drops.
+
+    What a method that can follow any schedule (``random@tome``) installs a reducer for: counts are
+    rounded (an image-dependent leader's schedule holds expected counts), blocks that keep every
+    token get none and pay nothing.
+    """
+    out, prev = {}, round(schedule.tokens_in)
+    for i, n in enumerate(schedule.tokens_out):
+        if round(n) < prev:
+            out[i] = round(n)
+        prev = round(n)
+    return out

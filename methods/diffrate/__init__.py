@@ -67,12 +67,12 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from harness.errors import HarnessError
-from harness.registry import Knob, Method, register_method
+from harness.registry import Calibrated, Knob, Method, Premises, register_method
 from harness.schedule import ArchSpec, Schedule, analytic_gmacs
-from harness.seam import install
 
 from .merge import (attentive_order, diffrate_reducer, match_similar, merge_mean, merge_size,  # noqa: F401
                     prune_and_merge, tokens_after)
@@ -94,8 +94,8 @@ class DiffRate(Method):
     """DiffRate: searched per-block prune and merge rates (Chen et al., ICCV 2023)."""
 
     name = "diffrate"
-    needs_class_token = True
-    merges = True
+    premises = Premises(needs_class_token=True, merges=True)
+    prop_attn = True
     version = "2"  # 2: the search starts at the budget and lands on it
     knob = Knob("gmacs_ratio", float, 0.05, 1.0, identity=1.0)
     needs_calibration = True
@@ -104,22 +104,37 @@ class DiffRate(Method):
     # inference step (prune + similarity merge, gradients through the kept and merged tokens)
     cannot_train = None
 
-    option_defaults = {"schedules": "search", "model_key": None, **SEARCH_DEFAULTS}
+    @dataclass(frozen=True)
+    class Options:
+        schedules: str = "search"  # "search" on data, or a published schedules file ("published")
+        model_key: Optional[str] = None  # the published schedules' model (default: from the model's shape)
+        epochs: int = SEARCH_DEFAULTS["epochs"]
+        lr: float = SEARCH_DEFAULTS["lr"]
+        min_lr: float = SEARCH_DEFAULTS["min_lr"]
+        batch_size: int = SEARCH_DEFAULTS["batch_size"]
+        granularity: int = SEARCH_DEFAULTS["granularity"]
+        flops_weight: float = SEARCH_DEFAULTS["flops_weight"]
+        smoothing: float = SEARCH_DEFAULTS["smoothing"]
+        seed: int = SEARCH_DEFAULTS["seed"]
+        init: str = SEARCH_DEFAULTS["init"]
+        land: bool = SEARCH_DEFAULTS["land"]
+
+        def __post_init__(self):
+            if self.init not in INITS:
+                raise HarnessError(f"diffrate: init must be one of {', '.join(INITS)}, got {self.init!r}")
+
     implicit_defaults = {"model_key": None}  # left out of ids unless given since DiffRate's first version
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.source = str(self.options.get("schedules", "search"))
+        self.source = self.options.schedules
         self.needs_calibration = self.source == "search"
-        self.search_options = {k: type(v)(self.options.get(k, v)) for k, v in SEARCH_DEFAULTS.items()}
-        if self.search_options["init"] not in INITS:
-            raise HarnessError(f"diffrate: init must be one of {', '.join(INITS)}, got {self.search_options['init']!r}")
-        self._found: dict[tuple, tuple[list[int], list[int]]] = {}
+        self.search_options = {k: getattr(self.options, k) for k in SEARCH_DEFAULTS}
         self.published = None if self.needs_calibration else PublishedSchedules(
-            schedules_path(self.source), self.options.get("model_key"))
+            schedules_path(self.source), self.options.model_key)
 
     def resolved_options(self) -> dict:
-        out = {"schedules": self.source, **({"model_key": self.options["model_key"]} if "model_key" in self.options else {})}
+        out = {"schedules": self.source, "model_key": self.options.model_key}
         return {**out, **self.search_options} if self.needs_calibration else out
 
     def counts(self, arch: ArchSpec, value: float) -> Optional[tuple[list[int], list[int]]]:
@@ -128,11 +143,12 @@ class DiffRate(Method):
             return None
         if self.published is not None:
             return self.published.entry(arch, value)[2:]
-        found = self._found.get(self._found_key(arch, value))
-        if found is None:
-            raise HarnessError(f"diffrate has no searched schedule at gmacs_ratio={value}: run calibrate() first "
-                               f"(the runner does), or set [methods.diffrate] schedules = \"published\"")
-        return found
+        found = self.calibration
+        if found is None or found["key"] != self._found_key(arch, value):
+            raise HarnessError(f"diffrate has no searched schedule at gmacs_ratio={value}: bind the search first "
+                               f"(method.with_calibration(method.calibrate(...).state); the runner does), or set "
+                               f"[methods.diffrate] schedules = \"published\"")
+        return found["prune_kept"], found["merge_kept"]
 
     def schedule(self, arch: ArchSpec, value: float) -> Schedule:
         counts = self.counts(arch, value)
@@ -140,17 +156,15 @@ class DiffRate(Method):
             return Schedule.full(arch)
         return Schedule(arch.tokens_in, tokens_after(arch.tokens_in, *counts))
 
-    def patch(self, model, value: float, arch: ArchSpec) -> None:
+    def reducers(self, model, arch: ArchSpec, value: float) -> dict:
         counts = self.counts(arch, value)
-        reducers = {}
-        if counts is not None:
-            if self.published is not None:
-                key, flops = self.published.entry(arch, value)[:2]
-                log.info("diffrate: published schedule %s at %s GFLOPs from %s", key, flops, self.published.path)
-            entering = (arch.tokens_in,) + tokens_after(arch.tokens_in, *counts)
-            reducers = {i: diffrate_reducer(p, m) for i, (p, m) in enumerate(zip(*counts)) if min(p, m) < entering[i]}
-        install(model, reducers, prop_attn=True, needs_class_token=self.needs_class_token, merges=self.merges,
-                method=self.name)
+        if counts is None:
+            return {}
+        if self.published is not None:
+            key, flops = self.published.entry(arch, value)[:2]
+            log.info("diffrate: published schedule %s at %s GFLOPs from %s", key, flops, self.published.path)
+        entering = (arch.tokens_in,) + tokens_after(arch.tokens_in, *counts)
+        return {i: diffrate_reducer(p, m) for i, (p, m) in enumerate(zip(*counts)) if min(p, m) < entering[i]}
 
     def describe(self, arch: ArchSpec, value: float) -> dict:
         """Record fields saying where the schedule at ``value`` came from."""
@@ -160,8 +174,8 @@ class DiffRate(Method):
         return {"schedule_source": self.source, "published_model": key, "published_gflops": flops}
 
     @staticmethod
-    def _found_key(arch: ArchSpec, value: float) -> tuple:
-        return (arch, round(float(value), 6))
+    def _found_key(arch: ArchSpec, value: float) -> list:
+        return [arch.depth, arch.tokens_in, round(float(value), 6)]
 
     def cache_key(self, data_key: dict, value: float) -> str:
         """Hash of what determines a search's result."""
@@ -169,18 +183,23 @@ class DiffRate(Method):
                "method_version": self.version}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def calibrate(self, model, value, arch, calibration) -> dict:
-        """Search the kept counts for ``value`` x baseline GMACs, or reuse the cached search."""
+    def calibrate(self, model, value, arch, calibration) -> Calibrated:
+        """Search the kept counts for ``value`` x baseline GMACs, or reuse the cached search.
+
+        Returns the kept counts as the state (bound by the harness, :meth:`with_calibration`) and the
+        search's record fields; this instance is left as it was.
+        """
         if not self.needs_calibration or value >= self.knob.identity:
-            return {}
+            return Calibrated()
         name = self.cache_key(calibration.key, value)
         found = calibration.cached(name)
         cached = found is not None
         if not cached:
             found = self._search(model, value, arch, calibration, name)
-        self._found[self._found_key(arch, value)] = (found["prune_kept"], found["merge_kept"])
-        gmacs = analytic_gmacs(arch, self.schedule(arch, value))
-        return {**{k: found.get(k) for k in SEARCH_FIELDS}, "search_cached": cached, "search_gmacs": round(gmacs, 4)}
+        state = {"key": self._found_key(arch, value), "prune_kept": found["prune_kept"], "merge_kept": found["merge_kept"]}
+        gmacs = analytic_gmacs(arch, self.with_calibration(state).schedule(arch, value))
+        fields = {**{k: found.get(k) for k in SEARCH_FIELDS}, "search_cached": cached, "search_gmacs": round(gmacs, 4)}
+        return Calibrated(state, fields)
 
     def _search(self, model, value, arch, calibration, name: str) -> dict:
         target = value * analytic_gmacs(arch, Schedule.full(arch))
