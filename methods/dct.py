@@ -168,6 +168,9 @@ class DCTFilter(Method):
 
     name = "dct"
     version = "1"
+    # Fourier Transformer fine-tunes pretrained models (BART) with the DCT downsampling in place
+    # (arXiv 2305.15099, abstract and its experiments); the filter is one fixed linear map
+    cannot_train = None
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
     stage = "post"
     # mixes tokens but resamples them evenly: no unequal sizes to weigh (module docstring), so it does not merge

@@ -202,6 +202,9 @@ class GTP(Method):
 
     name = "gtp"
     version = "1"
+    cannot_train = ("GTP-ViT is training-free by design: the paper reports every result on pre-trained "
+                    "DeiT / ViT weights 'without finetuning' (arXiv 2311.03035, abstract and experiments; "
+                    "the official README gives evaluation commands only)")
     knob = Knob("num_prop", int, 0, NUM_PROP_MAX, identity=0)
 
     @dataclass(frozen=True)

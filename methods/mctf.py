@@ -241,8 +241,10 @@ class MCTF(Method):
 
     name = "mctf"
     version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
-    cannot_train = ("MCTF's training (token-reduction consistency loss with a full-token pass) is not implemented "
-                    "here: only its off-the-shelf inference step")
+    cannot_train = ("the paper fine-tunes with its token-reduction consistency (arXiv 2403.10030, Sec. 3.4; the "
+                    "official 30-epoch 'Finetuning': a second pass of the same weights at a random smaller r, its "
+                    "loss added, and the squared distance of the two passes' class tokens, weight 3, for images "
+                    "classified with confidence > 0.4), which is not implemented here: only the inference step")
     knob = Knob("r", int, 0, R_MAX, identity=0)
     premises = Premises(merges=True)
     prop_attn = True

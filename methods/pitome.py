@@ -141,6 +141,9 @@ class PiToMe(Method):
 
     name = "pitome"
     version = "1"
+    # the paper reports off-the-shelf and retrained rows; the official main_ic.py trains image
+    # classifiers with PiToMe in place. Gradients flow through the size-weighted merge
+    cannot_train = None
     premises = Premises(merges=True, tracks_positions=True)
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
 

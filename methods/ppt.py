@@ -188,6 +188,9 @@ class PPT(Method):
     premises = Premises(needs_class_token=True, merges=True)
     prop_attn = True
     version = "2"  # 2: the official arithmetic order (bf16 autocast gives the official logits; issue 25)
+    # the official README fine-tunes DeiT-S for 30 epochs with PPT in place ("Training"); both
+    # branches are differentiable in the tokens (the branch choice and the top-k are not)
+    cannot_train = None
     knob = Knob("r", int, 0, 98, identity=0)
 
     @dataclass(frozen=True)

@@ -94,6 +94,8 @@ class RepresentationShift(Method):
 
     name = "reprshift"
     version = "1"
+    cannot_train = ("Representation Shift is a training-free metric (arXiv 2508.00367, abstract: token "
+                    "compression 'without attention maps or retraining'); the README gives evaluation only")
     stage = "post"
     premises = Premises(tracks_positions=True)
     knob = Knob("drop_r", float, 0.0, 0.99, identity=0.0)

@@ -121,6 +121,9 @@ class LowerResolution(Method):
 
     name = "resolution"
     version = "1"
+    cannot_train = ("the downsampling baseline of VTC-Bench resizes the input of a frozen model "
+                    "(arXiv 2510.07143: an evaluation framework, no training); fine-tuned at a lower "
+                    "resolution it would be another baseline (FixRes), not this one")
     knob = Knob("patches", float, 0.0, 1.0, identity=1.0)
     baseline = True
 

@@ -87,6 +87,9 @@ class ToFu(Method):
     name = "tofu"
     premises = Premises(tracks_positions=True)
     version = "1"
+    # the paper: "applicable to ViTs with or without additional training" (abstract, WACV 2024);
+    # pruning and MLERP merging both pass gradients to the kept tokens
+    cannot_train = None
     knob = Knob("ratio", float, 0.5, 1.0, identity=1.0)
 
     @staticmethod

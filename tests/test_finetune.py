@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ import _finetune_job as job  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "_finetune_job.py"
 RNG_RECIPE = dataclasses.replace(job.RECIPE, drop_path=0.1)  # drop path: the global RNG must come back on resume
+AUG_RECIPE = dataclasses.replace(RNG_RECIPE, auto_augment=job.AUTO_AUGMENT, reprob=0.25)  # DeiT's
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -42,11 +45,12 @@ def _stop_at(n: int):
     return on_step
 
 
-def test_an_interrupted_fine_tune_resumes_to_the_same_weights(tmp_path):
-    whole, fields, losses = job.train(tmp_path / "whole", 9, RNG_RECIPE)
+@pytest.mark.parametrize("recipe", [RNG_RECIPE, AUG_RECIPE], ids=["flips", "randaugment+erasing"])
+def test_an_interrupted_fine_tune_resumes_to_the_same_weights(tmp_path, recipe):
+    whole, fields, losses = job.train(tmp_path / "whole", 9, recipe)
     with pytest.raises(_Stop):  # stops after step 5, mid-epoch (6 steps an epoch), last checkpoint at 4
-        job.train(tmp_path / "cut", 9, RNG_RECIPE, on_step=_stop_at(5))
-    resumed, fields2, losses2 = job.train(tmp_path / "cut", 9, RNG_RECIPE)
+        job.train(tmp_path / "cut", 9, recipe, on_step=_stop_at(5))
+    resumed, fields2, losses2 = job.train(tmp_path / "cut", 9, recipe)
     assert fields2["train_resumed_at"] == 4 and fields["train_resumed_at"] is None
     assert _max_diff(whole.state_dict(), resumed.state_dict()) <= 1e-6
     assert losses2 == pytest.approx(losses[4:], abs=1e-6)
@@ -63,6 +67,32 @@ def test_resuming_without_the_rng_state_would_differ(tmp_path):
     torch.save(finetune.rng_state() | {"torch": torch.manual_seed(123).get_state()}, tmp_path / "cut" / "rng-0.pt")
     resumed, _, _ = job.train(tmp_path / "cut", 6, RNG_RECIPE)
     assert _max_diff(whole.state_dict(), resumed.state_dict()) > 1e-6
+
+
+def test_augmentation_is_drawn_per_image_and_step_and_leaves_the_global_rngs_alone():
+    from harness.training import augment
+
+    aug, images, idx = augment.augmenter(AUG_RECIPE), job.toy_set(), torch.arange(8)
+    state = finetune.rng_state()
+    a, y = aug(images, idx, 3, torch.device("cpu"))
+    after = finetune.rng_state()
+    assert torch.equal(after["torch"], state["torch"]) and after["python"] == state["python"]
+    assert all(np.array_equal(u, v) for u, v in zip(after["numpy"], state["numpy"]))
+    torch.manual_seed(99)  # another global state: the same draws
+    assert torch.equal(aug(images, idx, 3, torch.device("cpu"))[0], a)
+    assert torch.equal(aug(images, idx[4:], 3, torch.device("cpu"))[0], a[4:])  # per image: a rank's share is the same
+    plain, y0 = images.take(idx, torch.device("cpu"))
+    assert torch.equal(y, y0) and a.shape == plain.shape and not torch.equal(a, plain)
+    assert not torch.equal(aug(images, idx, 4, torch.device("cpu"))[0], a)  # another step, other draws
+
+
+def test_augmentation_changes_the_training_and_is_off_by_default(tmp_path):
+    from harness.training import augment
+
+    assert augment.augmenter(job.RECIPE) is None
+    plain, _, _ = job.train(tmp_path / "plain", 3, RNG_RECIPE)
+    augmented, _, _ = job.train(tmp_path / "aug", 3, AUG_RECIPE)
+    assert _max_diff(plain.state_dict(), augmented.state_dict()) > 1e-6
 
 
 def test_a_finished_fine_tune_is_never_repeated(tmp_path):
@@ -118,24 +148,44 @@ def test_every_method_says_whether_it_trains(name):
     assert reason is None or (isinstance(reason, str) and reason)
 
 
-@pytest.mark.parametrize("name", ["none", "tome", "evit", "topk", "random"])
-def test_the_papers_that_train_fine_tune_with_their_reduction(name, tmp_path):
+@pytest.mark.parametrize("name", method_names())
+def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(name, tmp_path):
+    """Where the paper trains: two updates in train mode (drop path on) through the reducers, a finite
+    loss, a gradient into every parameter and every weight moved. Elsewhere: the cell is unsupported."""
     method = make_method(name)
-    assert method.cannot_train is None
-    _, fields, losses = job.train(tmp_path, 2, method=method)
-    assert len(losses) == 2 and fields["train_steps"] == 2
+    if method.cannot_train:
+        _assert_unsupported(method)
+        return
+    before, method = job.tiny_model().state_dict(), job.calibrated(method)
+    model, fields, losses = job.train(tmp_path, 2, RNG_RECIPE, method=method)
+    assert fields["train_steps"] == 2 and len(losses) == 2 and all(map(math.isfinite, losses))
+    moved = {k: (v.float() - before[k].float()).abs().max().item() for k, v in model.state_dict().items()}
+    assert min(moved.values()) > 0, [k for k, v in moved.items() if v == 0]
+    assert not model.training  # measured in eval mode after training
+    model.train()
+    if hasattr(model, "_seam_state"):
+        model._seam_state.recording = True
+    x, y = job.toy_set().take(torch.arange(4), torch.device("cpu"))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    assert all(g is not None and bool(torch.isfinite(g).all()) and g.abs().max() > 0 for g in grads.values()), \
+        [k for k, g in grads.items() if g is None or not g.abs().max() > 0]
+    if hasattr(model, "_seam_state"):  # the training forward reduced at the cell's schedule (DiffRate: the searched one)
+        from harness.schedule import arch_spec
+
+        planned = method.schedule(arch_spec(job.tiny_model()), job.knob_of(method)).tokens_out
+        assert model._seam_state.observed == list(planned)
 
 
-@pytest.mark.parametrize("name", ["zerotprune", "mctf", "diffrate"])
-def test_a_method_that_cannot_train_is_unsupported_with_its_reason(name):
+def _assert_unsupported(method):
     from harness.errors import UnsupportedModel
     from harness.sweep.execute import Executor
     from harness.training.recipes import Protocol
 
     protocol = Protocol("finetune:x", "x", Recipe())
     executor = Executor.__new__(Executor)  # the refusal comes before anything is built or read
-    with pytest.raises(UnsupportedModel, match=f"{name} cannot be fine-tuned: .+"):
-        executor.measure_cell(None, make_method(name), None, protocol, "id")
+    with pytest.raises(UnsupportedModel, match=f"{method.name} cannot be fine-tuned: .+"):
+        executor.measure_cell(None, method, None, protocol, "id")
 
 
 def test_protocols_parse_and_unknown_recipes_are_named():
@@ -148,13 +198,13 @@ def test_protocols_parse_and_unknown_recipes_are_named():
         parse_protocol("fine-tune", recipes)
 
 
-def _ids(tmp_path, protocols: str, recipe_lr: float = 5e-5) -> dict:
+def _ids(tmp_path, protocols: str, recipe_lr: float = 5e-5, recipe_extra: str = "") -> dict:
     from harness.sweep.config import load_config
     from harness.sweep.plan import Machine, Plan, cell_id
 
     cfg = tmp_path / "benchmark.toml"
     cfg.write_text(f'[suites.default]\nmodels = ["deit_tiny_patch16_224"]\nmethods = ["tome", "evit"]\n'
-                   f'budgets = ["0.7"]\nprotocols = [{protocols}]\n[recipes.smoke]\nlr = {recipe_lr}\n'
+                   f'budgets = ["0.7"]\nprotocols = [{protocols}]\n[recipes.smoke]\nlr = {recipe_lr}\n{recipe_extra}\n'
                    f'[models.deit_tiny_patch16_224]\ntimm = "deit_tiny_patch16_224"\nweights = "random"\ndata = "synthetic"\n')
     plan = Plan(load_config(cfg), None)
     machine = Machine("fp32", "cpu", 8)
@@ -175,9 +225,33 @@ def test_the_recipe_is_part_of_a_fine_tuned_cells_id(tmp_path):
     assert a[("tome", OFF_THE_SHELF)] == b[("tome", OFF_THE_SHELF)]
 
 
-def _worker(tmp_path: Path, name: str, steps: int, drop_path: float, sleep_s: float, torchrun: bool = False):
+def test_augmentation_enters_a_fine_tuned_cells_id_only_when_set(tmp_path):
+    """The recipes written before RandAugment and random erasing existed keep their cells' ids."""
+    from harness.sweep.config import load_config
+
+    recipes = load_config(ROOT / "benchmark.toml").recipes
+    assert not {"auto_augment", "reprob"} & set(recipes["cpu-smoke"].identity())
+    assert recipes["paper"].identity()["auto_augment"] == "rand-m9-mstd0.5-inc1" and recipes["paper"].reprob == 0.25
+    key = ("tome", "finetune:smoke")
+    before = "46e43ddf561d274f"  # this cell's id on main at 861c835, before the two fields existed
+    assert _ids(tmp_path, '"finetune:smoke"')[key] == before
+    assert _ids(tmp_path, '"finetune:smoke"', recipe_extra='auto_augment = ""\nreprob = 0.0')[key] == before
+    erasing = _ids(tmp_path, '"finetune:smoke"', recipe_extra="reprob = 0.25")
+    augmented = _ids(tmp_path, '"finetune:smoke"', recipe_extra='auto_augment = "rand-m9-mstd0.5-inc1"')
+    assert len({before, erasing[key], augmented[key]}) == 3 and erasing[(key[0], OFF_THE_SHELF)] == "860d473904063de5"
+
+
+def test_a_bad_augmentation_is_refused_in_one_line():
+    with pytest.raises(HarnessError, match="RandAugment string"):
+        Recipe(auto_augment="autoaugment")
+    with pytest.raises(HarnessError, match="probability"):
+        Recipe(reprob=1.5)
+
+
+def _worker(tmp_path: Path, name: str, steps: int, drop_path: float, sleep_s: float, torchrun: bool = False,
+            augment: bool = False):
     cmd = [sys.executable, str(WORKER), str(tmp_path / name), str(steps), str(tmp_path / f"{name}.pt"),
-           str(drop_path), str(sleep_s)]
+           str(drop_path), str(sleep_s), str(int(augment))]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -189,11 +263,12 @@ def _rows(log: Path) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_restart_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["flips", "randaugment+erasing"])
+def test_kill_9_mid_epoch_then_restart_ends_with_the_same_weights(tmp_path, augment):
     """A process killed with SIGKILL mid-epoch (steps 5-6 of an epoch of 6) resumes from its last
     checkpoint and ends with the weights of a run never interrupted (CPU, to 1e-6)."""
-    whole = _worker(tmp_path, "whole", 10, 0.1, 0.0)
-    cut = _worker(tmp_path, "cut", 10, 0.1, 0.3)
+    whole = _worker(tmp_path, "whole", 10, 0.1, 0.0, augment=augment)
+    cut = _worker(tmp_path, "cut", 10, 0.1, 0.3, augment=augment)
     deadline = time.monotonic() + 120
     while _rows(tmp_path / "cut" / "log.csv") < 5 and time.monotonic() < deadline and cut.poll() is None:
         time.sleep(0.02)
@@ -201,7 +276,7 @@ def test_kill_9_mid_epoch_then_restart_ends_with_the_same_weights(tmp_path):
     cut.wait()
     assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut.pt").exists()
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
-    again = _worker(tmp_path, "cut", 10, 0.1, 0.0)
+    again = _worker(tmp_path, "cut", 10, 0.1, 0.0, augment=augment)
     assert again.wait(timeout=300) == 0 and whole.wait(timeout=300) == 0, again.stdout.read().decode()[-2000:]
     a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "cut.pt")
     assert b["fields"]["train_resumed_at"] in (4, 6)  # the last checkpoint before the kill
@@ -209,11 +284,13 @@ def test_kill_9_mid_epoch_then_restart_ends_with_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_gloo_ranks_follows_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["flips", "randaugment+erasing"])
+def test_ddp_on_two_gloo_ranks_follows_one_process_with_the_same_global_batch(tmp_path, augment):
     """Two gloo ranks, 4 images each of every global batch of 8, give one process's loss curve
-    (to 1e-5: the gradient all-reduce sums in another order) and its weights (to 1e-4)."""
-    one = _worker(tmp_path, "one", 8, 0.0, 0.0)
-    two = _worker(tmp_path, "two", 8, 0.0, 0.0, torchrun=True)
+    (to 1e-5: the gradient all-reduce sums in another order) and its weights (to 1e-4); an image's
+    augmentation is drawn from its own key, so it is the same on either rank count."""
+    one = _worker(tmp_path, "one", 8, 0.0, 0.0, augment=augment)
+    two = _worker(tmp_path, "two", 8, 0.0, 0.0, torchrun=True, augment=augment)
     assert one.wait(timeout=300) == 0 and two.wait(timeout=300) == 0, two.stdout.read().decode()[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert len(a["losses"]) == len(b["losses"]) == 8

@@ -147,6 +147,15 @@ class EvalSet:
             x = stretch_and_normalize(x, self.transform)
         return x, self.labels[index].to(device)
 
+    def host_take(self, index: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The stored uint8 images at ``index`` in host memory (before :meth:`take`'s resize and
+        normalisation: what an augmentation starts from), and their labels."""
+        if self.cache is not None:
+            return self.cache.read([self.rows[int(i)] for i in index]), self.labels[index]
+        if self._images is None or self._images.dtype != torch.uint8:
+            raise HarnessError(f"{self.name}: augmentation needs stored uint8 images, this set has none")
+        return self._images[index], self.labels[index]
+
     def host_batch(self, start: int, stop: int, pin: bool = False) -> torch.Tensor:
         """uint8 images [start, stop) of a cached set in host memory (pinned with ``pin``): what
         :meth:`batch` copies to the device.

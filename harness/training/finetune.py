@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.training import augment
 from harness.sweep import distributed
 from harness.measurement import measure
 from harness import progress
@@ -99,6 +100,7 @@ class Parts:
     criterion: torch.nn.Module
     steps_per_epoch: int
     total_steps: int
+    augment: Optional[Callable] = None  # RandAugment / random erasing (harness.training.augment); None: eval crops
 
 
 def finetune(trainee: Trainee, train_set, recipe: Recipe, where: Where) -> dict:
@@ -179,7 +181,7 @@ def build_parts(model: torch.nn.Module, recipe: Recipe, n_images: int, where: Wh
     criterion = (SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(recipe.label_smoothing)
                  if recipe.label_smoothing > 0 else torch.nn.CrossEntropyLoss())
     scaler = torch.amp.GradScaler(where.device.type, enabled=where.dtype == "fp16")
-    return Parts(opt, sched, scaler, mixup, criterion, spe, total)
+    return Parts(opt, sched, scaler, mixup, criterion, spe, total, augment.augmenter(recipe))
 
 
 def batch_indices(n_images: int, recipe: Recipe, steps_per_epoch: int, step: int, dist: distributed.Dist) -> torch.Tensor:
@@ -199,7 +201,7 @@ def _flips(recipe: Recipe, step: int, dist: distributed.Dist) -> torch.Tensor:
 def train_step(net, teacher, train_set, recipe: Recipe, parts: Parts, step: int, where: Where) -> float:
     """One update; the global batch's mean loss (averaged over ranks)."""
     idx = batch_indices(len(train_set), recipe, parts.steps_per_epoch, step, where.dist)
-    x, y = train_set.take(idx, where.device)
+    x, y = train_set.take(idx, where.device) if parts.augment is None else parts.augment(train_set, idx, step, where.device)
     flip = _flips(recipe, step, where.dist).to(where.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     target = y

@@ -17,6 +17,7 @@ OFF_THE_SHELF = "off-the-shelf"
 FINETUNE = "finetune"
 DISTILL = ("none", "soft", "hard")
 TRAIN_PARAMS = ("all", "head")
+ADDED = {"auto_augment": "", "reprob": 0.0}  # fields added later, with the default that does nothing
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class Recipe:
         batch_size: the global batch (split evenly over torchrun ranks).
         train_limit: training images, class-balanced from the train split (0: all of it).
         label_smoothing, mixup, cutmix, mixup_prob: ``timm.data.Mixup`` (0 turns each off).
-        hflip: probability of a horizontal flip of each image (the only augmentation of the eval crops).
+        hflip: probability of a horizontal flip of each image.
+        auto_augment: timm's RandAugment string (DeiT's ``rand-m9-mstd0.5-inc1``; "" none), on each
+            training image (:mod:`harness.training.augment`).
+        reprob: probability of timm's random erasing (``pixel`` mode) of each training image (DeiT: 0.25).
         drop_path: stochastic depth rate set on the model's blocks while it trains.
         distill: ``none``, ``soft`` (KL at ``distill_tau``) or ``hard`` (the teacher's top-1), from the
             unpatched model, mixed into the loss with weight ``distill_alpha`` (DeiT's DistillationLoss).
@@ -59,6 +63,8 @@ class Recipe:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     hflip: float = 0.5
+    auto_augment: str = ""
+    reprob: float = 0.0
     drop_path: float = 0.0
     distill: str = "none"
     distill_alpha: float = 0.5
@@ -78,10 +84,16 @@ class Recipe:
             raise HarnessError("batch_size and epochs must be > 0, steps and train_limit >= 0")
         if self.checkpoint_every <= 0:
             raise HarnessError("checkpoint_every must be > 0")
+        if self.auto_augment and not self.auto_augment.startswith("rand"):
+            raise HarnessError(f"auto_augment {self.auto_augment!r}: a timm RandAugment string, e.g. rand-m9-mstd0.5-inc1")
+        if not 0 <= self.reprob <= 1:
+            raise HarnessError(f"reprob {self.reprob}: a probability in [0, 1]")
 
     def identity(self) -> dict:
-        """Every field that changes the trained weights (what a cell's id hashes)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_every", "where")}
+        """Every field that changes the trained weights (what a cell's id hashes); a field added after
+        the first recipes is left out while it has its default, so their cells keep their ids."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("checkpoint_every", "where") and not (k in ADDED and v == ADDED[k])}
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,10 @@ class DiffRate(Method):
     version = "2"  # 2: the search starts at the budget and lands on it
     knob = Knob("gmacs_ratio", float, 0.05, 1.0, identity=1.0)
     needs_calibration = True
-    cannot_train = ("DiffRate's fine-tune (the paper's rows with training: weights trained after the rate search, "
-                    "its own recipe) is not wired here yet; its off-the-shelf search is")
+    # fine-tunes as the paper's rows with training: the rates are searched first (on the weights as given,
+    # before training: prepare_cell calibrates) and stay fixed while the weights train through the
+    # inference step (prune + similarity merge, gradients through the kept and merged tokens)
+    cannot_train = None
 
     @dataclass(frozen=True)
     class Options:
