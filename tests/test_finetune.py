@@ -118,7 +118,7 @@ def test_every_method_says_whether_it_trains(name):
     assert reason is None or (isinstance(reason, str) and reason)
 
 
-@pytest.mark.parametrize("name", ["none", "tome", "evit", "topk", "random"])
+@pytest.mark.parametrize("name", ["none", "tome", "evit", "topk", "random", "dynamicvit"])
 def test_the_papers_that_train_fine_tune_with_their_reduction(name, tmp_path):
     method = make_method(name)
     assert method.cannot_train is None

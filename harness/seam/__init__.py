@@ -40,7 +40,8 @@ from typing import Callable, Optional
 import torch
 
 from harness.errors import UnsupportedModel
-from harness.seam.attend import PROP_ATTN_KERNELS, attend, eager_attention, flex_attention_bias, fold_attention
+from harness.seam.attend import (PROP_ATTN_KERNELS, attend, eager_attention, flex_attention_bias, fold_attention,
+                                 policy_attention)
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import (ADAPTERS, FAMILIES, POSITION_FAMILIES, block_family, check_blocks,
                                    gather_pair_bias, gather_rope, split_heads)
@@ -59,8 +60,8 @@ __all__ = [
     "block_family", "block_reducers", "check_blocks", "check_premises", "chosen_blocks", "clamp_r",
     "current_positions", "drop_blocks", "eager_attention", "flex_attention_bias", "fold_attention",
     "gather_pair_bias", "gather_rope", "gather_tokens", "install", "keep_all", "keep_tokens", "log_size",
-    "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "prefix_layout", "set_prop_attn_impl",
-    "shrinking_blocks",
+    "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "policy_attention", "prefix_layout",
+    "set_prop_attn_impl", "shrinking_blocks",
     "split_heads", "token_state", "top_attentive", "wrap_attention", "wrap_reducers",
 ]
 
