@@ -49,6 +49,7 @@ Deviations:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Optional
 
@@ -123,6 +124,15 @@ def init_uniform_(module: nn.Module, seed: int) -> None:
                 bound = 1.0 / math.sqrt(m.in_features)
                 for p in (m.weight, m.bias):
                     p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of ``module``'s parameters and buffers (names, then fp32 bytes), in state-dict order."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def stage_blocks(depth: int) -> dict[int, int]:
