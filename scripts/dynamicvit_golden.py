@@ -3,7 +3,9 @@
 Runs ``models/dyvit.py`` of https://github.com/raoyongming/DynamicViT (read from ``--official-root``,
 a checkout or ``git archive`` of the repository; nothing of it is copied here) in fp32 on the CPU
 on the 40 images of the shared ``fidelity/deit_tiny_cifar10_golden.npz``, and writes the logits at
-a few keep ratios to ``tests/fixtures/golden/deit_tiny_cifar10_dynamicvit_golden.{npz,json}``.
+a few keep ratios to ``tests/fixtures/golden/deit_tiny_cifar10_dynamicvit_golden.{npz,json}``, with
+one TRAINING forward (Gumbel masks from a seeded RNG; its logits, masks and the official loss less
+the cross entropy) for ``tests/test_dynamicvit.py``.
 
 The official model is ``VisionTransformerDiffPruning`` at DeiT-T's shape with the reference
 checkpoint; its prediction modules (``score_predictor``) get the weights the project's
@@ -56,6 +58,8 @@ COMPAT = [
     "VisionTransformerDiffPruning is built with DeiT-T's shape (patch 16, dim 192, depth 12, 3 heads, mlp 4, "
     "qkv_bias, LayerNorm eps 1e-6), num_classes=10, pruning_loc=[3, 6, 9], token_ratio=[rho, rho**2, rho**3], "
     "distill=True, as main.py builds deit-s with embed_dim 384",
+    "losses.py (DistillDiffPruningLoss_dynamic, for the training case) is imported as it is; the teacher is its "
+    "VisionTransformerTeacher with the same checkpoint (strict=True)",
     "weights: the timm safetensors state dict loads with strict=False; the only missing keys are score_predictor.*, "
     "which then get the seeded weights (predictor_init in each case), none unexpected",
 ]
@@ -132,6 +136,37 @@ def make_case(dyvit, state_dict: dict, x: torch.Tensor, rho: float, predictors: 
     return logits.numpy().astype(np.float32), spec
 
 
+TRAINING = {"rho": 0.7, "images": 8, "seed": 5}  # one training forward, its Gumbel draws from torch.manual_seed(seed)
+
+
+def training_case(dyvit, losses, state_dict: dict, x: torch.Tensor, predictors: dict, sha: str) -> tuple[dict, dict]:
+    """The official TRAINING forward (masks, not pruning) of the first images after ``torch.manual_seed``, and
+    its loss less the cross entropy: DistillDiffPruningLoss_dynamic as main.py builds it for DeiT, with the
+    official VisionTransformerTeacher (the same checkpoint) as the teacher."""
+    rho, n = TRAINING["rho"], TRAINING["images"]
+    model = official_model(dyvit, state_dict, rho, predictors).train()
+    teacher = dyvit.VisionTransformerTeacher(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, qkv_bias=True, num_classes=NUM_CLASSES,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    teacher.load_state_dict(state_dict, strict=True)
+    criterion = losses.DistillDiffPruningLoss_dynamic(
+        teacher.eval(), torch.nn.CrossEntropyLoss(), clf_weight=1.0, keep_ratio=[rho, rho ** 2, rho ** 3],
+        mse_token=True, ratio_weight=2.0, distill_weight=0.5, print_mode=False)
+    labels = torch.arange(n) % NUM_CLASSES
+    torch.manual_seed(TRAINING["seed"])
+    with torch.no_grad():
+        outputs = model(x[:n])
+        loss, _ = criterion(x[:n], outputs, labels)
+        extra = loss - torch.nn.functional.cross_entropy(outputs[0], labels)
+    masks = torch.stack(outputs[3]).to(torch.uint8).numpy()
+    spec = {**TRAINING, "labels": "arange(images) % 10", "predictor_init": {"seed": PREDICTOR_SEED, "sha256": sha},
+            "loss_less_cross_entropy": float(extra),
+            "how": "model.train(); torch.manual_seed(seed); model(x[:images]) -> (logits, tokens, mask, masks); "
+                   "DistillDiffPruningLoss_dynamic(teacher, CrossEntropyLoss(), clf_weight=1.0, keep_ratio=[rho, rho**2, "
+                   "rho**3], mse_token=True, ratio_weight=2.0, distill_weight=0.5) minus the cross entropy"}
+    return {"training_logits": outputs[0].numpy().astype(np.float32), "training_masks": masks}, spec
+
+
 def sanity_identity(dyvit, state_dict: dict, x: torch.Tensor) -> float:
     """Max |logits| difference between the official model with no pruning location and timm's own model."""
     import timm
@@ -148,7 +183,7 @@ def sanity_identity(dyvit, state_dict: dict, x: torch.Tensor) -> float:
     return float((logits - expected).abs().max())
 
 
-def metadata(root: Path, commit: str, sanity: float, cases: dict) -> dict:
+def metadata(root: Path, commit: str, sanity: float, cases: dict, training: dict) -> dict:
     import safetensors
     import timm
 
@@ -167,6 +202,7 @@ def metadata(root: Path, commit: str, sanity: float, cases: dict) -> dict:
         "reproduce": "python scripts/dynamicvit_golden.py --official-root <DynamicViT export> --commit <sha>; every "
                      "case is run twice with bit-identical logits",
         "cases": cases,
+        "training": training,
     }
 
 
@@ -190,18 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     root = args.data_root or data_root()
-    with import_shims(), on_path(args.official_root, ("models", "utils")):
-        from models import dyvit  # the official module, from --official-root
+    with import_shims(), on_path(args.official_root, ("models", "utils", "losses")):
+        import losses  # the official modules, from --official-root
+        from models import dyvit
     state_dict, x = load_file(root / CHECKPOINT), load_inputs(root)
     predictors, sha = predictor_state(PREDICTOR_SEED)
     arrays, cases = {}, {}
     for name, rho in CASES.items():
         arrays[name], cases[name] = make_case(dyvit, state_dict, x, rho, predictors, sha)
         print(f"{name}: tokens {cases[name]['tokens_per_block_observed']}")
+    training_arrays, training = training_case(dyvit, losses, state_dict, x, predictors, sha)
     sanity = sanity_identity(dyvit, state_dict, x)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out.with_suffix(".npz"), **arrays)
-    args.out.with_suffix(".json").write_text(json.dumps(metadata(root, commit, sanity, cases), indent=1) + "\n")
+    np.savez(args.out.with_suffix(".npz"), **arrays, **training_arrays)
+    args.out.with_suffix(".json").write_text(json.dumps(metadata(root, commit, sanity, cases, training), indent=1) + "\n")
     print(f"wrote {args.out}.npz/.json (no-selection vs timm: {sanity:.3g})")
     return 0
 

@@ -193,3 +193,63 @@ def _train_with_teacher(tmp_path, method, recipe: Recipe):
                                dataclasses.replace(recipe, steps=2), finetune.Where(tmp_path))
     losses = [float(r.split(",")[2]) for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     return model, fields, losses
+
+
+# ----------------------------------------------------------------------------- the official training path
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "deit_tiny_cifar10_dynamicvit_golden"
+
+
+def _reference_model_and_inputs(n: int):
+    """deit_tiny_cifar10 (unpatched) from the shared data, and the first ``n`` shared golden images."""
+    import json
+
+    import numpy as np
+
+    from harness.errors import HarnessError
+    from harness.models import load_checkpoint, resolve_model
+    from harness.paths import data_root
+
+    try:
+        root = data_root()
+    except HarnessError as exc:
+        pytest.skip(str(exc))
+    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
+    with np.load(root / meta["inputs_from"]) as g:
+        images, mean, std = g["images_uint8"][:n], g["mean"], g["std"]
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.from_numpy(mean).view(1, 3, 1, 1)) \
+        / torch.from_numpy(std).view(1, 3, 1, 1)
+    spec = resolve_model(meta["model"], {}, root)
+    return spec, load_checkpoint(spec), x, meta["training"]
+
+
+@pytest.mark.slow
+def test_the_training_forward_and_losses_are_the_official_ones():
+    """The official training forward (scripts/dynamicvit_golden.py) with the same predictor weights and
+    the same Gumbel draws (torch.manual_seed before the forward): the same masks, the logits to 1e-4,
+    and the official DistillDiffPruningLoss_dynamic less its cross entropy equal to training_loss.
+    A mask decision is a Gumbel draw against a score: a draw another CPU rounds 1 ulp away flips it
+    only at a tie of that size."""
+    import numpy as np
+
+    from harness.cell import build_unpatched, prepare_cell
+
+    spec, state_dict, x, case = _reference_model_and_inputs(8)
+    method = make_method("dynamicvit")
+    model = prepare_cell(spec, method, knob_value=case["rho"], state_dict=state_dict).model
+    dv.init_uniform_(model.score_predictor, case["predictor_init"]["seed"])
+    assert dv.state_sha256(model.score_predictor) == case["predictor_init"]["sha256"]
+    teacher = build_unpatched(spec, state_dict)
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(case["seed"])
+        logits = model(x)
+    with np.load(GOLDEN.with_suffix(".npz")) as g:
+        golden_logits, golden_masks = torch.from_numpy(g["training_logits"]), torch.from_numpy(g["training_masks"])
+    assert torch.equal(torch.stack(model.score_predictor.decisions).to(torch.uint8), golden_masks)
+    torch.testing.assert_close(logits, golden_logits, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        tokens = teacher.forward_features(x)
+        step = finetune.TrainingStep(x, logits, teacher.forward_head(tokens), tokens)
+        extra = method.training_loss(model, step)
+    assert extra.item() == pytest.approx(case["loss_less_cross_entropy"], rel=1e-4)
