@@ -90,11 +90,13 @@ class PredictorLG(nn.Module):
 
 
 class ScorePredictors(nn.ModuleList):
-    """The model's predictors (``model.score_predictor``) and what one training forward leaves for
-    the losses: each stage's hard keep mask (B, N) and the model's final tokens."""
+    """The model's predictors (``model.score_predictor``), each one's keep-ratio target (rho ** k), and
+    what one training forward leaves for the losses: each stage's hard keep mask (B, N) and the
+    model's final tokens."""
 
-    def __init__(self, predictors):
+    def __init__(self, predictors, targets: list[float]):
         super().__init__(predictors)
+        self.targets = targets
         self.decisions: list[torch.Tensor] = []
         self.final_tokens: Optional[torch.Tensor] = None
 
@@ -246,11 +248,10 @@ class DynamicViT(Method):
         reducers = {}
         if value < 1.0:  # at the identity nothing is predicted: the unpatched model, bit for bit
             stages = self.stages(arch.depth)
-            predictors = ScorePredictors(PredictorLG(arch.embed_dim) for _ in stages)
+            predictors = ScorePredictors([PredictorLG(arch.embed_dim) for _ in stages], self.targets(arch, value))
             init_official_(predictors, torch.Generator().manual_seed(int(self.options["seed"])))
             predictors.train(model.training)  # a new module trains; the model it joins may not
             model.score_predictor = predictors
-            model._dynamicvit_targets = self.targets(arch, value)
             model.norm.register_forward_hook(_keep_final_tokens(predictors))
             reducers = {block: dynamicvit_reducer(predictors, i, kept_patches(arch.num_patches, value, k))
                         for i, (block, k) in enumerate(stages.items())}
@@ -260,7 +261,7 @@ class DynamicViT(Method):
         predictors = getattr(model, "score_predictor", None)
         if predictors is None:  # the identity: nothing predicts, nothing to add
             return None
-        loss = RATIO_WEIGHT * ratio_loss(predictors.decisions, model._dynamicvit_targets)
+        loss = RATIO_WEIGHT * ratio_loss(predictors.decisions, predictors.targets)
         if step.teacher_logits is None:
             return loss
         p = model.num_prefix_tokens

@@ -85,7 +85,7 @@ def predictor_state(seed: int) -> tuple[dict, str]:
     """The three predictors' weights drawn by the project's ``init_uniform_``, and their sha256."""
     from harness.methods.dynamicvit import PredictorLG, ScorePredictors, init_uniform_, state_sha256
 
-    predictors = ScorePredictors(PredictorLG(192) for _ in PRUNING_LOC)
+    predictors = ScorePredictors([PredictorLG(192) for _ in PRUNING_LOC], [])
     init_uniform_(predictors, seed)
     return predictors.state_dict(), state_sha256(predictors)
 

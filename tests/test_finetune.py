@@ -118,6 +118,14 @@ def test_every_method_says_whether_it_trains(name):
     assert reason is None or (isinstance(reason, str) and reason)
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_a_method_that_needs_training_can_train(name):
+    """``needs_training`` (unsupported off the shelf) with ``cannot_train`` set would be unsupported everywhere."""
+    method = make_method(name)
+    assert method.needs_training is None or (method.cannot_train is None and isinstance(method.needs_training, str)
+                                             and method.needs_training)
+
+
 @pytest.mark.parametrize("name", ["none", "tome", "evit", "topk", "random", "dynamicvit"])
 def test_the_papers_that_train_fine_tune_with_their_reduction(name, tmp_path):
     method = make_method(name)

@@ -15,7 +15,8 @@ The package, downhill:
  - :mod:`~harness.seam.families`: one adapter per timm block family (ViT, EVA / rope, BEiT, relpos):
    how it gets q, k, v, its position term and its layer scale;
  - :mod:`~harness.seam.attend`: ``attend(q, k, v, bias, impl)``, used by every family, with the three
-   ways proportional attention reaches the kernel ("mask", "fold", "flex");
+   ways proportional attention reaches the kernel ("mask", "fold", "flex"), and ``policy_attention``
+   for tokens masked rather than dropped (``TokenState.policy``: DynamicViT while it trains);
  - :mod:`~harness.seam.context`: the :class:`BlockContext` a reducer reads (keys, class attention,
    attention probabilities, values, the block's input), derived lazily, once;
  - :mod:`~harness.seam.ops`: the operations methods share (keep / gather with positions, bipartite
