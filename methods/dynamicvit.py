@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -58,9 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.margins import note_boundary
-from harness.registry import Knob, Method, register_method
+from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, install, keep_tokens
+from harness.seam import BlockContext, keep_tokens
 
 RATIO_WEIGHT = 2.0    # main.py's --ratio_weight default
 DISTILL_WEIGHT = 0.5  # DistillDiffPruningLoss_dynamic(distill_weight=0.5), for the logit KL and the tokens
@@ -218,11 +219,14 @@ class DynamicViT(Method):
     name = "dynamicvit"
     version = "1"
     knob = Knob("rho", float, 0.2, 1.0, identity=1.0)
+    premises = Premises(tracks_positions=True)
     stage = "post"
-    tracks_positions = True
     cannot_train = None  # the paper trains with the masks in place (its 30-epoch fine-tune)
     needs_training = "its prediction modules are learned (run it with --protocol finetune:<recipe>)"
-    option_defaults = {"seed": 0}
+
+    @dataclass(frozen=True)
+    class Options:
+        seed: int = 0  # seeds the predictors' initialisation (a cell's id includes it)
 
     def stages(self, depth: int) -> dict[int, int]:
         """Seam block (the block before the predictor's) -> stage k."""
@@ -244,18 +248,19 @@ class DynamicViT(Method):
         """The keep-ratio loss's target of each predictor, in order: rho ** k."""
         return [value ** k for k in self.stages(arch.depth).values()]
 
-    def patch(self, model, value: float, arch) -> None:
-        reducers = {}
-        if value < 1.0:  # at the identity nothing is predicted: the unpatched model, bit for bit
-            stages = self.stages(arch.depth)
-            predictors = ScorePredictors([PredictorLG(arch.embed_dim) for _ in stages], self.targets(arch, value))
-            init_official_(predictors, torch.Generator().manual_seed(int(self.options["seed"])))
-            predictors.train(model.training)  # a new module trains; the model it joins may not
-            model.score_predictor = predictors
-            model.norm.register_forward_hook(_keep_final_tokens(predictors))
-            reducers = {block: dynamicvit_reducer(predictors, i, kept_patches(arch.num_patches, value, k))
-                        for i, (block, k) in enumerate(stages.items())}
-        install(model, reducers, method=self.name, stage=self.stage, tracks_positions=self.tracks_positions)
+    def reducers(self, model, arch, value: float) -> dict:
+        """The predictors join ``model`` here (``model.score_predictor``: learned, so part of its weights);
+        at the identity nothing is predicted, and the model stays the unpatched one, bit for bit."""
+        if value >= 1.0:
+            return {}
+        stages = self.stages(arch.depth)
+        predictors = ScorePredictors([PredictorLG(arch.embed_dim) for _ in stages], self.targets(arch, value))
+        init_official_(predictors, torch.Generator().manual_seed(self.options.seed))
+        predictors.train(model.training)  # a new module trains; the model it joins may not
+        model.score_predictor = predictors
+        model.norm.register_forward_hook(_keep_final_tokens(predictors))
+        return {block: dynamicvit_reducer(predictors, i, kept_patches(arch.num_patches, value, k))
+                for i, (block, k) in enumerate(stages.items())}
 
     def training_loss(self, model, step) -> Optional[torch.Tensor]:
         predictors = getattr(model, "score_predictor", None)
