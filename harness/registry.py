@@ -136,6 +136,9 @@ class Method(abc.ABC):
     # reducers train as they run (its paper fine-tunes with them in place); else why it cannot be
     # fine-tuned here, and its fine-tune cells are ``unsupported`` with that reason
     cannot_train: ClassVar[Optional[str]] = "it declares no fine-tuning (Method.cannot_train is not set to None)"
+    # a method that is defined only once fine-tuned (its modules are learned: DynamicViT's predictors):
+    # why, and its off-the-shelf cells are ``unsupported`` with "<name> needs training: <reason>"
+    needs_training: ClassVar[Optional[str]] = None
     calibration: object = None  # the state bound by with_calibration (None until a search is bound)
     # a first-contract plugin's ``patch_schedule`` (read by _adopt_legacy_declarations; kept for one release)
     legacy_patch_schedule: ClassVar[Optional[object]] = None
@@ -217,6 +220,18 @@ class Method(abc.ABC):
     def set_train_knob(self, model, value) -> None:
         """Set a patched model's knob during training; only a method whose :meth:`train_knob` varies needs it."""
         raise HarnessError(f"method {self.name!r} cannot change its knob while training (no set_train_knob)")
+
+    def training_loss(self, model, step) -> Optional["torch.Tensor"]:  # noqa: F821
+        """A loss added to the recipe's loss at each fine-tuning update; None (nothing) by default.
+
+        Args:
+            model: the patched model being trained (unwrapped from DDP), after its forward on the batch.
+            step: a :class:`harness.training.finetune.TrainingStep`: the batch's images, the model's logits,
+                and the teacher's logits and final tokens (None without a teacher in the recipe).
+
+        DynamicViT adds its keep-ratio, token-distillation and logit-KL losses here.
+        """
+        return None
 
     def training_identity(self) -> dict:
         """What of the method's training (beyond its options) enters a fine-tune cell's id; none by default."""
@@ -574,6 +589,10 @@ class FollowSchedule(Method):
     def cannot_train(self) -> Optional[str]:
         return self.follower.cannot_train  # the follower's selection trains at the leader's fixed schedule
 
+    @property
+    def needs_training(self) -> Optional[str]:
+        return self.follower.needs_training  # the leader's schedule is analytic; the selection is the follower's
+
     def resolved_options(self) -> dict:
         return {self.follower.name: self.follower.resolved_options(), self.leader.name: self.leader.resolved_options()}
 
@@ -606,8 +625,9 @@ class FollowSchedule(Method):
 
     def schedule(self, arch, value):
         # the leader's token counts, paid for where the follower reduces (random@dct prunes between
-        # attention and MLP at DCT's counts: its GMACs are those of a "mid" schedule)
-        return dataclasses.replace(self.leader.schedule(arch, value), stage=self.follower.stage)
+        # attention and MLP at DCT's counts: its GMACs are those of a "mid" schedule), without the
+        # leader's own modules (DynamicViT's predictors), which the follower does not run
+        return dataclasses.replace(self.leader.schedule(arch, value), stage=self.follower.stage, extra_macs=0.0)
 
     def patch(self, model, value, arch) -> None:
         schedule = self.schedule(arch, value)

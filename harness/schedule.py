@@ -39,6 +39,7 @@ class ArchSpec:
         fixed_macs: MACs that do not depend on the tokens: the relative-position MLPs of relpos
             ViTs, which compute each block's bias for the full grid (then gathered at the kept
             tokens' positions).
+        embed_dim: the width of the tokens (the residual stream).
     """
 
     depth: int
@@ -52,6 +53,7 @@ class ArchSpec:
     pool_macs_per_token: int = 0
     qk_macs_per_token: int = 0
     fixed_macs: int = 0
+    embed_dim: int = 0
 
     @property
     def tokens_in(self) -> int:
@@ -68,11 +70,14 @@ class Schedule:
 
     ``stage`` says where in each block the reduction happens ("pre", "mid" or "post"; see the
     module docstring), which decides at which count each part of the block is paid for.
+    ``extra_macs`` are the MACs per image of modules the method adds to the model (DynamicViT's
+    prediction modules), paid on top of the blocks'.
     """
 
     tokens_in: int
     tokens_out: tuple[float, ...]
     stage: str = "mid"
+    extra_macs: float = 0.0
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -155,6 +160,7 @@ def arch_spec(model) -> ArchSpec:
         pool_macs_per_token=pool_per_token,
         qk_macs_per_token=2 * width * _embed_dim(model, blocks[0]),
         fixed_macs=_rel_pos_macs(model),
+        embed_dim=_embed_dim(model, blocks[0]),
     )
 
 
@@ -215,6 +221,7 @@ def analytic_gmacs(arch: ArchSpec, schedule: Schedule) -> float:
     # the stem embeds the patches that enter (a lower input resolution embeds fewer)
     stem = arch.stem_macs * (schedule.tokens_in - arch.num_prefix) / arch.num_patches
     total = stem + arch.head_macs + arch.fixed_macs + arch.pool_macs_per_token * schedule.tokens_out[-1]
+    total += schedule.extra_macs
     for i, n_out in enumerate(schedule.tokens_out):
         total += block_macs(arch, schedule.tokens_entering(i), n_out, schedule.stage)
     return total / 1e9

@@ -245,6 +245,21 @@ def _dct(case: dict, arch, tmp_path) -> tuple[Method, float]:
 CASE_TO_METHOD = {"tome": _tome, "evit": _evit, "topk": _evit, "diffrate": _diffrate, "dct": _dct}
 
 
+def _dynamicvit_predictors(case: dict, model: torch.nn.Module) -> None:
+    """The prediction modules' weights the official run had: rebuilt from the case's seed by the
+    function it names, and checked bit for bit (sha256) before anything is compared."""
+    from harness.methods.dynamicvit import init_uniform_, state_sha256
+
+    init = case["predictor_init"]
+    assert init["function"] == "harness.methods.dynamicvit.init_uniform_"
+    init_uniform_(model.score_predictor, init["seed"])
+    assert state_sha256(model.score_predictor) == init["sha256"], "the predictor weights rebuild differently here"
+
+
+# what a case sets in the patched model beyond the method's knob and options (learned modules' weights)
+CASE_SETUP = {"dynamicvit": _dynamicvit_predictors}
+
+
 # ----------------------------------------------------------------------------- the run
 
 def _run(model: torch.nn.Module, x: torch.Tensor, dtype: str = "fp32", attention: Optional[str] = None
@@ -273,7 +288,9 @@ def _case(path: Path, case: str, tmp_path: Path):
     spec = _meta(path)["cases"][case]
     arch = arch_spec(_fresh_model(path))
     method, value = CASE_TO_METHOD.get(spec["method"], _by_knob)(spec, arch, tmp_path)
-    return arch, method, value, _patched_model(path, method, value)
+    model = _patched_model(path, method, value)
+    CASE_SETUP.get(spec["method"], lambda *_: None)(spec, model)
+    return arch, method, value, model
 
 
 def _judge(path: Path, case: str, logits: torch.Tensor, log: margins.MarginLog):
@@ -330,11 +347,28 @@ def _mirrored(reducer):
     return reduce
 
 
+def _mirrored_scores(model: torch.nn.Module) -> None:
+    """The same mutant for a method that scores the tokens it is handed (DynamicViT's predictor): on
+    mirrored tokens it would pick the same ones, so the first predictor's scores are mirrored instead
+    (token j is kept where its mirror image was chosen)."""
+    predictor = model.score_predictor[0]
+    forward = predictor.forward
+    predictor.forward = lambda x, policy=None: forward(x, policy).flip(1)
+
+
+# method -> the mirrored-selection mutant where :func:`_mirrored` of its first reducer is no mutant
+MIRROR = {"dynamicvit": _mirrored_scores}
+
+
 @pytest.mark.parametrize("path, case", _mutant_params())
 def test_a_wrong_selection_still_fails(path, case, tmp_path):
     _, _, _, model = _case(path, case, tmp_path)
     first = min(block_reducers(model))
-    wrap_reducers(model, lambda i, reducer: _mirrored(reducer) if i == first else reducer)
+    mirror = MIRROR.get(_meta(path)["cases"][case]["method"])
+    if mirror is not None:
+        mirror(model)
+    else:
+        wrap_reducers(model, lambda i, reducer: _mirrored(reducer) if i == first else reducer)
 
     logits, _, _, log = _run(model, _inputs(path), *_how(path, _meta(path)["cases"][case]))
 

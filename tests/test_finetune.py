@@ -149,6 +149,14 @@ def test_every_method_says_whether_it_trains(name):
 
 
 @pytest.mark.parametrize("name", method_names())
+def test_a_method_that_needs_training_can_train(name):
+    """``needs_training`` (unsupported off the shelf) with ``cannot_train`` set would be unsupported everywhere."""
+    method = make_method(name)
+    assert method.needs_training is None or (method.cannot_train is None and isinstance(method.needs_training, str)
+                                             and method.needs_training)
+
+
+@pytest.mark.parametrize("name", method_names())
 def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(name, tmp_path):
     """Where the paper trains: two updates in train mode (drop path on) through the reducers, a finite
     loss, a gradient into every parameter and every weight moved. Elsewhere: the cell is unsupported."""
@@ -159,6 +167,8 @@ def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(na
     before, method = job.tiny_model().state_dict(), job.calibrated(method)
     model, fields, losses = job.train(tmp_path, 2, RNG_RECIPE, method=method)
     assert fields["train_steps"] == 2 and len(losses) == 2 and all(map(math.isfinite, losses))
+    # every weight moved, the method's own new ones too (DynamicViT's predictors, from their initial values)
+    before = {**_patched_state(method), **before}
     moved = {k: (v.float() - before[k].float()).abs().max().item() for k, v in model.state_dict().items()}
     assert min(moved.values()) > 0, [k for k, v in moved.items() if v == 0]
     assert not model.training  # measured in eval mode after training
@@ -170,11 +180,23 @@ def test_a_method_trains_with_its_reduction_or_is_unsupported_with_its_reason(na
     grads = {k: p.grad for k, p in model.named_parameters()}
     assert all(g is not None and bool(torch.isfinite(g).all()) and g.abs().max() > 0 for g in grads.values()), \
         [k for k, g in grads.items() if g is None or not g.abs().max() > 0]
-    if hasattr(model, "_seam_state"):  # the training forward reduced at the cell's schedule (DiffRate: the searched one)
+    # the training forward reduced at the cell's schedule (DiffRate: the searched one); a method that
+    # learns its selection (DynamicViT) masks instead while training, static shapes, as its paper does
+    if hasattr(model, "_seam_state") and method.needs_training is None:
         from harness.schedule import arch_spec
 
         planned = method.schedule(arch_spec(job.tiny_model()), job.knob_of(method)).tokens_out
         assert model._seam_state.observed == list(planned)
+
+
+def _patched_state(method) -> dict:
+    """The tiny model's weights as patched by ``method`` before training (with any module the method adds)."""
+    from harness.schedule import arch_spec
+
+    model = job.tiny_model()
+    if method.knob is not None:
+        method.patch(model, job.knob_of(method), arch_spec(model))
+    return model.state_dict()
 
 
 def _assert_unsupported(method):

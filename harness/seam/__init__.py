@@ -15,7 +15,8 @@ The package, downhill:
  - :mod:`~harness.seam.families`: one adapter per timm block family (ViT, EVA / rope, BEiT, relpos):
    how it gets q, k, v, its position term and its layer scale;
  - :mod:`~harness.seam.attend`: ``attend(q, k, v, bias, impl)``, used by every family, with the three
-   ways proportional attention reaches the kernel ("mask", "fold", "flex");
+   ways proportional attention reaches the kernel ("mask", "fold", "flex"), and ``policy_attention``
+   for tokens masked rather than dropped (``TokenState.policy``: DynamicViT while it trains);
  - :mod:`~harness.seam.context`: the :class:`BlockContext` a reducer reads (keys, class attention,
    attention probabilities, values, the block's input), derived lazily, once;
  - :mod:`~harness.seam.ops`: the operations methods share (keep / gather with positions, bipartite
@@ -40,7 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from harness.errors import UnsupportedModel
-from harness.seam.attend import PROP_ATTN_KERNELS, attend, eager_attention, flex_attention_bias, fold_attention
+from harness.seam.attend import (PROP_ATTN_KERNELS, attend, eager_attention, flex_attention_bias, fold_attention,
+                                 policy_attention)
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import (ADAPTERS, FAMILIES, POSITION_FAMILIES, block_family, check_blocks,
                                    gather_pair_bias, gather_rope, split_heads)
@@ -59,8 +61,8 @@ __all__ = [
     "block_family", "block_reducers", "check_blocks", "check_premises", "chosen_blocks", "clamp_r",
     "current_positions", "drop_blocks", "eager_attention", "flex_attention_bias", "fold_attention",
     "gather_pair_bias", "gather_rope", "gather_tokens", "install", "keep_all", "keep_tokens", "log_size",
-    "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "prefix_layout", "set_prop_attn_impl",
-    "shrinking_blocks",
+    "merge_positions", "merge_tokens", "merge_wavg", "num_keep", "one_step_ahead_probs", "policy_attention", "prefix_layout",
+    "set_prop_attn_impl", "shrinking_blocks",
     "split_heads", "token_state", "top_attentive", "wrap_attention", "wrap_reducers",
 ]
 

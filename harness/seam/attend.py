@@ -97,6 +97,32 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     return dropout(logits.softmax(dim=-1)) @ v
 
 
+def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None, attn: Optional[torch.nn.Module] = None,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Attention whose keys are weighted by a keep ``policy`` (B, N, 1) in [0, 1], every token still
+    attending to itself: DynamicViT's ``softmax_with_policy`` (its training, tokens masked, not dropped).
+
+    p_ij = (exp(l_ij - max_j l_ij) w_ij + eps / N) / (sum_j exp(l_ij - max_j l_ij) w_ij + eps), with
+    w_ij = policy_j, or 1 where i == j, in fp32; ``mask`` is added to the logits first (a position
+    term). Multiplying the probabilities (not adding log policy to the logits) keeps the gradient
+    that reaches the policy finite where it is 0, as the official straight-through masks need.
+    """
+    n = policy.shape[1]
+    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    weights = policy.reshape(-1, 1, 1, n)
+    eye = torch.eye(n, dtype=weights.dtype, device=weights.device).view(1, 1, n, n)
+    weights = weights + (1.0 - weights) * eye
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = logits.float().exp() * weights.float()
+    probs = ((probs + eps / n) / (probs.sum(dim=-1, keepdim=True) + eps)).to(v.dtype)
+    dropout = attn.attn_drop if attn is not None else (lambda p: p)
+    return dropout(probs) @ v
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
            impl: str = "mask", mask: Optional[torch.Tensor] = None, is_causal: bool = False,
            attn: Optional[torch.nn.Module] = None, bias_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -129,4 +155,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[tor
     return eager_attention(q, k, v, mask, scale, is_causal, attn.attn_drop)
 
 
-__all__ = ["PROP_ATTN_KERNELS", "attend", "check_impl", "eager_attention", "flex_attention_bias", "fold_attention"]
+__all__ = ["PROP_ATTN_KERNELS", "attend", "policy_attention", "check_impl", "eager_attention", "flex_attention_bias", "fold_attention"]

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from harness.seam.attend import attend
+from harness.seam.attend import attend, policy_attention
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import BlockInputs, Family, project
 from harness.seam.lookahead import attention_from_probs, reduce_ahead
@@ -107,7 +107,10 @@ def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, in
     ctx.position_bias = mask = family.position_bias(attn, inputs, state.positions)
     if inputs.attn_mask is not None:
         mask = inputs.attn_mask if mask is None else mask + inputs.attn_mask
-    out = attend(q, k, v, log_size(state), state.prop_attn_impl, mask, inputs.is_causal, attn, attention_dtype(x))
+    if state.policy is not None:  # tokens masked, not dropped (DynamicViT's training)
+        out = policy_attention(q, k, v, state.policy, mask, attn)
+    else:
+        out = attend(q, k, v, log_size(state), state.prop_attn_impl, mask, inputs.is_causal, attn, attention_dtype(x))
     out = out.transpose(1, 2).reshape(b, n, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:

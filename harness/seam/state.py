@@ -32,6 +32,10 @@ class TokenState:
         class_token, pool: the model's prefix layout (:func:`prefix_layout`), which the seam checks
             where a premise is used, whatever the method declared.
         method: the method's name, for those refusals.
+        policy: (B, N, 1) keep weights in [0, 1] of the current tokens, or None: a method that masks
+            tokens instead of dropping them (DynamicViT while it trains, static shapes) sets it, and
+            every later block's attention ignores the keys it weights 0
+            (:func:`~harness.seam.attend.policy_attention`).
     """
 
     prop_attn: bool = False
@@ -45,17 +49,20 @@ class TokenState:
     class_token: bool = True
     pool: str = "token"
     method: str = "this method"
+    policy: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         self.size = None
         self.observed = []
         self.attn_probs = None
         self.positions = None
+        self.policy = None
 
     @property
     def reduced(self) -> bool:
-        """Whether a block of this forward already changed the tokens (they carry sizes or positions)."""
-        return self.size is not None or self.positions is not None
+        """Whether a block of this forward already changed the tokens (they carry sizes, positions or a
+        keep policy)."""
+        return self.size is not None or self.positions is not None or self.policy is not None
 
 
 def check_impl(impl: str) -> None:

@@ -82,6 +82,8 @@ class Executor:
         """Prepare (and fine-tune), evaluate and time one cell: the record's measured fields."""
         if protocol.trains and method.cannot_train:
             raise UnsupportedModel(f"{method.name} cannot be fine-tuned: {method.cannot_train}")
+        if not protocol.trains and method.needs_training:
+            raise UnsupportedModel(f"{method.name} needs training: {method.needs_training}")
         cell = prepare_cell(spec, method, budget, self.settings, state_dict=self.inputs.state_dict(spec),
                             calibrate=self.calibrate)
         out = cell.budget_fields()

@@ -90,6 +90,24 @@ class Where:
 
 
 @dataclass
+class TrainingStep:
+    """What a method's :meth:`~harness.registry.Method.training_loss` sees of one update.
+
+    Attributes:
+        images: the batch (B, 3, H, W), as the model got it (flipped, mixed).
+        logits: the model's output (B, classes).
+        teacher_logits: the unpatched teacher's output, or None without a teacher.
+        teacher_tokens: the teacher's final tokens (``forward_features``: after its last norm,
+            prefix tokens included), or None without a teacher.
+    """
+
+    images: torch.Tensor
+    logits: torch.Tensor
+    teacher_logits: Optional[torch.Tensor] = None
+    teacher_tokens: Optional[torch.Tensor] = None
+
+
+@dataclass
 class Parts:
     """timm's training parts for one run."""
 
@@ -142,7 +160,7 @@ def _train(trainee: Trainee, train_set, recipe: Recipe, where: Where) -> dict:
         writer = csv.DictWriter(fh, LOG_FIELDS)
         for step in range(first, parts.total_steps):
             knob = _set_train_knob(trainee, step / parts.total_steps)
-            loss = train_step(net, trainee.teacher, train_set, recipe, parts, step, where)
+            loss = train_step(net, trainee, train_set, recipe, parts, step, where)
             writer.writerow(meter.row(step, parts, loss, knob, recipe.batch_size))
             fh.flush()
             if where.on_step:
@@ -198,7 +216,7 @@ def _flips(recipe: Recipe, step: int, dist: distributed.Dist) -> torch.Tensor:
     return (torch.rand(recipe.batch_size, generator=g) < recipe.hflip)[dist.rank::dist.world]
 
 
-def train_step(net, teacher, train_set, recipe: Recipe, parts: Parts, step: int, where: Where) -> float:
+def train_step(net, trainee: Trainee, train_set, recipe: Recipe, parts: Parts, step: int, where: Where) -> float:
     """One update; the global batch's mean loss (averaged over ranks)."""
     idx = batch_indices(len(train_set), recipe, parts.steps_per_epoch, step, where.dist)
     x, y = train_set.take(idx, where.device) if parts.augment is None else parts.augment(train_set, idx, step, where.device)
@@ -209,7 +227,7 @@ def train_step(net, teacher, train_set, recipe: Recipe, parts: Parts, step: int,
         x, target = parts.mixup(x, y)
     parts.scheduler.step(step)
     with measure.autocast(where.device, where.dtype):
-        loss = parts.criterion(net(x), target) if teacher is None else _distilled(net, teacher, x, target, parts, recipe)
+        loss = _loss(net, trainee, x, target, parts, recipe)
     mean = distributed.all_sum([loss.item()], where.dist)[0] / where.dist.world
     if not math.isfinite(mean):
         raise Diverged(f"training loss is {mean} at step {step + 1} of {parts.total_steps}")
@@ -223,12 +241,23 @@ def train_step(net, teacher, train_set, recipe: Recipe, parts: Parts, step: int,
     return mean
 
 
-def _distilled(net, teacher, x, target, parts: Parts, recipe: Recipe) -> torch.Tensor:
-    """DeiT's DistillationLoss: the base loss mixed with the teacher's soft (KL) or hard (top-1) labels."""
+def _loss(net, trainee: Trainee, x, target, parts: Parts, recipe: Recipe) -> torch.Tensor:
+    """The recipe's loss (with the teacher's distillation, if any) plus the method's own training loss."""
     out = net(x)
+    seen = TrainingStep(x, out)
+    if trainee.teacher is not None:
+        with torch.no_grad():  # timm's forward is forward_head(forward_features(x)): its tokens come free
+            seen.teacher_tokens = trainee.teacher.forward_features(x)
+            seen.teacher_logits = trainee.teacher.forward_head(seen.teacher_tokens)
+    loss = parts.criterion(out, target) if trainee.teacher is None else _distilled(out, seen.teacher_logits, target,
+                                                                                   parts, recipe)
+    extra = trainee.method.training_loss(trainee.model, seen)
+    return loss if extra is None else loss + extra
+
+
+def _distilled(out, t_out, target, parts: Parts, recipe: Recipe) -> torch.Tensor:
+    """DeiT's DistillationLoss: the base loss mixed with the teacher's soft (KL) or hard (top-1) labels."""
     base = parts.criterion(out, target)
-    with torch.no_grad():
-        t_out = teacher(x)
     if recipe.distill == "soft":
         tau = recipe.distill_tau
         kd = F.kl_div(F.log_softmax(out / tau, 1), F.log_softmax(t_out / tau, 1), reduction="sum",
