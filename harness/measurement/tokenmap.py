@@ -284,7 +284,7 @@ def _traces(spec, state_dict, methods: list[str], budget_text: str, method_optio
             log.warning("no token map for %s: a baseline changes the input grid, not the tokens", name)
             continue
 
-        def make(method=method, value=cell.knob_value):  # the knob as solved (or searched) once
+        def make(method=cell.method, value=cell.knob_value):  # as solved (or searched, the search bound) once
             return prepare_cell(spec, method, budget, knob_value=value, state_dict=state_dict).model
 
         log.info("tracing %s (knob %s)", name, cell.knob_value)
