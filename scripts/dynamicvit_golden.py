@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.*, run as a file too
 from scripts.gtp_golden import load_inputs  # noqa: E402  (the shared images, normalised as the test does)
-from scripts.official_code import git_head, on_path  # noqa: E402
+from scripts.official_code import commit_of, official_arguments, on_path  # noqa: E402
 
 REPO = "https://github.com/raoyongming/DynamicViT"
 MODEL, ARCH, NUM_CLASSES = "deit_tiny_cifar10", "deit_tiny_patch16_224", 10
@@ -208,20 +208,14 @@ def metadata(root: Path, commit: str, sanity: float, cases: dict, training: dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official-root", type=Path, required=True, help="a checkout or export of raoyongming/DynamicViT")
-    parser.add_argument("--commit", help="the commit --official-root holds (read with git when it is a checkout)")
-    parser.add_argument("--data-root", type=Path, default=None, help="the shared data folder (default: the harness's)")
+    official_arguments(parser, "raoyongming/DynamicViT")
     parser.add_argument("--out", type=Path, default=GOLDEN, help="output stem (.npz and .json are written)")
     args = parser.parse_args(argv)
     if not (args.official_root / "models" / "dyvit.py").is_file():
         print(f"error: {args.official_root}/models/dyvit.py not found: pass the DynamicViT repository root",
               file=sys.stderr)
         return 2
-    commit = args.commit or git_head(args.official_root)
-    if commit is None:
-        print(f"error: {args.official_root} is not a git checkout: pass the commit it was exported from with --commit",
-              file=sys.stderr)
-        return 2
+    commit = commit_of(args.official_root, args.commit)
     from harness.paths import data_root
     from safetensors.torch import load_file
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.official_code, run as a file too
-from scripts.official_code import git_head, on_path  # noqa: E402
+from scripts.official_code import commit_of, official_arguments, on_path  # noqa: E402
 
 REPO = "https://github.com/Ackesnal/GTP-ViT"
 NUM_CLASSES = 10
@@ -162,13 +162,6 @@ def sanity_identity(models_v3, state_dict: dict, x: torch.Tensor, target: Target
     return float((logits - expected).abs().max())
 
 
-def commit_of(root: Path, given: str | None) -> str:
-    commit = given or git_head(root)
-    if commit is None:
-        raise SystemExit(f"{root} is not a git checkout: pass the commit it was exported from with --commit")
-    return commit
-
-
 def metadata(data_root: Path, commit: str, sanity: float, cases: dict, target: Target) -> dict:
     import safetensors
     import timm
@@ -194,9 +187,7 @@ def metadata(data_root: Path, commit: str, sanity: float, cases: dict, target: T
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official-root", type=Path, required=True, help="a checkout or export of Ackesnal/GTP-ViT")
-    parser.add_argument("--commit", help="the commit --official-root holds (read with git when it is a checkout)")
-    parser.add_argument("--data-root", type=Path, default=None, help="the shared data folder (default: the harness's)")
+    official_arguments(parser, "Ackesnal/GTP-ViT")
     parser.add_argument("--model", choices=sorted(TARGETS), default="deit_tiny_cifar10", help="the reference model")
     parser.add_argument("--out", type=Path, default=None,
                         help="output stem (.npz and .json are written; default tests/fixtures/golden/<model>_gtp_golden)")

@@ -1,6 +1,7 @@
 """What the scripts that run an official repository share: importing from a checkout, and its commit.
 
-Used by ``scripts/official_speed.py``, ``scripts/gtp_golden.py`` and ``scripts/make_bf16_golden.py``;
+Used by ``scripts/official_speed.py``, ``scripts/gtp_golden.py``, ``scripts/dynamicvit_golden.py`` and
+``scripts/make_bf16_golden.py``;
 the official code itself is never part of this project (each script takes ``--official-root``).
 """
 from __future__ import annotations
@@ -32,3 +33,18 @@ def git_head(folder: Path) -> Optional[str]:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def official_arguments(parser, repo: str) -> None:
+    """The arguments every golden-file script takes: the official checkout, its commit, the data folder."""
+    parser.add_argument("--official-root", type=Path, required=True, help=f"a checkout or export of {repo}")
+    parser.add_argument("--commit", help="the commit --official-root holds (read with git when it is a checkout)")
+    parser.add_argument("--data-root", type=Path, default=None, help="the shared data folder (default: the harness's)")
+
+
+def commit_of(root: Path, given: Optional[str]) -> str:
+    """``given``, else the checkout's commit; an export without ``--commit`` is one clear error."""
+    commit = given or git_head(root)
+    if commit is None:
+        raise SystemExit(f"error: {root} is not a git checkout: pass the commit it was exported from with --commit")
+    return commit
