@@ -346,6 +346,21 @@ def test_the_report_pairs_each_fine_tune_with_its_off_the_shelf_cell(tmp_path):
     assert "| +40.00 | 0 | 8 | 0.00781 | 62 |" in pairs_markdown(rows)
 
 
+def test_a_fine_tune_whose_off_the_shelf_cell_was_refused_shows_the_refusal(tmp_path):
+    """DynamicViT off the shelf is ``unsupported`` (its predictors need training): the fine-tuned row
+    still appears, the partner's status and reason where its top-1 would be, no difference or test."""
+    from harness.reporting.protocol_report import pairs_markdown, protocol_pairs
+
+    tuned = _record(tmp_path, "b", "finetune:smoke", [1] * 18 + [0] * 2, method="dynamicvit")
+    refused = {"cell_id": "a", "model": "m", "method": "dynamicvit", "budget": "0.7", "status": "unsupported",
+               "protocol": OFF_THE_SHELF, "error": "dynamicvit needs training"}  # refused before reading images
+    (row,) = protocol_pairs([refused, tuned], tmp_path)
+    assert row["cells"] == ("a", "b") and row["top1_off_the_shelf"] is None and row["p"] is None
+    assert row["off_the_shelf_status"] == "unsupported: dynamicvit needs training"
+    assert "| unsupported: dynamicvit needs training | 90.00 [69.9, 97.2] | - | - | - | - |" in pairs_markdown([row])
+    assert protocol_pairs([{**refused, "method": "tome"}, tuned], tmp_path) == []  # another method: no partner
+
+
 def test_ls_recipes_lists_both_shipped_recipes(capsys):
     from harness.cli import main
 

@@ -25,25 +25,49 @@ def protocol_of(rec: dict) -> str:
     return rec.get("protocol") or OFF_THE_SHELF
 
 
-def _partner_key(rec: dict) -> str:
-    return json.dumps([rec.get(k) for k in PARTNER_FIELDS], sort_keys=True, default=str)
+def _partner_key(rec: dict, fields: tuple[str, ...] = PARTNER_FIELDS) -> str:
+    return json.dumps([rec.get(k) for k in fields], sort_keys=True, default=str)
+
+
+# a cell refused before it read its images (unsupported) has no eval set hash to match on
+REFUSED_FIELDS = tuple(f for f in PARTNER_FIELDS if f != "eval_set_sha")
 
 
 def protocol_pairs(records: list[dict], results_dir: Path) -> list[dict]:
-    """One row per measured fine-tuned record that has a measured off-the-shelf partner.
+    """One row per measured fine-tuned record that has an off-the-shelf partner.
 
     Row: model, method, budget, protocol, top-1 of both with their 95 % Wilson intervals (fractions),
     ``delta_top1`` (fine-tuned minus off the shelf), the McNemar ``b`` (only off the shelf right),
     ``c`` (only fine-tuned right) and ``p`` (None when the predictions do not pair), and the
-    fine-tune's steps, final loss and wall time.
+    fine-tune's steps, final loss and wall time. A partner that was not measured (``unsupported``
+    off the shelf: DynamicViT) gives a row too, its status and reason in ``off_the_shelf_status`` and
+    no top-1, difference or test.
     """
-    shelf = {_partner_key(r): r for r in records if protocol_of(r) == OFF_THE_SHELF and r.get("status") in MEASURED}
+    off = [r for r in records if protocol_of(r) == OFF_THE_SHELF]
+    shelf = {_partner_key(r): r for r in off if r.get("status") in MEASURED and r.get("top1") is not None}
+    refused = {_partner_key(r, REFUSED_FIELDS): r for r in off if r.get("status") not in MEASURED}
     rows = []
     for tuned in (r for r in records if protocol_of(r) != OFF_THE_SHELF and r.get("status") in MEASURED):
         base = shelf.get(_partner_key(tuned))
-        if base is not None and base.get("top1") is not None and tuned.get("top1") is not None:
+        if base is not None and tuned.get("top1") is not None:
             rows.append(_pair_row(base, tuned, results_dir))
+        elif _partner_key(tuned, REFUSED_FIELDS) in refused and tuned.get("top1") is not None:
+            rows.append(_unpaired_row(refused[_partner_key(tuned, REFUSED_FIELDS)], tuned))
     return sorted(rows, key=lambda r: (r["model"], str(r["budget"]), r["method"], r["protocol"]))
+
+
+def _unpaired_row(base: dict, tuned: dict) -> dict:
+    """A fine-tuned cell whose off-the-shelf partner was not measured (DynamicViT: ``unsupported``,
+    its predictors need training): the partner's status and reason where its top-1 would be."""
+    n = tuned["n_images"]
+    reason = base.get("status_reason") or base.get("error") or ""
+    return {"model": tuned["model"], "method": tuned["method"], "budget": tuned["budget"],
+            "protocol": protocol_of(tuned), "top1_off_the_shelf": None, "ci_off_the_shelf": None,
+            "off_the_shelf_status": f"{base.get('status')}: {reason}".rstrip(": "),
+            "top1_finetuned": tuned["top1"], "ci_finetuned": stats.wilson(round(tuned["top1"] * n), n),
+            "delta_top1": None, "b": None, "c": None, "p": None,
+            "train_steps": tuned.get("train_steps"), "train_loss_final": tuned.get("train_loss_final"),
+            "train_s": tuned.get("train_s"), "cells": (base["cell_id"], tuned["cell_id"])}
 
 
 def _pair_row(base: dict, tuned: dict, results_dir: Path) -> dict:
@@ -52,6 +76,7 @@ def _pair_row(base: dict, tuned: dict, results_dir: Path) -> dict:
     return {"model": tuned["model"], "method": tuned["method"], "budget": tuned["budget"],
             "protocol": protocol_of(tuned), "top1_off_the_shelf": base["top1"],
             "ci_off_the_shelf": stats.wilson(round(base["top1"] * base["n_images"]), base["n_images"]),
+            "off_the_shelf_status": base.get("status"),
             "top1_finetuned": tuned["top1"], "ci_finetuned": stats.wilson(round(tuned["top1"] * n), n),
             "delta_top1": tuned["top1"] - base["top1"], "b": paired.b if paired else None,
             "c": paired.c if paired else None, "p": paired.p if paired else None,
@@ -66,8 +91,11 @@ def pairs_markdown(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         p = "-" if r["p"] is None else f"{r['p']:.3g}{' †' if r['p'] >= 0.05 else ''}"
-        lines.append(f"| {r['model']} | {r['budget']} | {r['method']} | {r['protocol']} | {_pct(r['top1_off_the_shelf'], r['ci_off_the_shelf'])} "
-                     f"| {_pct(r['top1_finetuned'], r['ci_finetuned'])} | {100 * r['delta_top1']:+.2f} | {_dash(r['b'])} "
+        shelf = (r["off_the_shelf_status"] if r["top1_off_the_shelf"] is None
+                 else _pct(r["top1_off_the_shelf"], r["ci_off_the_shelf"]))
+        delta = "-" if r["delta_top1"] is None else f"{100 * r['delta_top1']:+.2f}"
+        lines.append(f"| {r['model']} | {r['budget']} | {r['method']} | {r['protocol']} | {shelf} "
+                     f"| {_pct(r['top1_finetuned'], r['ci_finetuned'])} | {delta} | {_dash(r['b'])} "
                      f"| {_dash(r['c'])} | {p} | {_dash(r['train_steps'])} | {_loss(r['train_loss_final'])} |")
     return "\n".join(lines)
 
