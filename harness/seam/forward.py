@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from harness.seam.attend import attend
+from harness.seam.attend import attend, attend_explicitly
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import BlockInputs, Family, project
 from harness.seam.lookahead import attention_from_probs, reduce_ahead
@@ -107,7 +107,10 @@ def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, in
     ctx.position_bias = mask = family.position_bias(attn, inputs, state.positions)
     if inputs.attn_mask is not None:
         mask = inputs.attn_mask if mask is None else mask + inputs.attn_mask
-    out = attend(q, k, v, log_size(state), state.prop_attn_impl, mask, inputs.is_causal, attn, attention_dtype(x))
+    if forms_map(blk, state):
+        out, ctx.attn_probs = attend_explicitly(q, k, v, log_size(state), mask, inputs.is_causal, attn)
+    else:
+        out = attend(q, k, v, log_size(state), state.prop_attn_impl, mask, inputs.is_causal, attn, attention_dtype(x))
     out = out.transpose(1, 2).reshape(b, n, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:
@@ -115,3 +118,16 @@ def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, in
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
+
+
+def forms_map(blk, state: TokenState) -> bool:
+    """Whether ``blk`` forms its attention map explicitly and hands it to its reducer (``ctx.attention()``).
+
+    timm's eager attention (``fused_attn=False``) forms the map anyway: keeping it costs nothing. A
+    method whose reducers read the map in every block (``state.attention_map``) has its reducing
+    blocks form it once, explicitly, rather than a fused kernel plus a second q kᵀ and softmax in
+    the reducer. Blocks without a reducer keep their kernel.
+    """
+    if getattr(blk, REDUCER_ATTR, None) is None:
+        return False
+    return state.attention_map or not getattr(blk.attn, "fused_attn", True)

@@ -32,6 +32,8 @@ class TokenState:
         class_token, pool: the model's prefix layout (:func:`prefix_layout`), which the seam checks
             where a premise is used, whatever the method declared.
         method: the method's name, for those refusals.
+        attention_map: the method's reducers read the block's attention map (``ctx.attention()``)
+            in every block: reducing blocks form it explicitly, once (:func:`~harness.seam.forward.forms_map`).
     """
 
     prop_attn: bool = False
@@ -45,6 +47,7 @@ class TokenState:
     class_token: bool = True
     pool: str = "token"
     method: str = "this method"
+    attention_map: bool = False
 
     def reset(self) -> None:
         self.size = None
