@@ -66,8 +66,13 @@ def interleaved(base, models: dict, x: torch.Tensor, rounds: int) -> list[dict]:
 
 
 def _compiled(model, name: str, x: torch.Tensor, log: dict):
-    """``model`` under ``torch.compile(fullgraph=True)``, compiled now (its first call), compile seconds in ``log``."""
-    compiled = torch.compile(model, fullgraph=True)
+    """``model`` under ``torch.compile(fullgraph=True)``, compiled now (its first call), compile seconds in ``log``.
+
+    ``dynamic=False``: the models of one process share timm's forward code, so dynamo would turn a
+    knob that differs between them (PiToMe's ratio) into a symbolic float on a recompile; each
+    model gets its own static graph, as it would alone.
+    """
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
     start = time.perf_counter()
     compiled(x)
     log[name] = round(time.perf_counter() - start, 1)
