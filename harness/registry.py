@@ -126,6 +126,9 @@ class Method(abc.ABC):
     stage: ClassVar[str] = "mid"
     # a merging method's attention adds log(token size) to its logits (ToMe's proportional attention)
     prop_attn: ClassVar[bool] = False
+    # the reducers read the block's whole attention map (ctx.attention()) in every reducing block: the block
+    # forms it once, explicitly, and hands it over, instead of a fused kernel and a second q k^T (GTP-ViT)
+    attention_map: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
     # a reference line every other method must beat (``resolution``): drawn and listed as such
     baseline: ClassVar[bool] = False
@@ -191,7 +194,8 @@ class Method(abc.ABC):
 
         p = self.premises
         install(model, reducers, prop_attn=bool(self.prop_attn), needs_class_token=p.needs_class_token,
-                merges=p.merges, method=self.name, stage=stage or self.stage, tracks_positions=p.tracks_positions)
+                merges=p.merges, method=self.name, stage=stage or self.stage, tracks_positions=p.tracks_positions,
+                attention_map=self.attention_map)
 
     def resolved_options(self) -> dict:
         """Every option that changes results, defaults filled in, each in its default's type (``1`` for
@@ -619,6 +623,10 @@ class FollowSchedule(Method):
     @property
     def prop_attn(self) -> bool:
         return self.follower.prop_attn
+
+    @property
+    def attention_map(self) -> bool:
+        return self.follower.attention_map
 
     def with_calibration(self, state) -> "FollowSchedule":
         return FollowSchedule(self.follower, self.leader.with_calibration(state))

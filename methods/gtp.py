@@ -18,8 +18,9 @@ Modifications (the official ``models_v3.py`` with ``--selection MixedAttnMax --p
  - in every block, between attention and MLP, ``num_prop`` patch tokens are removed: tokens are
    ranked by MixedAttnMax, the largest diagonal attention a token pays itself over heads times the
    largest attention it receives (column sum) over heads, computed from the block's attention
-   probabilities (recomputed here from the block's qkv projection, with the size bias the block
-   used: the fused kernel keeps running the block itself); the ``num_prop`` lowest are removed;
+   probabilities: the block forms its map explicitly, once, as the official eager attention does,
+   and the reducer reads that map (``ctx.attention()``; the seam's ``attention_map``); the
+   ``num_prop`` lowest are removed;
  - propagation: every kept token adds ``alpha`` x (graph rows of the kept tokens restricted to the
    removed ones) @ (removed tokens), ``x_kept + alpha * W_prop @ x_prop`` (default alpha 0.1, the
    official ``--alpha`` default); the graph is then restricted to the kept tokens (not
@@ -41,9 +42,9 @@ Deviations and choices:
  - on average-pooling models with ``token_scale`` the seam's head averages the tokens weighted by
    their scales, where the official ``forward_head`` averages them unweighted;
  - the official graph assumes a square patch grid (sqrt(N)); we take the model's grid (rows x columns);
- - the graph, the recomputed attention map and the propagation are the reducer's work: not in the
-   analytic GMACs (the official code computes the attention map anyway, in its eager attention),
-   measured by fvcore as the cell's ``gmacs_overhead``.
+ - the graph and the propagation are the reducer's work: not in the analytic GMACs, measured by
+   fvcore as the cell's ``gmacs_overhead`` (the attention map is the block's own, as in the
+   official code).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from harness import margins
 from harness.errors import HarnessError
 from harness.registry import Knob, Method, Premises, register_method
 from harness.schedule import Schedule
-from harness.seam import BlockContext, attention_bias, gather_tokens, keep_tokens
+from harness.seam import BlockContext, gather_tokens, keep_tokens
 
 GRAPH_TYPES = ("Mixed", "Spatial", "Semantic")
 # The knob's upper end: every block removing 98 tokens empties a 196-patch model in the second block;
@@ -124,43 +125,22 @@ def propagate(kept_x: torch.Tensor, removed_x: torch.Tensor, weight: torch.Tenso
     return kept_x + alpha * (weight @ removed_x)
 
 
-def restrict(graph: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``graph`` (B, T, T) at ``rows`` (B, K) x ``cols`` (B, M): (B, K, M)."""
-    picked = graph.gather(1, rows.unsqueeze(-1).expand(-1, -1, graph.shape[2]))
-    return picked.gather(2, cols.unsqueeze(1).expand(-1, rows.shape[1], -1))
+def restrict(graph: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``graph`` (B, T, T) at rows ``kept`` (B, K): its columns ``removed`` (B, R), the propagation
+    weights (B, K, R), and its columns ``kept``, the graph of the kept tokens (B, K, K)."""
+    rows = graph.gather(1, kept.unsqueeze(-1).expand(-1, -1, graph.shape[2]))  # one row gather for both
+    cols = torch.cat([removed, kept], 1).unsqueeze(1).expand(-1, kept.shape[1], -1)
+    weight, kept_graph = rows.gather(2, cols).split([removed.shape[1], kept.shape[1]], 2)
+    return weight, kept_graph
 
 
 # --- The adapter. -------------------------------------------------------------------------------
 
-def heads_qk(ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's per-head q and k (B, H, N, d): given by position-aware blocks, else split from its qkv."""
-    if ctx.q is not None:
-        return ctx.q, ctx.k
-    attn = ctx.block.attn
-    b, n, _ = ctx.qkv.shape
-    qkv = ctx.qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-
-
-def attention_probs(ctx: BlockContext) -> torch.Tensor:
-    """The block's attention probabilities (B, H, N, N), recomputed from its q and k with the size bias."""
-    q, k = heads_qk(ctx)
-    logits = (q * ctx.block.attn.scale) @ k.transpose(-2, -1)
-    if ctx.position_bias is not None:
-        logits = logits + ctx.position_bias.to(logits.dtype)
-    bias = attention_bias(ctx.state, logits.dtype)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1)
-
-
 def propagate_block(x: torch.Tensor, ctx: BlockContext, num_prop: int, alpha: float, token_scale: bool) -> torch.Tensor:
     """One block's selection and propagation of ``x`` (B, N, C); updates the graph and the sizes."""
     p, state = ctx.num_prefix, ctx.state
-    kept, removed = split_by_rank(mixed_attn_max(attention_probs(ctx), p), num_prop)
-    graph = state.gtp_graph
-    weight = restrict(graph, kept, removed)
-    state.gtp_graph = restrict(graph, kept, kept)
+    kept, removed = split_by_rank(mixed_attn_max(ctx.attention(), p), num_prop)
+    weight, state.gtp_graph = restrict(state.gtp_graph, kept, removed)
     removed_x = gather_tokens(x[:, p:], removed)
     if token_scale and state.size is None:
         state.size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
@@ -206,6 +186,7 @@ class GTP(Method):
                     "DeiT / ViT weights 'without finetuning' (arXiv 2311.03035, abstract and experiments; "
                     "the official README gives evaluation commands only)")
     knob = Knob("num_prop", int, 0, NUM_PROP_MAX, identity=0)
+    attention_map = True  # it reads the whole attention map in every block: the block forms it once, explicitly
 
     @dataclass(frozen=True)
     class Options:

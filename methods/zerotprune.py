@@ -12,8 +12,9 @@ we take from it only what the paper leaves open, as said below.
 Modifications (stage "post": after the MLP residual of each prune block, i.e. between blocks, as
 the paper places its pruning layers):
  - the graph: the block's attention probabilities (B, H, N, N) on the tokens that entered it,
-   recomputed from the block's qkv projection (q/k-norm, scale and the size bias the block used),
-   prefix tokens included; edge i -> j weighs how much token i attends to token j;
+   formed once by the prune block's own explicit attention (q/k-norm, scale and the size bias the
+   block used; the seam's ``attention_map``), prefix tokens included; edge i -> j weighs how much
+   token i attends to token j;
  - Weighted Page Rank (WPR) per head (the paper): s_{t+1}(j) = sum_i A(i, j) s_t(i) (``s @ A``: a
    token is important when important tokens attend to it; rows of A sum to one, so s stays a
    distribution), no damping;
@@ -250,6 +251,7 @@ class ZeroTPrune(Method):
     stage = "post"
 
     premises = Premises()
+    attention_map = True  # its prune blocks read the attention map: the block forms it once, explicitly
 
     @dataclass(frozen=True)
     class Options:

@@ -101,7 +101,8 @@ def test_models_are_built_and_patched_in_one_place():
 
 def test_every_hook_is_declared_on_method():
     """A hook the harness calls exists on Method with a default: no ``hasattr`` probing of plugins."""
-    hooks = ["Options", "premises", "stage", "prop_attn", "reducers", "follow", "option_names", "resolved_options",
+    hooks = ["Options", "premises", "stage", "prop_attn", "attention_map", "reducers", "follow", "option_names",
+             "resolved_options", "training_loss", "needs_training",
              "describe", "can_follow", "calibrate", "with_calibration", "calibration_identity", "cache_name",
              "needs_calibration", "description", "legacy_patch_schedule"]
     assert all(hasattr(Method, h) for h in hooks)

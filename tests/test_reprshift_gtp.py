@@ -108,9 +108,9 @@ def test_propagation_adds_alpha_times_the_graph_weighted_removed_tokens():
     kept, removed = split_by_rank(rank, 1)
     assert kept.tolist() == [[1, 3, 0]] and removed.tolist() == [[2]]  # kept by descending rank
     graph = torch.arange(16.0).view(1, 4, 4)
-    weight = restrict(graph, kept, removed)
+    weight, kept_graph = restrict(graph, kept, removed)
     assert weight[0, :, 0].tolist() == [6.0, 14.0, 2.0]  # rows 1, 3, 0 at column 2
-    assert restrict(graph, kept, kept)[0, 0].tolist() == [5.0, 7.0, 4.0]
+    assert kept_graph[0, 0].tolist() == [5.0, 7.0, 4.0]  # row 1 at columns 1, 3, 0
     x = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])
     out = propagate(x[:, [1, 3, 0]], x[:, [2]], weight, 0.5)
     assert out[0, :, 0].tolist() == [2 + 0.5 * 6 * 3, 4 + 0.5 * 14 * 3, 1 + 0.5 * 2 * 3]

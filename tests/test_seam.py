@@ -113,3 +113,49 @@ def test_a_deep_copy_of_a_patched_model_runs_on_its_own():
         torch.testing.assert_close(twin(x), model(x))
     assert seen == [(1, 197, 64)] * 2
     assert twin._seam_state is not model._seam_state
+
+
+def _maps_seen(monkeypatch, model, x, **install_kw):
+    """The maps the blocks formed (through ``attend_explicitly``) and the maps reducer 1 read."""
+    from harness.seam import forward
+
+    formed, read = [], []
+
+    def recording(*args, **kwargs):
+        out, probs = explicitly(*args, **kwargs)
+        formed.append(probs)
+        return out, probs
+
+    explicitly = forward.attend_explicitly
+    monkeypatch.setattr(forward, "attend_explicitly", recording)
+    install(model, {1: lambda t, ctx: (read.append(ctx.attention()), t)[-1]}, **install_kw)
+    with torch.no_grad():
+        logits = model(x)
+    return formed, read, logits
+
+
+@pytest.mark.parametrize("how", ["eager", "attention_map"])
+def test_a_block_that_forms_its_attention_map_hands_the_reducer_that_map(how, monkeypatch):
+    x = torch.randn(2, 3, 224, 224)
+    lazy_model, model = _fresh("deit3_small_patch16_224", dict(depth=2)), _fresh("deit3_small_patch16_224", dict(depth=2))
+    lazy = []
+    install(lazy_model, {1: lambda t, ctx: (lazy.append(ctx.attention()), t)[-1]})
+    with torch.no_grad():
+        ref = lazy_model(x)  # fused kernel: the reducer's map is computed from q and k
+    if how == "eager":
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
+    formed, read, logits = _maps_seen(monkeypatch, model, x, attention_map=how == "attention_map")
+    assert len(formed) == 1 and read[0] is formed[0]  # block 1 formed its map once; block 0 has no reducer
+    torch.testing.assert_close(read[0], lazy[0])
+    torch.testing.assert_close(logits, ref)
+
+
+def test_eager_blocks_that_keep_their_map_give_the_eager_logits_bit_for_bit():
+    x = torch.randn(2, 3, 224, 224)
+    ref_model, model = _fresh("deit_tiny_patch16_224", dict(depth=3)), _fresh("deit_tiny_patch16_224", dict(depth=3))
+    for blk in [*ref_model.blocks, *model.blocks]:
+        blk.attn.fused_attn = False
+    install(model, {0: lambda t, ctx: (ctx.attention(), t)[-1], 1: lambda t, ctx: t}, prop_attn=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref_model(x))

@@ -41,8 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from harness.errors import UnsupportedModel
-from harness.seam.attend import (PROP_ATTN_KERNELS, attend, eager_attention, flex_attention_bias, fold_attention,
-                                 policy_attention)
+from harness.seam.attend import (PROP_ATTN_KERNELS, attend, attend_explicitly, eager_attention, flex_attention_bias,
+                                 fold_attention, policy_attention)
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import (ADAPTERS, FAMILIES, POSITION_FAMILIES, block_family, check_blocks,
                                    gather_pair_bias, gather_rope, split_heads)
@@ -57,7 +57,7 @@ from harness.seam.state import (PROP_ATTN_IMPLS, STAGES, TokenState, attention_b
 
 __all__ = [
     "ADAPTERS", "FAMILIES", "POSITION_FAMILIES", "PROP_ATTN_IMPLS", "PROP_ATTN_KERNELS", "SIZE_AWARE_POOLS", "STAGES",
-    "BlockContext", "PrefixLayout", "Reducer", "TokenState", "attend", "attentive_split", "attention_bias", "bipartite_soft_matching",
+    "BlockContext", "PrefixLayout", "Reducer", "TokenState", "attend", "attend_explicitly", "attentive_split", "attention_bias", "bipartite_soft_matching",
     "block_family", "block_reducers", "check_blocks", "check_premises", "chosen_blocks", "clamp_r",
     "current_positions", "drop_blocks", "eager_attention", "flex_attention_bias", "fold_attention",
     "gather_pair_bias", "gather_rope", "gather_tokens", "install", "keep_all", "keep_tokens", "log_size",
@@ -70,7 +70,7 @@ __all__ = [
 def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: bool = False,
             capture_qkv: bool = True, prop_attn_impl: str = "mask", needs_class_token: bool = False,
             merges: bool = False, method: str = "this method", stage: str = "mid",
-            tracks_positions: bool = False) -> TokenState:
+            tracks_positions: bool = False, attention_map: bool = False) -> TokenState:
     """Patch ``model`` in place so ``reducers[i]`` runs in block i at ``stage`` (between attention and MLP).
 
     Args:
@@ -86,6 +86,9 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
             :func:`merge_positions`), required on EVA / rope, BEiT and relpos blocks.
         method: the method's name, for the refusal's message.
         stage: where every reducer runs (:data:`STAGES`): "pre", "mid" (the default) or "post".
+        attention_map: the reducers read the block's attention map (``ctx.attention()``) in every
+            block: each reducing block forms it once, explicitly (timm's eager attention), and the
+            reducer gets that map, instead of a fused kernel and a second q kᵀ and softmax.
 
     Returns the TokenState the patched model carries (sizes, positions, observed counts). Raises
     :class:`UnsupportedModel` for blocks the seam does not know or a premise the model cannot give.
@@ -97,7 +100,7 @@ def install(model: torch.nn.Module, reducers: dict[int, Reducer], prop_attn: boo
     _check_request(reducers, len(model.blocks), stage, family, method)
     layout = prefix_layout(model)
     state = TokenState(prop_attn=prop_attn, prop_attn_impl=prop_attn_impl, needs_positions=family in POSITION_FAMILIES,
-                       class_token=layout.class_token, pool=layout.pool, method=method)
+                       class_token=layout.class_token, pool=layout.pool, method=method, attention_map=attention_map)
     model._seam_state = state
     for i, blk in enumerate(model.blocks):
         patch_block(blk, BlockSeam(i, model.num_prefix_tokens, stage, ADAPTERS[family], state), reducers.get(i))

@@ -79,13 +79,11 @@ def _compiled_flex() -> Callable:
 PROP_ATTN_KERNELS = {"fold": fold_attention, "flex": flex_attention_bias}
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                    scale: Optional[float] = None, is_causal: bool = False,
-                    dropout: Callable[[torch.Tensor], torch.Tensor] = lambda p: p) -> torch.Tensor:
-    """timm's eager attention of (B, H, N, d) ``q``, ``k``, ``v``: softmax(q scale kᵀ + mask) v.
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, is_causal: bool = False) -> torch.Tensor:
+    """timm's eager attention probabilities of (B, H, N, d) ``q``, ``k``: softmax(q scale kᵀ + mask), (B, H, N, N).
 
-    ``mask`` is additive (broadcast to (B, H, N, N)); ``is_causal`` hides later keys; ``dropout``
-    acts on the probabilities. Equal to ``scaled_dot_product_attention`` to float rounding.
+    ``mask`` is additive (broadcast to (B, H, N, N)); ``is_causal`` hides later keys.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)
@@ -94,7 +92,45 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         logits = logits.masked_fill(hidden, float("-inf"))
     if mask is not None:
         logits = logits + mask
-    return dropout(logits.softmax(dim=-1)) @ v
+    return logits.softmax(dim=-1)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, is_causal: bool = False,
+                    dropout: Callable[[torch.Tensor], torch.Tensor] = lambda p: p) -> torch.Tensor:
+    """timm's eager attention of (B, H, N, d) ``q``, ``k``, ``v``: softmax(q scale kᵀ + mask) v.
+
+    ``mask`` is additive (broadcast to (B, H, N, N)); ``is_causal`` hides later keys; ``dropout``
+    acts on the probabilities. Equal to ``scaled_dot_product_attention`` to float rounding.
+    """
+    return dropout(attention_probs(q, k, mask, scale, is_causal)) @ v
+
+
+def _with_bias(q: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], fused: bool,
+               bias_dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """``mask`` plus log size ``bias`` (B, N) as one additive mask, in the dtype the kernel wants."""
+    if bias is not None:
+        # SDPA wants the mask in the query's dtype; timm's eager product takes log size as it is (fp32
+        # under autocast, so its softmax runs in fp32, as the official ToMe-family code's ``attn + size.log()``)
+        bias = (bias.to(bias_dtype or q.dtype) if fused else bias)[:, None, None, :]
+        mask = bias if mask is None else mask + bias
+    if mask is not None and (fused or bias is None):
+        mask = mask.to(q.dtype)
+    return mask
+
+
+def attend_explicitly(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                      attn: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's eager attention (:func:`attend` with ``fused_attn=False``) and the probabilities it formed.
+
+    Returns the output (B, H, N, d) and the probabilities (B, H, N, N), before dropout: a block
+    whose reducer reads the map forms it once, here, not in a fused kernel and again for the reducer.
+    """
+    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
+    probs = attention_probs(q, k, _with_bias(q, bias, mask, False, None), scale, is_causal)
+    dropout = attn.attn_drop if attn is not None else (lambda p: p)
+    return dropout(probs) @ v, probs
 
 
 def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor,
@@ -142,17 +178,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[tor
     dropout_p = attn.attn_drop.p if attn is not None and attn.training else 0.0
     if bias is not None and impl != "mask" and mask is None and not is_causal and fused:
         return PROP_ATTN_KERNELS[impl](q, k, v, bias, attn_mask=None, dropout_p=dropout_p, is_causal=False)
-    if bias is not None:
-        # SDPA wants the mask in the query's dtype; timm's eager product takes log size as it is (fp32
-        # under autocast, so its softmax runs in fp32, as the official ToMe-family code's ``attn + size.log()``)
-        bias = (bias.to(bias_dtype or q.dtype) if fused else bias)[:, None, None, :]
-        mask = bias if mask is None else mask + bias
-    if mask is not None and (fused or bias is None):
-        mask = mask.to(q.dtype)
+    mask = _with_bias(q, bias, mask, fused, bias_dtype)
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
     return eager_attention(q, k, v, mask, scale, is_causal, attn.attn_drop)
 
 
-__all__ = ["PROP_ATTN_KERNELS", "attend", "policy_attention", "check_impl", "eager_attention", "flex_attention_bias", "fold_attention"]
+__all__ = ["PROP_ATTN_KERNELS", "attend", "attend_explicitly", "attention_probs", "check_impl", "eager_attention",
+           "flex_attention_bias", "fold_attention", "policy_attention"]

@@ -21,7 +21,9 @@ class BlockContext:
         state: the model's :class:`TokenState` (sizes, positions), which reducers keep in step.
         block: the timm block.
         captured_qkv: the block's fused qkv projection output (B, N, 3 x H x d), where it has one.
-        attn_probs: stage "pre": the block's attention on the entering tokens (B, H, N, N).
+        attn_probs: the block's attention probabilities (B, H, N, N) where the seam formed them:
+            stage "pre", on the entering tokens; a block whose attention ran explicitly (timm's
+            eager attention, or a method that declared ``attention_map``), its own map.
         q, k: the block's queries and keys (B, H, N, d), after q/k-norm and rotary embedding.
         position_bias: the relative-position bias the block's attention added, (1 or B, H, N, N).
         block_input: the tokens that entered the block (B, N, C), before any reduction of this block:
@@ -97,8 +99,10 @@ class BlockContext:
     def attention(self) -> torch.Tensor:
         """The block's attention probabilities per head: (B, H, N, N), float32.
 
-        softmax(q kᵀ scale + position bias + log size), as the block's attention computed them;
-        stage "pre": the probabilities on the entering tokens the seam already computed.
+        softmax(q kᵀ scale + position bias + log size), as the block's attention computed them.
+        Where the seam formed the map (``attn_probs``: stage "pre", eager attention, a method that
+        declared ``attention_map``) it is that very map, in the dtype its softmax ran in; else it is
+        computed here, once, from the block's q and k (a fused kernel never forms it).
         """
         if self.attn_probs is not None:
             return self.attn_probs

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from harness.seam.attend import attend, policy_attention
+from harness.seam.attend import attend, attend_explicitly, policy_attention
 from harness.seam.context import BlockContext, Reducer
 from harness.seam.families import BlockInputs, Family, project
 from harness.seam.lookahead import attention_from_probs, reduce_ahead
@@ -109,6 +109,8 @@ def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, in
         mask = inputs.attn_mask if mask is None else mask + inputs.attn_mask
     if state.policy is not None:  # tokens masked, not dropped (DynamicViT's training)
         out = policy_attention(q, k, v, state.policy, mask, attn)
+    elif forms_map(blk, state):
+        out, ctx.attn_probs = attend_explicitly(q, k, v, log_size(state), mask, inputs.is_causal, attn)
     else:
         out = attend(q, k, v, log_size(state), state.prop_attn_impl, mask, inputs.is_causal, attn, attention_dtype(x))
     out = out.transpose(1, 2).reshape(b, n, -1)
@@ -118,3 +120,16 @@ def attention_branch(blk, family: Family, state: TokenState, x: torch.Tensor, in
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
+
+
+def forms_map(blk, state: TokenState) -> bool:
+    """Whether ``blk`` forms its attention map explicitly and hands it to its reducer (``ctx.attention()``).
+
+    timm's eager attention (``fused_attn=False``) forms the map anyway: keeping it costs nothing. A
+    method whose reducers read the map in every block (``state.attention_map``) has its reducing
+    blocks form it once, explicitly, rather than a fused kernel plus a second q kᵀ and softmax in
+    the reducer. Blocks without a reducer keep their kernel.
+    """
+    if getattr(blk, REDUCER_ATTR, None) is None:
+        return False
+    return state.attention_map or not getattr(blk.attn, "fused_attn", True)

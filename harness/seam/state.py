@@ -36,6 +36,8 @@ class TokenState:
             tokens instead of dropping them (DynamicViT while it trains, static shapes) sets it, and
             every later block's attention ignores the keys it weights 0
             (:func:`~harness.seam.attend.policy_attention`).
+        attention_map: the method's reducers read the block's attention map (``ctx.attention()``)
+            in every block: reducing blocks form it explicitly, once (:func:`~harness.seam.forward.forms_map`).
     """
 
     prop_attn: bool = False
@@ -50,6 +52,7 @@ class TokenState:
     pool: str = "token"
     method: str = "this method"
     policy: Optional[torch.Tensor] = None
+    attention_map: bool = False
 
     def reset(self) -> None:
         self.size = None
