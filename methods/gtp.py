@@ -181,7 +181,7 @@ class GTP(Method):
     """GTP-ViT: remove low-attention tokens and propagate them into the kept ones over a token graph (Xu et al., WACV 2024)."""
 
     name = "gtp"
-    version = "1"
+    version = "2"  # 2: the block forms its attention map once and hands it over (bf16 logits move by rounding)
     cannot_train = ("GTP-ViT is training-free by design: the paper reports every result on pre-trained "
                     "DeiT / ViT weights 'without finetuning' (arXiv 2311.03035, abstract and experiments; "
                     "the official README gives evaluation commands only)")

@@ -245,7 +245,7 @@ class ZeroTPrune(Method):
     """Zero-TPrune: prune by key similarity on a PageRank pre-ranking, then by weighted PageRank on the attention graph (Wang et al., CVPR 2024)."""
 
     name = "zerotprune"
-    version = "2"  # 2: the paper's stage order, placement, rounds, initialisation and head filter
+    version = "3"  # 2: the paper's stage order, placement, rounds, init and head filter; 3: the block's own map (bf16 rounding)
     cannot_train = "Zero-TPrune is zero-shot by design (the paper prunes a frozen model and gives no fine-tuning)"
     knob = Knob("keep_rate", float, 0.01, 1.0, identity=1.0)
     stage = "post"
