@@ -225,6 +225,23 @@ def build_gtp(root: Path, spec, state: dict) -> nn.Module:
     return model.eval()
 
 
+def build_dynamicvit(root: Path, spec, state: dict) -> nn.Module:
+    """The official DynamicViT at rho 0.7 with the project's predictor weights (the same seeded init)."""
+    from harness.schedule import arch_spec
+    from scripts.dynamicvit_golden import import_shims
+
+    project = timm_model(spec, state)
+    make_method("dynamicvit").patch(project, 0.7, arch_spec(project))  # its predictors, seeded as a cell's
+    with import_shims(), on_path(root, ("models", "utils", "losses")), timm_registry_untouched():
+        from models import dyvit
+        model = dyvit.VisionTransformerDiffPruning(
+            mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=spec.num_classes,
+            pruning_loc=[3, 6, 9], token_ratio=[0.7, 0.7 ** 2, 0.7 ** 3], distill=True, **_deit_dims(spec))
+    model.load_state_dict(state, strict=False)  # the predictors are not in the checkpoint
+    model.score_predictor.load_state_dict(project.score_predictor.state_dict(), strict=True)
+    return model.eval()
+
+
 NO_EDIT = "no edit to the repository's files"
 REGISTRY = "timm's register_model is a no-op while the repository's model file is imported (timm 1.x would overwrite deit_*)"
 CASES = [
@@ -251,6 +268,10 @@ CASES = [
          "r=50, threshold 7e-5 at blocks 3, 6, 9", (NO_EDIT, "only ppt_deit.py and its own tome.py imported")),
     Case("atc", "JoakimHaurum/ATC", "ATC", build_atc, 0.7, {}, "keep rate 0.7, average linkage, proportional attention",
          (NO_EDIT, "only ATC_setup/models/atc.py imported (needs scikit-learn)")),
+    Case("dynamicvit", "raoyongming/DynamicViT", "DynamicViT", build_dynamicvit, 0.7, {},
+         "rho 0.7 before blocks 3, 6, 9, the same (untrained, seeded) predictor weights in both",
+         (NO_EDIT, "VisionTransformerDiffPruning built directly at the model's shape", REGISTRY,
+          "torch._six and tensorboardX stand-ins while utils.py is imported (scripts/dynamicvit_golden.py)")),
     Case("gtp", "Ackesnal/GTP-ViT", "GTP-ViT", build_gtp, 9, {},
          "num_prop=9 (0.7 of the GMACs), MixedAttnMax, Mixed graph, alpha 0.1, token scales",
          (NO_EDIT, "GraphPropagationTransformer built directly at the model's shape", REGISTRY,
