@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_runs.sh speed      # ToMe r=13 on DeiT-S/B, fused vs eager attention (issue 3), mask vs
                                    # fold proportional attention (issue 17); the speed
-#                                  # suite (issue 5); repeatability; region profiles; SDPA pinned to efficient
+#                                  # suite, every registered method (issue 5); official code vs the project
+#                                  # (issue 26); repeatability; region profiles; SDPA pinned to efficient
 #   scripts/gpu_runs.sh accuracy   # the gpu suite: reference models, full test split, DiffRate's paper recipe
 #
 # Data: HARNESS_DATA_ROOT, else carry/data when present (scripts/pack_data.py makes it), else the
@@ -20,6 +21,8 @@
 #   OUT             when set, results and reports are also packed into $OUT/<phase>.tar.gz
 #   HARNESS_GIT_SHA the commit, for a copy of the tree without .git (records keep their provenance)
 #   PYTHON          the interpreter that holds torch (default python3)
+#   OFFICIAL_ROOT   the official checkouts for the official-vs-project table (default carry/official; the
+#                   speed phase skips the table without them). Untested on a GPU: none was lent since it was added
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: scripts/gpu_runs.sh speed|accuracy}
@@ -69,6 +72,19 @@ case "$phase" in
     sweep --suite speed --models "$(models $SB)" --methods none,tome,diffrate --prop-attn fold
     # every method at the papers' budgets on five architectures
     sweep --suite speed --models "$(models $ALL)"
+    # each method's official code against the project's, same weights and batch, interleaved (issue 26): needs
+    # the official checkouts (one folder per repository, as scripts/official_speed.py lists) at OFFICIAL_ROOT
+    if [ -d "${OFFICIAL_ROOT:-carry/official}" ]; then
+      mkdir -p "$REPORTS"
+      for dt in fp32 bf16; do
+        t=$(left)
+        if [ "$t" -le 60 ]; then echo "skipped (deadline): official_speed $dt"; continue; fi
+        timeout -k 10 "$t" $PY scripts/official_speed.py --official-root "${OFFICIAL_ROOT:-carry/official}" \
+          --device cuda --dtype $dt --batch 64 --rounds 7 | tee "$REPORTS/official_speed_$dt.md"
+      done
+    else
+      echo "no official checkouts at ${OFFICIAL_ROOT:-carry/official}: the official-vs-project table is skipped"
+    fi
     # repeatability: the DeiT-B r=13 cells again, in fresh processes, into side folders
     main_results=$RESULTS
     for i in 1 2 3; do

@@ -28,6 +28,7 @@ import tempfile
 import time
 import types
 from argparse import Namespace
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -215,7 +216,8 @@ def build_atc(root: Path, spec, state: dict) -> nn.Module:
 def build_gtp(root: Path, spec, state: dict) -> nn.Module:
     from scripts.gtp_golden import cuda_to_is_noop  # the golden script's shim: the spatial graph stays on the CPU
 
-    with on_path(root, ("models_v3",)), timm_registry_untouched(), cuda_to_is_noop():
+    on_cpu = DEVICE.type == "cpu"  # on a GPU the official code moves its spatial graph to CUDA itself
+    with on_path(root, ("models_v3",)), timm_registry_untouched(), cuda_to_is_noop() if on_cpu else nullcontext():
         import models_v3
         model = models_v3.GraphPropagationTransformer(
             mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=spec.num_classes,
@@ -311,11 +313,14 @@ def commit_of(folder: Path) -> str:
 # wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other jobs on a shared machine)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
+DEVICE = torch.device("cpu")  # --device: where both models and the batch live
 
 
 def _seconds(model: nn.Module, x: torch.Tensor) -> float:
     start = clock()
     first(model(x))
+    if DEVICE.type == "cuda":  # kernels run asynchronously: the time is the GPU's when they are done
+        torch.cuda.synchronize(DEVICE)
     return clock() - start
 
 
@@ -353,6 +358,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or the process's CPU time (use with --threads 1 on a busy machine)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: wall time, synchronised)")
     args = p.parse_args(argv)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(wanted) - {c.method for c in CASES})
@@ -363,8 +369,12 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    global clock
-    clock = CLOCKS[args.clock]
+    global clock, DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no GPU", file=sys.stderr)
+        return 2
+    clock = CLOCKS["wall" if DEVICE.type == "cuda" else args.clock]
     return run(args, [c for c in CASES if c.method in wanted])
 
 
@@ -375,7 +385,7 @@ def run(args, cases: list[Case]) -> int:
     pairs, diffs = {}, {}
     args.official_root = args.official_root.resolve()
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp, measure.autocast(torch.device("cpu"), args.dtype):
+    with tempfile.TemporaryDirectory() as tmp, measure.autocast(DEVICE, args.dtype):
         os.chdir(tmp)  # GTP-ViT's propagate() writes ./missing
         try:
             times = _timed(args, cases, spec, state, Path(tmp), pairs, diffs)
@@ -388,10 +398,10 @@ def run(args, cases: list[Case]) -> int:
 def _timed(args, cases: list[Case], spec, state: dict, tmp: Path, pairs: dict, diffs: dict) -> dict:
     """Build both models of each case, note their logits' difference, then time them interleaved."""
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 224, 224)
+    x = torch.randn(args.batch, 3, 224, 224).to(DEVICE)
     for case in cases:
-        official = case.build(args.official_root / case.folder, spec, state)
-        project = project_model(case, spec, state, args.official_root, tmp)
+        official = case.build(args.official_root / case.folder, spec, state).to(DEVICE)
+        project = project_model(case, spec, state, args.official_root, tmp).to(DEVICE)
         diffs[case.method] = (first(official(x)).float() - first(project(x)).float()).abs().max().item()
         pairs[case.method] = (official, project)
     interleaved(pairs, x, 1)  # warm-up
@@ -399,8 +409,10 @@ def _timed(args, cases: list[Case], spec, state: dict, tmp: Path, pairs: dict, d
 
 
 def report(args, cases: list[Case], times: dict, diffs: dict) -> str:
-    lines = [f"{args.model}, batch {args.batch}, {args.dtype}, CPU, {torch.get_num_threads()} threads, "
-             f"{args.clock} clock, torch {torch.__version__}, {args.rounds} interleaved rounds", "",
+    where = (f"GPU {torch.cuda.get_device_name(DEVICE)}, wall clock (synchronised)" if DEVICE.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads, {args.clock} clock")
+    lines = [f"{args.model}, batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}, "
+             f"{args.rounds} interleaved rounds", "",
              "| method | setting | official ms | project ms | official / project (median) | IQR | max abs logit diff |",
              "|---|---|---|---|---|---|---|"]
     lines += [summary_row(c, times[c.method], diffs[c.method]) for c in cases]
