@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import math
-import platform
 import sys
 import types
 from functools import partial
@@ -37,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.*, run as a file too
 from scripts.gtp_golden import load_inputs  # noqa: E402  (the shared images, normalised as the test does)
-from scripts.official_code import commit_of, official_arguments, on_path  # noqa: E402
+from scripts.official_code import commit_of, official_arguments, on_path, run_provenance  # noqa: E402
 
 REPO = "https://github.com/raoyongming/DynamicViT"
 MODEL, ARCH, NUM_CLASSES = "deit_tiny_cifar10", "deit_tiny_patch16_224", 10
@@ -184,16 +183,10 @@ def sanity_identity(dyvit, state_dict: dict, x: torch.Tensor) -> float:
 
 
 def metadata(root: Path, commit: str, sanity: float, cases: dict, training: dict) -> dict:
-    import safetensors
-    import timm
-
     return {
         "model": MODEL, "arch": ARCH, "num_classes": NUM_CLASSES, "checkpoint": f"shared/{CHECKPOINT}",
         "checkpoint_sha256": hashlib.sha256((root / CHECKPOINT).read_bytes()).hexdigest(), "inputs_from": INPUTS_FROM,
-        "run": {"device": "cpu", "dtype": "float32", "mode": "model.eval(), torch.inference_mode()",
-                "batch": "all 40 images in one batch", "threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "numpy": np.__version__, "safetensors": safetensors.__version__},
+        **run_provenance(),
         "official": {"dynamicvit": {"repo": REPO, "commit": commit, "compat": COMPAT}},
         "sanity_no_selection_max_abs_diff_vs_timm": sanity,
         "tokens_note": "tokens_per_block_observed[i] = tokens leaving block i and the pruning before block i + 1 "

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts.official_code, run as a file too
-from scripts.official_code import commit_of, official_arguments, on_path  # noqa: E402
+from scripts.official_code import commit_of, official_arguments, on_path, run_provenance  # noqa: E402
 
 REPO = "https://github.com/Ackesnal/GTP-ViT"
 NUM_CLASSES = 10
@@ -163,17 +162,11 @@ def sanity_identity(models_v3, state_dict: dict, x: torch.Tensor, target: Target
 
 
 def metadata(data_root: Path, commit: str, sanity: float, cases: dict, target: Target) -> dict:
-    import safetensors
-    import timm
-
     checkpoint = data_root / "models" / f"{target.model}.safetensors"
     return {
         "model": target.model, "arch": target.arch, "num_classes": NUM_CLASSES, "checkpoint": f"shared/models/{checkpoint.name}",
         "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "inputs_from": INPUTS_FROM,
-        "run": {"device": "cpu", "dtype": "float32", "mode": "model.eval(), torch.inference_mode()",
-                "batch": "all 40 images in one batch", "threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "numpy": np.__version__, "safetensors": safetensors.__version__},
+        **run_provenance(),
         "official": {"gtp": {"repo": REPO, "commit": commit, "compat": COMPAT}},
         "sanity_no_selection_max_abs_diff_vs_timm": sanity,
         "tokens_note": "tokens_per_block_observed[i] = tokens leaving block i (forward hook on blocks[i]); "

@@ -48,3 +48,18 @@ def commit_of(root: Path, given: Optional[str]) -> str:
     if commit is None:
         raise SystemExit(f"error: {root} is not a git checkout: pass the commit it was exported from with --commit")
     return commit
+
+
+def run_provenance(num_images: int = 40) -> dict:
+    """How a golden file's official run ran: the ``run`` and ``versions`` fields of its provenance .json."""
+    import platform
+
+    import numpy as np
+    import safetensors
+    import timm
+    import torch
+
+    return {"run": {"device": "cpu", "dtype": "float32", "mode": "model.eval(), torch.inference_mode()",
+                    "batch": f"all {num_images} images in one batch", "threads": torch.get_num_threads()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                         "numpy": np.__version__, "safetensors": safetensors.__version__}}
