@@ -162,8 +162,9 @@ class Method(abc.ABC):
     @classmethod
     def option_defaults(cls) -> dict:
         """Each option's default, as declared in ``Options``."""
-        return {k: getattr(v, "default_factory", lambda: v.default)() if v.default is dataclasses.MISSING else v.default
-                for k, v in ((f.name, f) for f in dataclasses.fields(cls.Options))}
+        return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls.Options)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     @abc.abstractmethod
     def schedule(self, arch, value) -> "Schedule":  # noqa: F821
@@ -603,7 +604,7 @@ class FollowSchedule(Method):
     def identity_options(self) -> dict:
         return {self.follower.name: self.follower.identity_options(), self.leader.name: self.leader.identity_options()}
 
-    def calibrate(self, model, value, arch, calibration) -> dict:
+    def calibrate(self, model, value, arch, calibration) -> Calibrated:
         return self.leader.calibrate(model, value, arch, calibration)
 
     def calibration_identity(self) -> dict:

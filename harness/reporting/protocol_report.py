@@ -59,27 +59,27 @@ def protocol_pairs(records: list[dict], results_dir: Path) -> list[dict]:
 def _unpaired_row(base: dict, tuned: dict) -> dict:
     """A fine-tuned cell whose off-the-shelf partner was not measured (DynamicViT: ``unsupported``,
     its predictors need training): the partner's status and reason where its top-1 would be."""
-    n = tuned["n_images"]
     reason = base.get("status_reason") or base.get("error") or ""
-    return {"model": tuned["model"], "method": tuned["method"], "budget": tuned["budget"],
-            "protocol": protocol_of(tuned), "top1_off_the_shelf": None, "ci_off_the_shelf": None,
-            "off_the_shelf_status": f"{base.get('status')}: {reason}".rstrip(": "),
-            "top1_finetuned": tuned["top1"], "ci_finetuned": stats.wilson(round(tuned["top1"] * n), n),
-            "delta_top1": None, "b": None, "c": None, "p": None,
-            "train_steps": tuned.get("train_steps"), "train_loss_final": tuned.get("train_loss_final"),
-            "train_s": tuned.get("train_s"), "cells": (base["cell_id"], tuned["cell_id"])}
+    return _row(base, tuned, top1_off_the_shelf=None, ci_off_the_shelf=None, delta_top1=None, b=None, c=None, p=None,
+                off_the_shelf_status=f"{base.get('status')}: {reason}".rstrip(": "))
 
 
 def _pair_row(base: dict, tuned: dict, results_dir: Path) -> dict:
     paired = stats.paired_test(base, tuned, results_dir)
+    return _row(base, tuned, top1_off_the_shelf=base["top1"], off_the_shelf_status=base.get("status"),
+                ci_off_the_shelf=stats.wilson(round(base["top1"] * base["n_images"]), base["n_images"]),
+                delta_top1=tuned["top1"] - base["top1"], b=paired.b if paired else None,
+                c=paired.c if paired else None, p=paired.p if paired else None)
+
+
+def _row(base: dict, tuned: dict, **off_the_shelf) -> dict:
+    """The row's fields, in the CSV's column order: the cell, the off-the-shelf side, the fine-tuned side."""
     n = tuned["n_images"]
+    shelf = {k: off_the_shelf[k] for k in ("top1_off_the_shelf", "ci_off_the_shelf", "off_the_shelf_status")}
+    tests = {k: off_the_shelf[k] for k in ("delta_top1", "b", "c", "p")}
     return {"model": tuned["model"], "method": tuned["method"], "budget": tuned["budget"],
-            "protocol": protocol_of(tuned), "top1_off_the_shelf": base["top1"],
-            "ci_off_the_shelf": stats.wilson(round(base["top1"] * base["n_images"]), base["n_images"]),
-            "off_the_shelf_status": base.get("status"),
-            "top1_finetuned": tuned["top1"], "ci_finetuned": stats.wilson(round(tuned["top1"] * n), n),
-            "delta_top1": tuned["top1"] - base["top1"], "b": paired.b if paired else None,
-            "c": paired.c if paired else None, "p": paired.p if paired else None,
+            "protocol": protocol_of(tuned), **shelf,
+            "top1_finetuned": tuned["top1"], "ci_finetuned": stats.wilson(round(tuned["top1"] * n), n), **tests,
             "train_steps": tuned.get("train_steps"), "train_loss_final": tuned.get("train_loss_final"),
             "train_s": tuned.get("train_s"), "cells": (base["cell_id"], tuned["cell_id"])}
 
